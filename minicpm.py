@@ -1,0 +1,515 @@
+"""MiniCPM, the model (Hu et al. 2024, "MiniCPM: Unveiling the Potential of Small Language Models
+with Scalable Training Strategies", arXiv 2404.06395), in one readable file.
+
+A Llama-style pre-norm decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings)
+with MiniCPM's muP ("Tensor Program") scalings: embedding output x scale_emb, each residual branch
+x scale_depth / sqrt(L), logits from h / m with width multiplier m = d / d_base, matrix init std
+and Adam lr divided by sqrt(m) and m. Parameter names are those of the released Hugging Face
+checkpoints, so `save_hf` / `from_hf` are a plain state-dict copy.
+
+    python minicpm.py          # table of every preset: parameters, FLOPs per token, GPU memory
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Constants from the paper, written once (SPEC §1-2; paper §3.1, Appendix A.1 Table 7: the values
+# found in the 0.009B wind tunnel and used for every MiniCPM model).
+SCALE_EMB = 12.0          # h0 = embed(ids) * scale_emb
+SCALE_DEPTH = 1.4         # residual: h + branch * scale_depth / sqrt(n_layer)
+DIM_MODEL_BASE = 256      # width multiplier m = d / dim_model_base
+INIT_STD = 0.1            # matrices: init_std / sqrt(m); embedding: init_std
+MUP_BASE_LR = 0.01        # matrices: lr / m; everything else: lr  (§3.3: best lr ~0.01 at all sizes)
+RMS_NORM_EPS = 1e-5
+ROPE_THETA = 10000.0
+BOS_ID, EOS_ID = 1, 2     # special ids of the released tokenizers (SPEC §8)
+ATTN_IMPLS = ("sdpa", "eager", "triton")
+
+
+@dataclass
+class MiniCPMConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_embd: int = 256             # model width d
+    n_head: int = 4               # query heads; head_dim = n_embd // n_head
+    n_kv_head: int = 4            # key/value heads (grouped-query attention when < n_head)
+    ffn_dim: int = 640            # SwiGLU inner width (2.5 d in every MiniCPM)
+    block_size: int = 256         # longest sequence (max_position_embeddings)
+    rope_theta: float = ROPE_THETA
+    norm_eps: float = RMS_NORM_EPS
+    mup: bool = True              # False: standard parameterisation (no scalings, plain init, one lr)
+    scale_emb: float = SCALE_EMB
+    scale_depth: float = SCALE_DEPTH
+    dim_model_base: int = DIM_MODEL_BASE
+    init_std: float = INIT_STD
+    tie_word_embeddings: bool = True
+    attn_impl: str = "sdpa"       # "sdpa" (F.scaled_dot_product_attention), "eager", "triton"
+    n_experts: int = 0            # > 0: MiniCPM-MoE feed-forward (moe.py), SPEC §5
+    top_k: int = 2                # experts per token
+    aux_loss_coef: float = 0.01   # load-balancing loss weight
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.append(f"n_head={self.n_head} does not divide n_embd={self.n_embd}")
+        if self.n_kv_head > 0 and self.n_head % self.n_kv_head:
+            problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.n_head > 0 and (self.n_embd // self.n_head) % 2:
+            problems.append(f"head_dim={self.n_embd // self.n_head} must be even for RoPE")
+        if self.attn_impl not in ATTN_IMPLS:
+            problems.append(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+        if self.n_experts and not 0 < self.top_k <= self.n_experts:
+            problems.append(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
+        if problems:
+            raise ValueError("invalid MiniCPMConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    # The three muP multipliers (SPEC §2); all 1 under the standard parameterisation.
+    @property
+    def width_mult(self):      # m
+        return self.n_embd / self.dim_model_base if self.mup else 1.0
+
+    @property
+    def emb_mult(self):
+        return self.scale_emb if self.mup else 1.0
+
+    @property
+    def residual_mult(self):
+        return self.scale_depth / math.sqrt(self.n_layer) if self.mup else 1.0
+
+
+def _preset(n_layer, d, n_head, n_kv_head, vocab, block_size=4096, **kw):
+    return dict(n_layer=n_layer, n_embd=d, n_head=n_head, n_kv_head=n_kv_head, ffn_dim=d * 5 // 2,
+                vocab_size=vocab, block_size=block_size, **kw)
+
+
+MINICPM_VOCAB_2B, MINICPM_VOCAB_1B = 122_753, 73_440     # paper Table 2
+PRESETS = {
+    # CPU demo: learns visibly in a few minutes on 2 cores (GQA, so every code path is exercised).
+    "tiny": _preset(4, 128, 4, 2, 4096, block_size=256),
+    # Wind-tunnel shapes, Appendix A.3 Table 8 (head dim 64, ffn 2.5 d). The paper does not give
+    # their vocabulary; we use MiniCPM-2.4B's (train.py replaces it with the dataset's).
+    "wt-9m": _preset(8, 320, 5, 5, MINICPM_VOCAB_2B),
+    "wt-30m": _preset(12, 512, 8, 8, MINICPM_VOCAB_2B),
+    "wt-70m": _preset(14, 640, 10, 10, MINICPM_VOCAB_2B),
+    "wt-0.1b": _preset(16, 768, 12, 12, MINICPM_VOCAB_2B),
+    "wt-0.17b": _preset(18, 896, 14, 14, MINICPM_VOCAB_2B),
+    "wt-0.2b": _preset(20, 1024, 16, 16, MINICPM_VOCAB_2B),
+    "wt-0.5b": _preset(24, 1344, 21, 21, MINICPM_VOCAB_2B),
+    # Table 2.
+    "minicpm-1.2b": _preset(52, 1536, 24, 8, MINICPM_VOCAB_1B),
+    "minicpm-2.4b": _preset(40, 2304, 36, 36, MINICPM_VOCAB_2B),
+}
+
+
+def get_config(preset: str, **overrides) -> MiniCPMConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    return MiniCPMConfig(**{**PRESETS[preset], **overrides})
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in (at least) fp32 whatever the input dtype, as the released code does
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim, positions, theta, dtype=torch.float32):
+    """cos, sin [T, head_dim] in fp32 (fp64 for a float64 model) for the "rotate half" layout:
+    frequency i is used by dimensions i and i + head_dim/2."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = torch.outer(positions.to(dtype), inv_freq)        # [T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)               # [T, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):  # x [B, H, T, hd]; rotation done in the tables' precision
+    x32 = x.to(cos.dtype)
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: prefill once, then one token at a
+    time. `pos` is the number of positions already stored (the RoPE position of the next token)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):  # k, v [B, n_kv, T, hd] -> all keys/values so far
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions; decoding past it needs a bigger cache")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention(q, k, v, impl):
+    """Causal attention, q [B, Hq, Tq, hd], k/v [B, Hkv, Tk, hd] with Tq <= Tk: the queries are the
+    last Tq positions (bottom-right aligned mask, as when decoding with a cache). Scale 1/sqrt(hd)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if impl == "triton":
+        import kernels
+        kernels.check_supported(q)
+        return kernels.flash_attention(q, k, v, causal=True)
+    if impl == "sdpa":
+        if Tq == Tk:  # SDPA's is_causal aligns top-left, which is right only for Tq == Tk
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    # eager: the textbook computation, softmax in fp32
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))  # [B, Hq, Tq, Tk]
+    scores = scores / math.sqrt(q.shape[-1])
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return probs.to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):  # x [B, T, d]
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)   # [B, Hq, T, hd]
+        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)   # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attention(q, k, v, self.cfg.attn_impl)               # [B, Hq, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):  # SwiGLU: down(silu(gate(x)) * up(x))
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.residual_mult = cfg.residual_mult
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if cfg.n_experts:
+            from moe import MoE
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, cache=None, layer=0):
+        # §3.1 muP: each residual branch scaled by scale_depth / sqrt(L)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer) * self.residual_mult
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_mult
+
+
+class Decoder(nn.Module):  # the released checkpoints' "model." prefix
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class MiniCPM(nn.Module):
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_ckpt = False     # activation checkpointing per layer (train.py --grad_ckpt)
+        self.aux_loss = None       # MoE load-balancing loss of the last forward (unweighted)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # -- muP initialisation and learning-rate groups (SPEC §2) --
+
+    def _is_embedding(self, name):
+        return name in ("model.embed_tokens.weight", "lm_head.weight")
+
+    @torch.no_grad()
+    def init_weights(self):
+        """muP: every 2-D matrix N(0, init_std / sqrt(m)); the embedding (input-like; SPEC §2 leaves
+        its class open, standard muP treats it as a vector) N(0, init_std); norm gains 1.
+        Standard parameterisation (mup=False): every weight N(0, init_std), gains 1."""
+        cfg = self.config
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)                                   # RMSNorm gains
+            elif self._is_embedding(name) or not cfg.mup:
+                p.normal_(0.0, cfg.init_std)
+            else:
+                p.normal_(0.0, cfg.init_std / math.sqrt(cfg.width_mult))
+
+    def param_groups(self, lr, weight_decay):
+        """AdamW groups with the muP lr rule: 2-D matrices lr / m, the embedding and the norm gains lr.
+        Weight decay on matrices and the embedding, none on gains (the paper is silent; a common
+        choice). Each group carries `lr_scale`, so a schedule sets group["lr"] = lr(step) * lr_scale."""
+        m = self.config.width_mult
+        matrices, embedding, vectors = [], [], []
+        for name, p in self.named_parameters():
+            (vectors if p.dim() < 2 else embedding if self._is_embedding(name) else matrices).append(p)
+        groups = [("matrices", matrices, 1.0 / m, weight_decay),
+                  ("embedding", embedding, 1.0, weight_decay),
+                  ("vectors", vectors, 1.0, 0.0)]
+        return [dict(name=n, params=ps, lr=lr * s, lr_scale=s, weight_decay=wd)
+                for n, ps, s, wd in groups if ps]
+
+    # -- forward --
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size,
+                       device or w.device, dtype or w.dtype)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx [B, T] token ids -> logits [B, T, V] and the mean cross-entropy against targets
+        (positions with target -100 ignored), or None. With a cache, idx continues the cached text."""
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if not torch.compiler.is_compiling() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
+                             f"max {int(idx.max())}: was the data tokenized for another vocabulary?")
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={cfg.block_size}")
+        table_dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
+        cos, sin = rope_tables(cfg.head_dim, torch.arange(start, start + T, device=idx.device), cfg.rope_theta, table_dtype)
+        h = self.model.embed_tokens(idx) * cfg.emb_mult                     # [B, T, d]  §3.1
+        for i, layer in enumerate(self.model.layers):
+            if self.grad_ckpt and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, None, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, i)
+        h = self.model.norm(h)
+        logits = self.lm_head(h / cfg.width_mult)                           # [B, T, V]  §3.1
+        if cache is not None:
+            cache.pos += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            if cfg.n_experts:
+                self.aux_loss = torch.stack([layer.mlp.aux_loss for layer in self.model.layers]).mean()
+                loss = loss + cfg.aux_loss_coef * self.aux_loss
+        return logits, loss
+
+    # -- accounting --
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters (tied weights once). non_embedding drops the embedding (and an untied head);
+        active counts top_k of the n_experts experts, the parameters one token uses."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel() * (1 if cfg.tie_word_embeddings else 2)
+        if active and cfg.n_experts:
+            n -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.ffn_dim
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per active matrix parameter (forward 2, backward 4), the tied
+        head's V x d included, plus attention scores and weighted sum, 12 * L * d_attn * T (the PaLM
+        convention: the causal half is not subtracted)."""
+        cfg = self.config
+        matrix_params = self.num_params(non_embedding=True, active=True) - (2 * cfg.n_layer + 1) * cfg.n_embd
+        matrix_params += cfg.vocab_size * cfg.n_embd
+        return 6 * matrix_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def train_memory(self, seq_len=4096, micro_batch=1, grad_ckpt=False):
+        """Bytes one GPU needs to train under DDP (every rank a full replica) with AdamW and bf16
+        autocast: fp32 weights, grads and two Adam moments, autocast's bf16 weight copies, and the
+        activations autograd keeps for micro_batch sequences (flash attention: nothing T x T)."""
+        cfg = self.config
+        n = self.num_params(non_embedding=False)
+        d, kv, f, V = cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+        f_active = f * (cfg.top_k if cfg.n_experts else 1)
+        # per token per layer: fp32 residual inputs of both norms (2 x 4d), bf16 norm outputs (2 x 2d),
+        # q, k, v (2(d + 2kv)), attention output (2d), gate, up, silu(gate), product (4 x 2f)
+        per_layer = 8 * d + 4 * d + 2 * (d + 2 * kv) + 2 * d + 8 * f_active
+        layers = cfg.n_layer * (4 * d) + per_layer if grad_ckpt else cfg.n_layer * per_layer
+        head = 6 * d + 6 * V          # final norm; bf16 logits + their fp32 copy for the loss
+        activations = micro_batch * seq_len * (layers + head)
+        parts = dict(weights=4 * n, grads=4 * n, adam=8 * n, bf16_copies=2 * n, activations=activations)
+        parts["total"] = sum(parts.values())
+        return parts
+
+    # -- Hugging Face layout (SPEC §8) --
+
+    def hf_config(self):
+        cfg = self.config
+        # Under the standard parameterisation, write multipliers that make the released code's
+        # formulas the identity (scale_emb 1, scale_depth sqrt(L), dim_model_base d).
+        mup = cfg.mup
+        hf = dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu",
+                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
+                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.block_size,
+                  tie_word_embeddings=cfg.tie_word_embeddings,
+                  scale_emb=cfg.scale_emb if mup else 1.0,
+                  dim_model_base=cfg.dim_model_base if mup else cfg.n_embd,
+                  scale_depth=cfg.scale_depth if mup else math.sqrt(cfg.n_layer),
+                  initializer_range=cfg.init_std, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
+        if cfg.n_experts:
+            hf.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k)
+        return hf
+
+    def save_hf(self, out_dir):
+        """config.json + pytorch_model.bin with the released names and shapes, written atomically."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_save(state, os.path.join(out_dir, "pytorch_model.bin"))
+        atomic_write_text(json.dumps(self.hf_config(), indent=2) + "\n", os.path.join(out_dir, "config.json"))
+
+    @classmethod
+    def from_hf(cls, ckpt_dir, device="cpu", dtype=torch.float32, **overrides):
+        """Load a checkpoint in the released layout: ours, or MiniCPM's own (pytorch_model.bin,
+        sharded .bin with an index, or *.safetensors when the safetensors package is installed)."""
+        path = os.path.join(ckpt_dir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
+        with open(path) as f:
+            hf = json.load(f)
+        dims = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
+                    n_head=hf["num_attention_heads"], ffn_dim=hf["intermediate_size"],
+                    n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                    block_size=hf.get("max_position_embeddings", 4096), rope_theta=hf.get("rope_theta") or ROPE_THETA,
+                    norm_eps=hf.get("rms_norm_eps", RMS_NORM_EPS), tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                    scale_emb=hf.get("scale_emb", 1.0), scale_depth=hf.get("scale_depth", math.sqrt(hf["num_hidden_layers"])),
+                    dim_model_base=hf.get("dim_model_base", hf["hidden_size"]), init_std=hf.get("initializer_range", INIT_STD),
+                    n_experts=hf.get("num_experts", 0) or 0, top_k=hf.get("num_experts_per_tok", 2))
+        with torch.device("meta"):
+            model = cls(MiniCPMConfig(**{**dims, **overrides}))
+        state = _read_hf_weights(ckpt_dir)
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)    # tied: the embedding is the head
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
+                 if k in state and state[k].shape != s]
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint {ckpt_dir} does not fit its config.json: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
+        model = model.to_empty(device=device).to(dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+
+def _read_hf_weights(ckpt_dir):
+    names = sorted(os.listdir(ckpt_dir))
+    bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    state = {}
+    if bins:
+        for n in bins:
+            try:
+                state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise ValueError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from e
+    elif safetensors:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
+                              "package: pip install safetensors") from None
+        for n in safetensors:
+            state.update(load_file(os.path.join(ckpt_dir, n)))
+    else:
+        raise FileNotFoundError(f"{ckpt_dir} has neither pytorch_model*.bin nor *.safetensors weights")
+    return state
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text, path):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- preset table
+
+def preset_table(seq_len=4096):
+    rows = [("preset", "layers", "d", "heads/kv", "ffn", "vocab", "total", "non-emb", "GFLOP/token", "GPU GiB")]
+    for name in PRESETS:
+        cfg = get_config(name)
+        with torch.device("meta"):       # no memory is allocated, so the 13.6B MoE builds in seconds
+            model = MiniCPM(cfg)
+        mem = model.train_memory(seq_len=seq_len)["total"] / 2**30
+        rows.append((name, cfg.n_layer, cfg.n_embd, f"{cfg.n_head}/{cfg.n_kv_head}", cfg.ffn_dim, cfg.vocab_size,
+                     f"{model.num_params(non_embedding=False):,}", f"{model.num_params():,}",
+                     f"{model.flops_per_token(seq_len) / 1e9:.3f}", f"{mem:.1f}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        sys.exit("usage: python minicpm.py   (prints the preset table; training is train.py)")
+    print(preset_table())
+    print("\nGFLOP/token: training (6 per active matrix parameter + attention at 4096 tokens).\n"
+          "GPU GiB: one GPU under DDP, AdamW, bf16 autocast: fp32 weights, grads, Adam moments, bf16 weight "
+          "copies and the activations of one 4096-token sequence.")
