@@ -333,7 +333,7 @@ class MiniCPM(nn.Module):
             cache.pos += T
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if cfg.n_experts:
                 self.aux_loss = torch.stack([layer.mlp.aux_loss for layer in self.model.layers]).mean()
                 loss = loss + cfg.aux_loss_coef * self.aux_loss

@@ -1,0 +1,554 @@
+"""Data for MiniCPM: turn a text corpus into token files, and read random training windows from them.
+
+    python data.py                                   # this Python's own standard library, bpe:4096
+    python data.py --source shakespeare --tokenizer byte
+    python data.py --source 'shards/*.jsonl' --tokenizer cl100k_base --workers 16
+
+Sources. `stdlib` (the default) is every *.py under sysconfig's stdlib folder, site-packages excluded, in
+sorted path order: about 30 MB of real code that is on every machine with Python, so nothing is downloaded.
+`shakespeare` downloads tiny-shakespeare once. Anything else is a local file, directory (walked
+recursively) or glob of .txt, .md, .py and .jsonl files (one document per line, in its "text" field).
+A file is one document, except that a single .txt/.md file given on its own is cut at blank lines.
+
+Split. A document goes to validation when the hash of its key (its path, plus line or paragraph number)
+falls in the lowest 1%, so the split never depends on the order or number of other documents. A small
+corpus where no document falls there gives its one lowest-hash document to validation instead.
+
+Tokenizers. `bpe:N` learns a byte-level BPE with N tokens (256 bytes, merges, and <|endoftext|>) on the
+training documents, as MiniCPM learned its own; it is saved as a tiktoken rank file and encoded by
+tiktoken. `byte` is the 256 byte values; `gpt2`, `cl100k_base`, `o200k_base` come from tiktoken.
+
+Output: data/<name>/{train.bin, val.bin, meta.json} (+ tokenizer.tiktoken for bpe). Each document is
+followed by <|endoftext|>; meta.json records token and byte counts per split so training can report
+bits per byte. get_batch() reads random windows through a memory map as a pure function of
+(seed, step, micro_step, rank, world_size).
+"""
+import argparse
+import base64
+import collections
+import dataclasses
+import glob
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import re
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import regex
+import tiktoken
+import tiktoken.load
+import torch
+from tqdm import tqdm
+
+EOT = "<|endoftext|>"
+# GPT-4's pre-split (tiktoken's cl100k_base pattern): contractions, words with one leading non-letter,
+# numbers of up to 3 digits, punctuation runs, newlines, and whitespace that is not before a word.
+GPT4_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
+VAL_FRACTION = 0.01
+SMALL_CORPUS_BYTES = 64e6  # up to this size, the validation fallback (below) may read every file twice
+
+
+class DataError(ValueError):
+    """Bad input: the message is one line saying what is wrong and what to do."""
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default="stdlib", metadata={"help": "stdlib (this Python's library source), "
+                        "shakespeare (downloaded once), or a local file, directory or glob of .txt/.md/.py/.jsonl"})
+    tokenizer: str = field(default="bpe:4096", metadata={"help": "bpe:N (N-token BPE learned on the corpus), "
+                           "byte, gpt2, cl100k_base or o200k_base"})
+    data_dir: str = field(default="data", metadata={"help": "prepared data goes to DATA_DIR/NAME/"})
+    name: str | None = field(default=None, metadata={"help": "dataset folder name; None: made from source "
+                             "and tokenizer, e.g. stdlib-bpe4096"})
+    workers: int = field(default=0, metadata={"help": "processes for reading and tokenizing (0: all cores)"})
+    bpe_sample_mb: float = field(default=64.0, metadata={"help": "learn bpe:N on at most this many MB of "
+                                 "training files (the first ones in path order)"})
+    force: bool = field(default=False, metadata={"help": "prepare again even if NAME is already prepared"})
+    quiet: bool = field(default=False, metadata={"help": "print nothing"})
+
+
+# ----------------------------------------------------------------------------- sources and documents
+
+def list_files(source: str, data_dir: str = "data", quiet: bool = False) -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """The source's files in sorted order, and the root folder that document keys are relative to."""
+    if source == "stdlib":
+        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in root.rglob("*.py")
+                 if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+    elif source == "shakespeare":
+        files = [download(SHAKESPEARE_URL, pathlib.Path(data_dir) / "downloads" / "tinyshakespeare.txt", quiet)]
+        root = files[0].parent
+    elif glob.has_magic(source):
+        files = [pathlib.Path(p) for p in glob.glob(source, recursive=True)]
+        files = [p for p in files if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        root = pathlib.Path(os.path.commonpath([p.parent.resolve() for p in files])) if files else None
+        files = [p.resolve() for p in files]
+    elif pathlib.Path(source).is_dir():
+        root = pathlib.Path(source).resolve()
+        files = [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
+    elif pathlib.Path(source).is_file():
+        files = [pathlib.Path(source).resolve()]
+        root = files[0].parent
+    else:
+        raise DataError(f"source {source!r} is not stdlib, shakespeare, or an existing file, directory or glob")
+    if not files:
+        raise DataError(f"source {source!r} has no {'/'.join(TEXT_SUFFIXES)} files: point --source at some text")
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def download(url: str, path: pathlib.Path, quiet: bool) -> pathlib.Path:
+    if path.exists():
+        return path
+    if not quiet:
+        print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): this machine seems offline; "
+                        f"fetch input.txt elsewhere and pass it with --source path/to/input.txt") from None
+    write_atomic(path, body)
+    return path
+
+
+def read_documents(path: pathlib.Path, root: pathlib.Path, single_file: bool) -> list[tuple[str, str]]:
+    """A file's (key, text) documents; the key names the document for the train/val split."""
+    rel = path.relative_to(root).as_posix()
+    text = path.read_bytes().decode("utf-8", errors="replace")  # a few stdlib test files are not UTF-8
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold \u2028
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{lineno} has no string 'text' field: each .jsonl line needs one")
+            docs.append((f"{rel}:{lineno}", record["text"]))
+    elif single_file and path.suffix in (".txt", ".md"):
+        docs = [(f"{rel}#{i}", para) for i, para in enumerate(re.split(r"\n\s*\n", text))]
+    else:
+        docs = [(rel, text)]
+    return [(key, doc) for key, doc in docs if doc.strip()]
+
+
+def key_hash(key: str) -> float:
+    """A document key's place in [0, 1), the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def is_val(key: str, forced_val: str | None) -> bool:
+    return key == forced_val or key_hash(key) < VAL_FRACTION
+
+
+def fallback_val_key(root, files) -> str | None:
+    """The lowest-hash key, when hashing alone would leave validation empty (small corpora only)."""
+    if sum(p.stat().st_size for p in files) > SMALL_CORPUS_BYTES:
+        return None
+    keys = [key for p in files for key, _ in read_documents(p, root, len(files) == 1)]
+    if len(keys) < 2 or any(key_hash(k) < VAL_FRACTION for k in keys):
+        return None
+    return min(keys, key=key_hash)
+
+
+# ----------------------------------------------------------------------------- byte-level BPE
+
+_split_pattern = regex.compile(GPT4_SPLIT)
+
+
+def split_chunks(text: str) -> list[str]:
+    """GPT-4-style pre-split: merges never cross these chunk boundaries."""
+    return _split_pattern.findall(text)
+
+
+def merge_pair(tokens: list[int], a: int, b: int, new: int) -> list[int]:
+    """Replace each (a, b) by new, left to right, without overlaps ("aaa" with (a, a) -> [aa, a])."""
+    out, i = [], 0
+    while i < len(tokens):
+        if tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
+    """Merge until there are n_tokens tokens (bpe:N adds EOT); returns (token bytes by rank, merged pairs).
+
+    Each step merges the most frequent adjacent pair (ties: the smallest pair of ids). Work is done once
+    per unique chunk, weighted by its count; after a merge only the chunks holding the pair are re-counted,
+    and a lazy max-heap finds the next pair (stale entries are re-pushed with their current count)."""
+    vocab = [bytes([b]) for b in range(256)]
+    rank = {token: i for i, token in enumerate(vocab)}
+    chunks = [list(chunk.encode()) for chunk in chunk_counts]
+    weights = list(chunk_counts.values())
+    pair_counts = collections.defaultdict(int)
+    chunks_with = collections.defaultdict(set)  # pair -> chunks that hold (or once held) it
+    for i, tokens in enumerate(chunks):
+        for pair in zip(tokens, tokens[1:]):
+            pair_counts[pair] += weights[i]
+            chunks_with[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    bar = tqdm(total=n_tokens - len(vocab), desc="learning BPE", unit="merge", disable=quiet)
+    while len(vocab) < n_tokens and heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:  # stale entry: put it back with its true count
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        a, b = pair
+        token = vocab[a] + vocab[b]
+        if token not in rank:  # should two merges spell the same bytes, they share one token
+            rank[token] = len(vocab)
+            vocab.append(token)
+            bar.update()
+        new, changed = rank[token], set()
+        merges.append(pair)
+        for i in chunks_with.pop(pair):
+            old_tokens = chunks[i]
+            new_tokens = merge_pair(old_tokens, a, b, new)
+            if len(new_tokens) == len(old_tokens):
+                continue
+            for p in zip(old_tokens, old_tokens[1:]):
+                pair_counts[p] -= weights[i]
+            for p in zip(new_tokens, new_tokens[1:]):
+                pair_counts[p] += weights[i]
+                chunks_with[p].add(i)
+                changed.add(p)
+            chunks[i] = new_tokens
+        del pair_counts[pair]
+        for p in changed:
+            if pair_counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    bar.close()
+    if len(vocab) < n_tokens:
+        raise DataError(f"the training text has too few distinct pairs for more than bpe:{len(vocab) + 1}: "
+                        f"use a smaller bpe:N or more text")
+    return vocab, merges
+
+
+def write_rank_file(path: pathlib.Path, vocab: list[bytes]) -> None:
+    """tiktoken's rank-file format: one 'base64(token bytes) rank' line per token."""
+    lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(vocab))
+    write_atomic(path, lines.encode())
+
+
+def parse_tokenizer(spec: str) -> int | None:
+    """Validate a tokenizer spec; returns N for bpe:N, else None."""
+    if spec.startswith("bpe:"):
+        n = spec[4:]
+        if not n.isdigit() or not 257 <= int(n) <= 2**31:
+            raise DataError(f"tokenizer {spec!r}: N in bpe:N must be an integer from 257 up, e.g. bpe:4096")
+        return int(n)
+    if spec == "byte" or spec in TIKTOKEN_NAMES:
+        return None
+    raise DataError(f"unknown tokenizer {spec!r}: use bpe:N (e.g. bpe:4096), byte, {', '.join(TIKTOKEN_NAMES)}")
+
+
+def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding:
+    """A tiktoken Encoding for spec that knows EOT; bpe:N reads its merges from rank_file."""
+    n = parse_tokenizer(spec)
+    if spec in TIKTOKEN_NAMES:
+        try:
+            return tiktoken.get_encoding(spec)
+        except Exception as e:  # tiktoken raises whatever its HTTP client raised
+            raise DataError(f"could not load tiktoken's {spec!r} ({type(e).__name__}): it is downloaded on first "
+                            f"use, so connect once or set TIKTOKEN_CACHE_DIR to a cache holding it; "
+                            f"offline, use bpe:4096 or byte") from None
+    if spec == "byte":
+        ranks = {bytes([b]): b for b in range(256)}
+    else:
+        if rank_file is None or not os.path.isfile(rank_file):
+            raise DataError(f"tokenizer {spec!r} needs its rank file, and {rank_file!r} is not a file: "
+                            f"prepare the data again or pass the tokenizer.tiktoken saved beside it")
+        ranks = tiktoken.load.load_tiktoken_bpe(str(rank_file))
+        if len(ranks) != n - 1:
+            raise DataError(f"{rank_file} holds {len(ranks)} tokens, but {spec} needs {n - 1} (+ EOT)")
+    return tiktoken.Encoding(spec.replace(":", ""), pat_str=GPT4_SPLIT, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+
+
+# ----------------------------------------------------------------------------- preparing a dataset
+# Worker processes read and tokenize whole files; results come back in file order, so the output does
+# not depend on the number of workers.
+
+_worker_encoding = None
+
+
+def _init_worker(spec, rank_file):
+    global _worker_encoding
+    _worker_encoding = load_tokenizer(spec, rank_file) if spec else None
+
+
+def _count_train_chunks(jobs) -> collections.Counter:
+    """Chunk counts of the training documents of a group of files (groups keep the merging cheap)."""
+    counts = collections.Counter()
+    for path, root, single_file, forced_val in jobs:
+        for key, text in read_documents(path, root, single_file):
+            if not is_val(key, forced_val):
+                counts.update(split_chunks(text))
+    return counts
+
+
+def _tokenize_file(job) -> dict:
+    """A file's token ids per split, each document followed by EOT, with document and byte counts."""
+    path, root, single_file, forced_val = job
+    enc = _worker_encoding
+    dtype = token_dtype(enc.n_vocab)
+    out = {split: {"ids": [], "documents": 0, "bytes": 0} for split in ("train", "val")}
+    for key, text in read_documents(path, root, single_file):
+        split = out["val" if is_val(key, forced_val) else "train"]
+        # an array per document: a large shard's ids never sit in one Python list (28 bytes per int)
+        split["ids"].append(np.array(enc.encode_ordinary(text) + [enc.eot_token], dtype=dtype))
+        split["documents"] += 1
+        split["bytes"] += len(text.encode())
+    for split in out.values():
+        split["ids"] = np.concatenate(split["ids"]) if split["ids"] else np.zeros(0, dtype)
+    return out
+
+
+def run_jobs(fn, jobs, workers: int, spec=None, rank_file=None):
+    """fn over jobs in order, in worker processes when workers > 1."""
+    if workers <= 1:
+        _init_worker(spec, rank_file)
+        yield from map(fn, jobs)
+        return
+    with multiprocessing.Pool(workers, _init_worker, (spec, rank_file)) as pool:
+        yield from pool.imap(fn, jobs, chunksize=2)
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def default_name(source: str, tokenizer: str) -> str:
+    if source in ("stdlib", "shakespeare"):
+        stem = source
+    else:
+        path = pathlib.Path(source)
+        while glob.has_magic(str(path)) and path != path.parent:
+            path = path.parent
+        stem = path.resolve().stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{stem}-{tokenizer.replace(':', '')}")
+
+
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def learn_tokenizer(jobs, n_tokens: int, workers: int, sample_mb: float, log, quiet: bool) -> list[bytes]:
+    """bpe:N's vocabulary (without EOT), learned on the training documents of the first sample_mb of files."""
+    started, groups, group_size, size = time.time(), [[]], 0, 0
+    for job in jobs:  # the first files in path order, so the sample is the same every time
+        if size > sample_mb * 1e6:
+            break
+        if group_size > 4e6:
+            groups, group_size = groups + [[]], 0
+        groups[-1].append(job)
+        group_size += job[0].stat().st_size
+        size += job[0].stat().st_size
+    log(f"learning bpe:{n_tokens} on the training documents of {sum(map(len, groups))} files ({size / 1e6:.1f} MB)")
+    counts = collections.Counter()
+    for group_counts in run_jobs(_count_train_chunks, groups, workers):
+        counts.update(group_counts)
+    vocab, _ = learn_bpe(counts, n_tokens - 1, quiet)
+    log(f"learned {len(vocab) - 256} merges in {time.time() - started:.1f} s")
+    return vocab
+
+
+def tokenize_files(jobs, out: pathlib.Path, tokenizer: str, rank_file: str | None, workers: int,
+                   quiet: bool) -> dict:
+    """Write out/train.bin.tmp and val.bin.tmp; returns documents, bytes and tokens per split."""
+    stats = {split: {"documents": 0, "bytes": 0, "tokens": 0} for split in ("train", "val")}
+    sizes = [job[0].stat().st_size for job in jobs]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=quiet)
+    with open(out / "train.bin.tmp", "wb") as train_f, open(out / "val.bin.tmp", "wb") as val_f:
+        for size, result in zip(sizes, run_jobs(_tokenize_file, jobs, workers, tokenizer, rank_file)):
+            for split, f in (("train", train_f), ("val", val_f)):
+                f.write(result[split]["ids"].tobytes())
+                stats[split]["tokens"] += len(result[split]["ids"])
+                stats[split]["documents"] += result[split]["documents"]
+                stats[split]["bytes"] += result[split]["bytes"]
+            bar.update(size)
+    bar.close()
+    return stats
+
+
+def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str = "data",
+            name: str | None = None, quiet: bool = False, *, workers: int = 0,
+            bpe_sample_mb: float = 64.0, force: bool = False) -> pathlib.Path:
+    """Prepare data_dir/name/ (train.bin, val.bin, meta.json) and return that folder.
+
+    Returns at once if it is already prepared from the same source and tokenizer."""
+    started = time.time()
+    log = (lambda *a: None) if quiet else print
+    n_bpe = parse_tokenizer(tokenizer)
+    if not n_bpe:
+        load_tokenizer(tokenizer)  # a named tiktoken encoding fails here, offline, before any work
+    out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer))
+    if (out / "meta.json").exists() and not force:
+        meta = load_meta(out)
+        if (meta["source"], meta["tokenizer"]) == (source, tokenizer):
+            return out
+        raise DataError(f"{out} holds {meta['source']} with {meta['tokenizer']}, not {source} with {tokenizer}: "
+                        f"pass another --name, or --force to overwrite it")
+    workers = workers or os.cpu_count() or 1
+    root, files = list_files(source, data_dir, quiet)
+    forced_val = fallback_val_key(root, files)
+    jobs = [(p, root, len(files) == 1, forced_val) for p in files]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # meta.json marks a finished preparation: written last
+
+    rank_file = "tokenizer.tiktoken" if n_bpe else None  # meta.json names it relative to the folder
+    rank_path = str(out / rank_file) if rank_file else None
+    if n_bpe:
+        write_rank_file(out / rank_file, learn_tokenizer(jobs, n_bpe, workers, bpe_sample_mb, log, quiet))
+    enc = load_tokenizer(tokenizer, rank_path)
+    tokenize_started = time.time()
+    stats = tokenize_files(jobs, out, tokenizer, rank_path, workers, quiet)
+    tokenize_seconds = time.time() - tokenize_started
+    documents = stats["train"]["documents"] + stats["val"]["documents"]
+    if documents < 2:
+        raise DataError(f"source {source!r} has {documents} non-empty document(s): it needs at least 2, "
+                        f"one for validation")
+    if stats["val"]["documents"] == 0:
+        raise DataError(f"none of the {documents} documents of {source!r} fell in the 1% validation split: "
+                        f"cut the text into more, smaller documents (e.g. one per .jsonl line)")
+    for split in ("train", "val"):
+        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+    meta = {"source": source, "tokenizer": tokenizer, "rank_file": rank_file, "vocab_size": enc.n_vocab,
+            "eot_id": enc.eot_token, "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
+            "split_pattern": GPT4_SPLIT, **stats}
+    if source == "stdlib":
+        meta["python"] = platform.python_version()  # the corpus changes with the Python version
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    n_bytes, n_tokens = (stats["train"][k] + stats["val"][k] for k in ("bytes", "tokens"))
+    log(f"prepared {out}: {documents:,} documents, {n_bytes / 1e6:.1f} MB, {n_tokens:,} tokens, "
+        f"{stats['train']['bytes'] / stats['train']['tokens']:.2f} bytes/token (train), tokenized at "
+        f"{n_bytes / 1e6 / tokenize_seconds:.1f} MB/s, {time.time() - started:.1f} s in all")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading prepared data
+
+def load_meta(dataset_dir) -> dict:
+    """meta.json of a prepared dataset, checked."""
+    path = pathlib.Path(dataset_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: prepare the data first with python data.py")
+    try:
+        meta = json.loads(path.read_text())
+        complete = (all(k in meta for k in ("source", "tokenizer", "rank_file", "vocab_size", "eot_id", "dtype"))
+                    and all(isinstance(meta[split].get(k), int) for split in ("train", "val")
+                            for k in ("documents", "bytes", "tokens")))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        complete = False
+    if not complete:
+        raise DataError(f"{path} is not a complete data.py meta.json: prepare the data again with --force")
+    if meta["dtype"] not in ("uint16", "uint32") or meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        raise DataError(f"{path}: dtype {meta['dtype']!r} cannot hold {meta['vocab_size']} token ids")
+    return meta
+
+
+def load_dataset_tokenizer(dataset_dir) -> tiktoken.Encoding:
+    """The tokenizer a dataset (or a checkpoint folder holding its meta.json and rank file) was made with."""
+    meta = load_meta(dataset_dir)
+    rank_file = meta["rank_file"] and str(pathlib.Path(dataset_dir) / meta["rank_file"])
+    return load_tokenizer(meta["tokenizer"], rank_file)
+
+
+_open_tokens = {}  # (path, size, mtime) -> memmap: opened and checked once
+
+
+def open_tokens(bin_path) -> np.ndarray:
+    """A checked, read-only memory map of a prepared train.bin or val.bin (never read whole)."""
+    path = pathlib.Path(bin_path).resolve()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: prepare the data first with python data.py")
+    stat = path.stat()
+    cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if cache_key in _open_tokens:
+        return _open_tokens[cache_key]
+    meta = load_meta(path.parent)
+    if path.stem not in ("train", "val"):
+        raise DataError(f"{path}: expected train.bin or val.bin next to its meta.json")
+    dtype, tokens = np.dtype(meta["dtype"]), meta[path.stem]["tokens"]
+    if stat.st_size != tokens * dtype.itemsize:
+        raise DataError(f"{path} has {stat.st_size} bytes, but meta.json says {tokens} {dtype.name} tokens "
+                        f"({tokens * dtype.itemsize} bytes): prepare the data again with --force")
+    ids = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype)
+    for start in range(0, tokens, 1 << 24):  # checked in slices, so memory stays small
+        top = int(ids[start:start + (1 << 24)].max())
+        if top >= meta["vocab_size"]:
+            raise DataError(f"{path} holds token id {top}, outside meta.json's vocab_size "
+                            f"{meta['vocab_size']}: prepare the data again with --force")
+    _open_tokens[cache_key] = ids
+    return ids
+
+
+def get_batch(bin_path, batch_size: int, seq_len: int, *, seed: int, step: int, rank: int = 0,
+              world_size: int = 1, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows x and targets y = x shifted by one, int64 [batch_size, seq_len].
+
+    A pure function of its arguments: resuming at a step gives the same batches, and each
+    (rank, micro_step) draws from its own random stream."""
+    ids = open_tokens(bin_path)
+    if len(ids) < seq_len + 1:
+        raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = "
+                        f"{seq_len + 1}: use a shorter sequence length or more data")
+    rng = np.random.default_rng([seed, step, micro_step, rank, world_size])
+    starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
+    windows = torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+# ----------------------------------------------------------------------------- command line
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag help with defaults; the module docstring as written."""
+
+
+def parse_args(argv=None) -> DataConfig:
+    """Command-line flags, one per DataConfig field."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for f in dataclasses.fields(DataConfig):
+        flag = "--" + f.name
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = type(f.default) if f.default is not None else str
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return DataConfig(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        prepare(**dataclasses.asdict(config))
+    except DataError as e:
+        print(f"data.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,465 @@
+"""Fused causal attention in Triton, FlashAttention-2 style: forward and backward.
+
+An optional kernel. The model runs without it everywhere (`--attn sdpa` or `eager`); on a CUDA GPU,
+`--attn triton` routes minicpm.py's attention through `flash_attention` below.
+
+How it works (Dao 2023, "FlashAttention-2"):
+  forward   one program per (query block, batch x query head). It walks over key blocks keeping a
+            running row max m, row sum l and an unnormalised output, rescaling them whenever the max
+            grows (the online softmax), so the T x T score matrix never exists in memory. It stores
+            O and the log-sum-exp L of each row, which is all the backward needs.
+  backward  recomputes the probabilities tile by tile from Q, K and L: P = exp(S - L).
+            With D_i = rowsum(dO * O): dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = dS K, dK = dS^T Q
+            (times the softmax scale). One kernel owns a key block and accumulates dK, dV over all
+            the query blocks (and, for grouped-query attention, over all query heads sharing that
+            KV head, so repeated K/V is never materialised and no atomics are needed); another owns a
+            query block and accumulates dQ over the key blocks.
+  Exponentials are exp2 with log2(e) folded into the softmax scale, so L is kept in log2 units.
+  Causal blocks strictly below the diagonal need no mask; only the diagonal (and tail) blocks pay for it.
+  Causal masking is bottom-right aligned: with Tq queries over Tk keys the queries are the LAST Tq
+  positions (decoding with a KV cache), so query i sees key j iff j <= i + (Tk - Tq).
+
+Run:    python kernels.py --bench [--out bench]      (needs a CUDA GPU; writes attention.csv and .png)
+Test:   python -m pytest -q tests/test_kernels.py     (on CPU through Triton's interpreter, fp32)
+The interpreter (TRITON_INTERPRET=1) must be switched on before this module is imported.
+"""
+import argparse
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # keep the module importable, so check_supported can say what is missing
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: (lambda fn: fn), Config=lambda *a, **kw: None)
+    tl = SimpleNamespace(constexpr=None)
+    HAVE_TRITON = False
+else:
+    HAVE_TRITON = True
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = (32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+def _configs(shapes, interpreted):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates -> autotune configs. Under the interpreter a
+    single small tile (nothing to benchmark, quick tests), unequal like the GPU ones so the tests
+    exercise block boundaries that do not line up between queries and keys."""
+    if INTERPRET:
+        shapes = [interpreted]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# Tuning candidates for Hopper-class GPUs. Configs that overflow shared memory are skipped by the
+# autotuner. The key includes T_BUCKET (the key length rounded up to a power of two) so decoding,
+# where Tk grows by one every step, does not re-tune at every step.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+                        interpreted=(32, 16, 1, 1))
+_DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],  # a key block per program
+                         interpreted=(16, 32, 1, 1))
+_DQ_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],    # a query block per program
+                       interpreted=(32, 16, 1, 1))
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, lo, hi, Tk, off, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi). acc [BLOCK_M, D] fp32, l_i, m_i [BLOCK_M] fp32."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = K + offs_n[None, :] * skt + offs_d[:, None]                   # [D, BLOCK_N]
+        v_ptrs = V + offs_n[:, None] * svt + offs_d[None, :]                    # [BLOCK_N, D]
+        if MASKED:  # the diagonal / tail blocks: keys past Tk or in the future get probability 0
+            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < Tk, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+            s = tl.dot(q, kT) * qk_scale                                        # [BLOCK_M, BLOCK_N]
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + off)
+            s = tl.where(keep, s, float("-inf"))
+        else:       # every key of the block is visible to every query of the tile
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+            s = tl.dot(q, kT) * qk_scale
+        # Key 0 is visible to every row and is in the first block visited, so m_new is never -inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])                                    # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_new)        # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+              Hq, Tq, Tk, GROUPS, qk_scale, T_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B * Hq). Q, O [B, Hq, Tq, D]; K, V [B, Hkv, Tk, D]; LSE [B, Hq, Tq] fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // Hq).to(tl.int64), bh % Hq
+    hk = h // GROUPS                             # the KV head this query head reads (GQA)
+    Q += b * sqb + h * sqh
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    O += b * sob + h * soh
+    off = Tk - Tq                                # bottom-right alignment of the causal mask
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=in_q[:, None], other=0.0)   # [BLOCK_M, D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        # Keys below full_end are visible to the tile's first query, hence to all of them;
+        # the tile's last query sees up to key start_m + BLOCK_M - 1 + off.
+        full_end = (start_m + off + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Tk, start_m + BLOCK_M + off)
+    else:
+        full_end = Tk // BLOCK_N * BLOCK_N
+        hi = Tk
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, 0, full_end, Tk, off, qk_scale,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, full_end, hi, Tk, off, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, CAUSAL)
+
+    tl.store(O + offs_m[:, None] * sot + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=in_q[:, None])
+    tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=in_q)   # log2 units
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, Hq, Tq,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DELTA[b, h, i] = sum_d dO * O, the row term in dS = P * (dP - DELTA). Grid (cdiv(Tq, BLOCK_M), B*Hq)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b, h = (bh // Hq).to(tl.int64), bh % Hq
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_m < Tq)[:, None]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + bh * Tq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Tq)
+
+
+# In both backward kernels loads past Tq / Tk read zeros. That alone keeps the padding harmless:
+# a padded query row has dO = 0 and Q = 0 (so adds nothing to dV, dK); a padded key row has K = 0
+# (so adds nothing to dQ), and padded rows of dK, dV, dQ are never stored. Only the causal mask is
+# applied explicitly, and only on blocks that straddle the diagonal.
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, lo, hi, Tq, off, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate dK, dV [BLOCK_N, D] of one key block over the query blocks [lo, hi) of one head.
+    Scores are computed transposed (keys as rows) so dK, dV come out without transposing them."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_q = offs_m < Tq
+        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=in_q[:, None], other=0.0)    # [BLOCK_M, D]
+        do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=in_q[:, None], other=0.0)  # [BLOCK_M, D]
+        lse = tl.load(LSE + offs_m, mask=in_q, other=0.0)                                          # [BLOCK_M]
+        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])      # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + off, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)                                      # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do))                                             # (dO V^T)^T
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)                                       # dK += dS^T Q
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                   sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+                   Hq, Hkv, Tq, Tk, GROUPS, qk_scale, sm_scale, T_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Tk, BLOCK_N), B * Hkv): one key block of one KV head, summed over its GROUPS query heads."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, hk = (bh // Hkv).to(tl.int64), bh % Hkv
+    off = Tk - Tq
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = (offs_n < Tk)[:, None]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_k, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=in_k, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    q_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # Query i sees key j iff i + off >= j: queries before lo see none of this block, queries
+        # from diag_end on see all of it, and the tiles in between straddle the diagonal.
+        lo = tl.maximum(start_n - off, 0) // BLOCK_M * BLOCK_M
+        diag_end = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, q_end)
+    else:
+        lo = 0
+        diag_end = 0
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row = (b * Hq + h) * Tq                    # LSE and DELTA are [B, Hq, Tq] contiguous
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, sqt, sdt, offs_n,
+                             lo, diag_end, Tq, off, qk_scale, BLOCK_M, HEAD_DIM, True)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, sqt, sdt, offs_n,
+                             diag_end, q_end, Tq, off, qk_scale, BLOCK_M, HEAD_DIM, False)
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=in_k)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=in_k)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, lo, hi, Tk, off, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate dQ [BLOCK_M, D] of one query tile over the key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_k = (offs_n < Tk)[None, :]
+        kT = tl.load(K + offs_n[None, :] * skt + offs_d[:, None], mask=in_k, other=0.0)   # [D, BLOCK_N]
+        vT = tl.load(V + offs_n[None, :] * svt + offs_d[:, None], mask=in_k, other=0.0)   # [D, BLOCK_N]
+        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - lse[:, None])                         # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None] + off, p, 0.0)
+        ds = p * (tl.dot(do, vT) - delta[:, None])                                        # dS = P * (dP - D)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)                                   # dQ += dS K
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                 sdqb, sdqh, sdqt, Hq, Tq, Tk, GROUPS, qk_scale, sm_scale, T_BUCKET,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B * Hq): one query tile, the key blocks split as in the forward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // Hq).to(tl.int64), bh % Hq
+    hk = h // GROUPS
+    off = Tk - Tq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Tq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=in_q, other=0.0)
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=in_q, other=0.0)
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        full_end = (start_m + off + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Tk, start_m + BLOCK_M + off)
+    else:
+        full_end = Tk // BLOCK_N * BLOCK_N
+        hi = Tk
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, 0, full_end, Tk, off, qk_scale,
+                   BLOCK_N, HEAD_DIM, False)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, full_end, hi, Tk, off, qk_scale,
+                   BLOCK_N, HEAD_DIM, CAUSAL)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# ------------------------------------------------------------------------------------ Python side
+
+def _s(t):
+    """Batch, head and time strides; the kernels assume the head-dim stride is 1."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        B, Hq, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        o = torch.empty_like(q)   # same strides as q: a [B, T, H, D] layout viewed as [B, H, T, D] stays so
+        lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
+        _attn_fwd[grid](q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o),
+                        Hq, Tq, Tk, Hq // Hkv, sm_scale * LOG2E, triton.next_power_of_2(Tk),
+                        HEAD_DIM=D, CAUSAL=causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _unit_last(do)
+        B, Hq, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        delta = torch.empty_like(lse)
+        block = 16 if INTERPRET else 64
+        _bwd_delta[(triton.cdiv(Tq, block), B * Hq)](o, do, delta, *_s(o), *_s(do), Hq, Tq,
+                                                       HEAD_DIM=D, BLOCK_M=block)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        scales = (ctx.sm_scale * LOG2E, ctx.sm_scale, triton.next_power_of_2(Tk))
+        grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)
+        _attn_bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv),
+                             Hq, Hkv, Tq, Tk, Hq // Hkv, *scales, HEAD_DIM=D, CAUSAL=ctx.causal)
+        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
+        _attn_bwd_dq[grid](q, k, v, do, dq, lse, delta, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq),
+                           Hq, Tq, Tk, Hq // Hkv, *scales, HEAD_DIM=D, CAUSAL=ctx.causal)
+        return dq, dk, dv, None, None
+
+
+def check_supported(q: torch.Tensor) -> None:
+    """Raise RuntimeError with one clear line when the kernel cannot run on q."""
+    if not HAVE_TRITON:
+        raise RuntimeError("attn 'triton' needs the triton package (pip install triton); use --attn sdpa")
+    if q.is_cuda:
+        if INTERPRET:
+            raise RuntimeError("attn 'triton': TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only")
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"attn 'triton' on CUDA takes bfloat16 or float16, got {q.dtype}")
+    elif not INTERPRET:
+        raise RuntimeError(f"attn 'triton' needs a CUDA GPU (got a {q.device.type} tensor); use --attn sdpa, "
+                           "or set TRITON_INTERPRET=1 before importing kernels to run it slowly on CPU in fp32")
+    elif q.dtype != torch.float32:
+        raise RuntimeError(f"attn 'triton' under TRITON_INTERPRET=1 takes float32 CPU tensors, got {q.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise RuntimeError(f"attn 'triton' supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+
+
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * sm_scale, causal mask) v without materialising the scores; differentiable.
+    q [B, Hq, Tq, D]; k, v [B, Hkv, Tk, D], Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv)),
+    Tq <= Tk (the queries are the last Tq positions). Returns [B, Hq, Tq, D] in q's dtype."""
+    check_supported(q)
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1] != 0:
+        raise ValueError(f"flash_attention: q {tuple(q.shape)} does not fit k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Tq > k.shape[2]:
+        raise ValueError(f"flash_attention: more queries ({Tq}) than keys ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError("flash_attention: q, k, v must share dtype and device")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    return FlashAttention.apply(q, k, v, causal, sm_scale)
+
+
+# ----------------------------------------------------------------------------------------- benchmark
+# FLOP convention (causal): the forward is two matmuls, Q K^T and P V, of 2*T*T*D flops per head each,
+# of which causality keeps half: 4*B*H*T*T*D / 2. The backward is five such matmuls, 2.5x the forward,
+# so forward+backward counts 3.5x. Every implementation is credited the same count, whatever it computes.
+BENCH_SHAPES = {"36 heads": (36, 36), "24q/8kv heads": (24, 8)}   # MiniCPM-2B and MiniCPM-1B, head dim 64
+BENCH_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+BENCH_TOKENS = 16384                                             # batch = tokens / T, so work grows with T
+
+
+def _eager(q, k, v):
+    """The textbook computation, as minicpm.py's 'eager': repeated K/V, fp32 softmax."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    return s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+
+
+def _sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        if k.shape[1] != q.shape[1]:
+            try:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            except RuntimeError:  # a flash backend without GQA: give it repeated K/V
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _time_ms(fn, grads):
+    from triton.testing import do_bench
+    try:
+        return do_bench(fn, grad_to_none=grads)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan")
+
+
+def bench(out_dir):
+    if not torch.cuda.is_available() or not HAVE_TRITON or INTERPRET:
+        raise SystemExit("kernels.py --bench needs a CUDA GPU and triton, without TRITON_INTERPRET; none here")
+    import csv
+    impls = {"triton": flash_attention, "sdpa-flash": _sdpa_flash, "eager": _eager}
+    rows = []
+    for shape, (hq, hkv) in BENCH_SHAPES.items():
+        for T in BENCH_LENGTHS:
+            B = max(1, BENCH_TOKENS // T)
+            q, k, v = (torch.randn(B, h, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for h in (hq, hkv, hkv))
+            do = torch.randn_like(q)
+            fwd_flops = 4 * B * hq * T * T * 64 / 2
+            ref = _sdpa_flash(q, k, v).float()
+            err = ((flash_attention(q, k, v).float() - ref).norm() / ref.norm()).item()
+            for name, fn in impls.items():
+                for mode, flops, call in (("fwd", fwd_flops, lambda: fn(q, k, v)),
+                                          ("fwd+bwd", 3.5 * fwd_flops, lambda: fn(q, k, v).backward(do))):
+                    ms = _time_ms(call, [q, k, v])
+                    rows.append(dict(shape=shape, heads=hq, kv_heads=hkv, head_dim=64, batch=B, seq_len=T,
+                                     impl=name, mode=mode, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 2),
+                                     triton_rel_err=f"{err:.1e}"))
+                    print(*(f"{rows[-1][c]}" for c in ("shape", "seq_len", "impl", "mode", "ms", "tflops")), sep="\t")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, os.path.join(out_dir, "attention.png"))
+    print(f"wrote {out_dir}/attention.csv and attention.png ({torch.cuda.get_device_name()})")
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for shape in BENCH_SHAPES:
+            for impl, style in (("triton", "o-"), ("sdpa-flash", "s--"), ("eager", "x:")):
+                pts = [(r["seq_len"], r["tflops"]) for r in rows
+                       if r["mode"] == mode and r["shape"] == shape and r["impl"] == impl]
+                ax.plot(*zip(*pts), style, label=f"{impl}, {shape}")
+        ax.set(xscale="log", xlabel="sequence length", title=f"causal attention {mode}, bf16, head dim 64")
+        ax.set_xticks(BENCH_LENGTHS, [str(t) for t in BENCH_LENGTHS])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="time this kernel against SDPA (flash) and eager")
+    parser.add_argument("--out", default="bench", help="folder for attention.csv and attention.png")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench (the kernel itself is used through minicpm.py --attn triton)")
+    bench(args.out)

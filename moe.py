@@ -1,0 +1,189 @@
+"""MiniCPM-MoE's feed-forward layer (paper §7.3, SPEC §5): a router and n SwiGLU experts per layer.
+
+Each token's router logits `gate(x)` go through a softmax over the n experts (in fp32); the token
+is sent to its top_k experts, whose outputs are summed with the k kept probabilities renormalised
+to sum to 1. A Switch-Transformer load-balancing loss `n * sum_i f_i * P_i` (f_i the share of the
+routed assignments that expert i receives, P_i its mean router probability) is left on the layer
+as `aux_loss`; minicpm.MiniCPM.forward averages it over layers and adds aux_loss_coef (0.01) times it.
+
+MiniCPM-MoE was not trained from scratch but "sparse-upcycled" from the dense 2.4B: every expert
+starts as a copy of the dense MLP, the router as N(0, 0.1). `upcycle` does that.
+
+Parameter names are the released checkpoint's: `mlp.gate.weight` (router, [n, d]) and
+`mlp.experts.{j}.w1` (gate, d->ffn), `w3` (up, d->ffn), `w2` (down, ffn->d).
+
+    python moe.py --bench      # forward+backward time of the MoE layer vs a dense MLP of equal FLOPs
+"""
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minicpm import MLP, MiniCPM, MiniCPMConfig
+
+UPCYCLE_ROUTER_STD = 0.1   # SPEC §5: the upcycled router starts from N(0, 0.1)
+
+
+class Expert(nn.Module):  # one SwiGLU MLP, the released names: w2(silu(w1(x)) * w3(x))
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)   # gate
+        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)   # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)   # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.gate = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)   # the router
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
+        self.aux_loss = None      # load-balancing loss of the last forward (unweighted, differentiable)
+        self.expert_load = None   # f: share of the last forward's assignments per expert (detached)
+
+    def forward(self, x):  # x [B, T, d] -> [B, T, d]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                   # [N, d], N tokens
+        N, E, k = x.shape[0], self.n_experts, self.top_k
+
+        # Routing. The softmax runs in (at least) fp32: under bf16 autocast the logits are bf16, and
+        # the small differences between experts' probabilities decide both top-k and the weights.
+        logits = self.gate(x)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # [N, E]
+        weights, chosen = probs.topk(k, dim=-1)                        # [N, k] each
+        weights = weights / weights.sum(dim=-1, keepdim=True)          # the k weights sum to 1
+
+        # Dispatch. The N*k (token, slot) assignments are sorted by expert once, so each expert's
+        # tokens form one contiguous slice: one matmul per expert, no per-expert mask over all N
+        # tokens. A stable sort keeps tokens in order within an expert (reproducible results).
+        flat_expert = chosen.reshape(-1)                               # [N*k], assignment a = token*k + slot
+        order = flat_expert.argsort(stable=True)
+        token_of = order // k                                          # token of each sorted assignment
+        counts = torch.bincount(flat_expert, minlength=E)              # tokens per expert
+        # index_select rather than x[token_of]: its backward is a plain index_add_ (a little faster)
+        x_sorted = x.index_select(0, token_of)                         # [N*k, d]
+        y_sorted = torch.cat([expert(chunk) for expert, chunk
+                              in zip(self.experts, x_sorted.split(counts.tolist()))])
+        # Combine: weight each expert output by its routing weight and add it back to its token.
+        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+        out = torch.zeros_like(x, dtype=y_sorted.dtype).index_add_(0, token_of, y_sorted)
+
+        # Load balancing (Switch Transformer, Fedus et al. 2021, eq. 4): f is a count, so it has no
+        # gradient; the loss pushes the router through P towards experts that are under-used.
+        # It equals 1 when the routing is balanced (every f_i = 1/E, or every P_i = 1/E).
+        f = counts.to(probs.dtype) / (N * k)
+        P = probs.mean(dim=0)
+        self.aux_loss = E * (f * P).sum()
+        self.expert_load = f.detach()
+        return out.reshape(shape)          # in the experts' dtype, as minicpm.MLP under autocast
+
+
+# ----------------------------------------------------------------------------- sparse upcycling
+
+@torch.no_grad()
+def upcycle(dense_model, n_experts=8, top_k=2, router_std=UPCYCLE_ROUTER_STD, generator=None):
+    """A new MiniCPM-MoE model from a dense one (Komatsuzaki et al. 2022 "sparse upcycling", as in
+    MiniCPM-MoE, SPEC §5): each of the n_experts experts of layer i is a copy of the dense layer i
+    MLP (gate_proj -> w1, up_proj -> w3, down_proj -> w2), each router is N(0, router_std), and
+    everything else (embedding, attention, norms) is copied. Because the experts are identical and
+    the top_k weights sum to 1, the new model computes exactly the dense model's function, whatever
+    the router: training then lets the experts drift apart.
+
+    router_std is the paper's 0.1, not the muP init_std / sqrt(m) a from-scratch MoE model gets."""
+    if dense_model.config.n_experts:
+        raise ValueError("upcycle needs a dense model (config.n_experts == 0)")
+    cfg = replace(dense_model.config, n_experts=n_experts, top_k=top_k)
+    ref = dense_model.lm_head.weight
+    with torch.device("meta"):          # no random init of 8x the MLP weights only to overwrite them
+        moe_model = MiniCPM(cfg)
+    moe_model = moe_model.to_empty(device=ref.device).to(ref.dtype)
+    if cfg.tie_word_embeddings:         # to_empty gives the two names separate storage: tie again
+        moe_model.lm_head.weight = moe_model.model.embed_tokens.weight
+
+    rename = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    state = {}
+    for name, tensor in dense_model.state_dict().items():
+        if ".mlp." in name:             # model.layers.{i}.mlp.{gate,up,down}_proj.weight
+            layer, proj = name.split(".mlp.")
+            proj, suffix = proj.split(".", 1)
+            for j in range(n_experts):
+                state[f"{layer}.mlp.experts.{j}.{rename[proj]}.{suffix}"] = tensor
+        else:
+            state[name] = tensor
+    for i in range(cfg.n_layer):
+        # drawn on the CPU (generator: an optional CPU torch.Generator); load_state_dict moves it
+        state[f"model.layers.{i}.mlp.gate.weight"] = torch.randn(n_experts, cfg.n_embd, generator=generator) * router_std
+    moe_model.load_state_dict(state, strict=True)   # copies (load_state_dict never aliases)
+    moe_model.train(dense_model.training)
+    return moe_model
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _fwd_bwd_seconds(layer, x):
+    """Wall time of one forward + backward (of the sum of the outputs, plus the aux loss if any)."""
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    y = layer(x)
+    loss = y.sum() + (layer.aux_loss if isinstance(layer, MoE) else 0)
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def bench(d=512, ffn=1280, n_experts=8, top_k=2, tokens=4096, repeats=10, warmup=3, seed=0):
+    """MoE layer against a dense SwiGLU with ffn_dim = top_k * ffn: the same matmul FLOPs per token
+    (the router's d x n is extra, and small), so the ratio measures the cost of routing and dispatch."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=128, n_layer=1, n_embd=d, n_head=d // 64, n_kv_head=d // 64, block_size=128)
+    moe = MoE(MiniCPMConfig(**base, ffn_dim=ffn, n_experts=n_experts, top_k=top_k))
+    dense = MLP(MiniCPMConfig(**base, ffn_dim=top_k * ffn))
+    for layer in (moe, dense):
+        for p in layer.parameters():
+            nn.init.normal_(p, std=d ** -0.5)
+    x = torch.randn(tokens, 1, d).requires_grad_()     # [B, T, d] with the tokens as the batch
+    # The two are timed in alternation, so a change in the machine's load (other processes) hits
+    # both alike; the medians ignore the odd slow repeat.
+    times = {"dense": [], "moe": []}
+    for i in range(warmup + repeats):
+        for name, layer in (("dense", dense), ("moe", moe)):
+            t = _fwd_bwd_seconds(layer, x)
+            if i >= warmup:
+                times[name].append(t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    best = {name: min(ts) for name, ts in times.items()}
+    print(f"{tokens} tokens, d {d}, fp32, {torch.get_num_threads()} CPU threads: forward + backward, "
+          f"{repeats} repeats after {warmup} warm-up")
+    labels = {"dense": f"dense SwiGLU, ffn {top_k * ffn}", "moe": f"MoE {n_experts}x top-{top_k}, ffn {ffn}"}
+    for name, label in labels.items():
+        print(f"  {label:28s} median {med[name] * 1e3:8.1f} ms   best {best[name] * 1e3:8.1f} ms")
+    print(f"  {'ratio MoE / dense':28s} median {med['moe'] / med['dense']:8.2f}      best {best['moe'] / best['dense']:8.2f}")
+    # On a shared machine other processes only ever add time: the best run is the steadier figure.
+    print(f"  expert load of the last step: {[round(v, 3) for v in moe.expert_load.tolist()]}")
+    return med["moe"], med["dense"]
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", action="store_true", help="time the MoE layer against a dense MLP of equal FLOPs")
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1280)
+    ap.add_argument("--n_experts", type=int, default=8)
+    ap.add_argument("--top_k", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if not args.bench:
+        ap.error("nothing to do: pass --bench")
+    if args.threads:
+        # On a machine shared with other jobs, one thread per process gives steadier times: with
+        # several, each of the MoE's many smaller ops waits for its slowest (descheduled) thread.
+        torch.set_num_threads(args.threads)
+    bench(args.d, args.ffn, args.n_experts, args.top_k, args.tokens, args.repeats)

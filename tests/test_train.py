@@ -1,0 +1,185 @@
+"""Tests of train.py: learning, outputs, exact resume, atomic checkpoints, DDP against gradient
+accumulation, the schedule it follows, and clear errors. Small model, small corpus, byte tokenizer."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import wsd
+from minicpm import atomic_save
+
+SMALL_MODEL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
+               "--block_size", "64", "--batch_size", "4", "--seq_len", "32"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of real text (some of the standard library's own modules) and a data folder."""
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    root = tmp_path_factory.mktemp("corpus")
+    for name in ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/__init__.py", "textwrap.py",
+                 "string.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py"]:
+        (root / name.replace("/", "_")).write_text(open(os.path.join(stdlib, name), encoding="utf-8").read())
+    return dict(source=str(root), data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def flags(corpus, out_dir, *extra):
+    return ["--source", corpus["source"], "--tokenizer", "byte", "--data_dir", corpus["data_dir"],
+            "--out_dir", str(out_dir), *SMALL_MODEL, "--eval_batches", "2", *map(str, extra)]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def run_cli(args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=os.path.dirname(train.__file__),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_loss_falls_and_outputs_are_written(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path, "--max_steps", 20, "--eval_interval", 10, "--log_interval", 1)) == 0
+    rows = metrics(tmp_path)
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(losses) == 20 and len(vals) == 3            # val at steps 0, 10, 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert vals[-1] < vals[0] - 0.5
+    for r in rows:   # bits per byte: nats/token / ln 2 / (bytes per token); the byte tokenizer's ratio is ~1
+        if "val_loss" in r:
+            assert 0.9 < r["val_loss"] / math.log(2) / r["val_bpb"] <= 1.0
+    assert open(tmp_path / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    ckpt = train.load_checkpoint(str(tmp_path))
+    assert ckpt["step"] == 20 and ckpt["tokens"] == 20 * 4 * 32
+    assert ckpt["tokenizer"]["spec"] == "byte"
+    model = train.model_from_checkpoint(ckpt)
+    assert model.config.n_layer == 2 and model.config.vocab_size == ckpt["tokenizer"]["vocab_size"]
+
+
+def test_lr_follows_the_wsd_schedule(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path, "--max_steps", 20, "--warmup_steps", 4, "--decay_steps", 6,
+                            "--eval_interval", 0, "--log_interval", 1, "--lr", 0.02)) == 0
+    logged = [r["lr"] for r in metrics(tmp_path)]
+    # lr used at step s (logged after it as step s + 1), computed by hand: warmup 4, decay 14 -> 20, exp to 2%
+    expected = [0.02 * s / 4 for s in range(4)] + [0.02] * 10 + [0.02 * 0.02 ** ((s - 14) / 6) for s in range(14, 20)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_resume_is_bitwise_exact(corpus, tmp_path):
+    common = ("--max_steps", 12, "--eval_interval", 6, "--log_interval", 1, "--ckpt_interval", 100)
+    assert train.main(flags(corpus, tmp_path / "whole", *common)) == 0
+    assert train.main(flags(corpus, tmp_path / "parts", *common, "--stop_at", 5)) == 0
+    assert train.load_checkpoint(str(tmp_path / "parts"))["step"] == 5
+    assert train.main(["--resume", str(tmp_path / "parts")]) == 0
+    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [r["step"] for r in parts] == [r["step"] for r in whole]
+    without_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert without_speed(parts) == without_speed(whole)      # losses, val losses, grad norms: bitwise
+
+
+def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save({"model": {"w": torch.ones(3)}, "model_config": {}, "step": 7}, path)
+
+    class ExplodesWhilePickled:
+        def __reduce__(self):
+            raise RuntimeError("simulated crash in the middle of writing")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        atomic_save({"model": {"w": torch.zeros(1000)}, "boom": ExplodesWhilePickled()}, path)
+    assert train.load_checkpoint(path)["step"] == 7
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                       # no temporary file left behind
+
+
+def test_ddp_equals_gradient_accumulation(corpus, tmp_path):
+    common = flags(corpus, tmp_path / "x", "--max_steps", 4, "--eval_interval", 0, "--log_interval", 1,
+                   "--dtype", "float32", "--warmup_steps", 1)
+    common = common[:common.index("--out_dir")] + common[common.index("--out_dir") + 2:]
+    assert train.main([*common, "--out_dir", str(tmp_path / "single"), "--grad_accum", "2"]) == 0
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *common, "--out_dir", str(tmp_path / "ddp")],
+                         cwd=os.path.dirname(train.__file__), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = [r["train_loss"] for r in metrics(tmp_path / "single")]
+    two = [r["train_loss"] for r in metrics(tmp_path / "ddp")]
+    assert len(single) == len(two) == 4
+    assert single == pytest.approx(two, abs=1e-5)
+    assert single[0] != single[-1]
+
+
+def test_unknown_flag_suggests_the_closest():
+    out = run_cli(["--n_layers", "3"])
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "train.py: unknown flag --n_layers; did you mean --n_layer?"
+
+
+def test_help_explains_every_flag():
+    out = run_cli(["--help"])
+    assert out.returncode == 0
+    for f in train.fields(train.TrainConfig):
+        assert f"--{f.name}" in out.stdout
+    assert "--n_layer" in out.stdout and "default: 'tiny'" in out.stdout
+
+
+def test_resume_with_different_config_lists_the_fields(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path, "--max_steps", 2, "--eval_interval", 0)) == 0
+    out = run_cli(["--resume", str(tmp_path), "--lr", "0.5", "--n_layer", "3"])
+    assert out.returncode == 2
+    assert "cannot resume with a different configuration" in out.stderr
+    assert "lr: checkpoint has 0.01, given 0.5" in out.stderr and "n_layer: checkpoint has 2, given 3" in out.stderr
+
+
+def test_nan_loss_stops_and_names_the_last_checkpoint(corpus, tmp_path, capsys):
+    code = train.main(flags(corpus, tmp_path, "--max_steps", 10, "--ckpt_interval", 2, "--eval_interval", 0,
+                            "--inject_nan_at", 5))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and str(tmp_path / "ckpt.pt") in err
+    assert train.load_checkpoint(str(tmp_path))["step"] == 4      # the last good one, untouched
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(corpus, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *flags(corpus, tmp_path, "--max_steps", 100000,
+                             "--eval_interval", 0, "--log_interval", 1, "--ckpt_interval", 100000)],
+                            cwd=os.path.dirname(train.__file__), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(tmp_path / "metrics.jsonl") and
+                                          os.path.getsize(tmp_path / "metrics.jsonl") > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = train.load_checkpoint(str(tmp_path))["step"]
+    assert step >= 1 and f"stopped by signal at step {step}" in out
+
+
+def test_decay_only_branch_from_a_stable_checkpoint(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path / "stable", "--max_steps", 6, "--schedule", "constant",
+                            "--warmup_steps", 2, "--eval_interval", 0)) == 0
+    assert train.main(flags(corpus, tmp_path / "decay", "--init_from", tmp_path / "stable", "--decay_only",
+                            "--decay_steps", 5, "--eval_interval", 0, "--log_interval", 1)) == 0
+    lrs = [r["lr"] for r in metrics(tmp_path / "decay")]
+    assert lrs == pytest.approx([0.01 * 0.02 ** (s / 5) for s in range(5)], rel=1e-12)
+
+
+def test_dry_run_plans_the_real_2_4b_without_allocating(tmp_path):
+    t = time.time()
+    out = run_cli(["--preset", "minicpm-2.4b", "--dry_run", "--dry_run_gpus", "8", "--batch_size", "1",
+                   "--seq_len", "4096", "--grad_accum", "128", "--data_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    assert "2,442,057,984 non-embedding" in out.stdout
+    assert "= 4,194,304 tokens per step" in out.stdout          # the paper's ~4M-token batch
+    assert time.time() - t < 60 and not os.listdir(tmp_path)     # nothing prepared, nothing allocated
+
+
+def test_bench_reports_throughput(corpus, tmp_path):
+    out = run_cli(flags(corpus, tmp_path, "--bench", "--max_steps", 6))
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stdout and "% of" in out.stdout
