@@ -99,7 +99,7 @@ def _preset(n_layer, d, n_head, n_kv_head, vocab, block_size=4096, **kw):
 MINICPM_VOCAB_2B, MINICPM_VOCAB_1B = 122_753, 73_440     # paper Table 2
 PRESETS = {
     # CPU demo: learns visibly in a few minutes on 2 cores (GQA, so every code path is exercised).
-    "tiny": _preset(4, 128, 4, 2, 4096, block_size=256),
+    "tiny": _preset(4, 128, 4, 2, 4096, block_size=1024),
     # Wind-tunnel shapes, Appendix A.3 Table 8 (head dim 64, ffn 2.5 d). The paper does not give
     # their vocabulary; we use MiniCPM-2.4B's (train.py replaces it with the dataset's).
     "wt-9m": _preset(8, 320, 5, 5, MINICPM_VOCAB_2B),
@@ -112,6 +112,8 @@ PRESETS = {
     # Table 2.
     "minicpm-1.2b": _preset(52, 1536, 24, 8, MINICPM_VOCAB_1B),
     "minicpm-2.4b": _preset(40, 2304, 36, 36, MINICPM_VOCAB_2B),
+    # §7.3: the 2.4B with 8 experts per layer, top-2 (13.6B non-embedding, ~4B active per token).
+    "minicpm-moe-8x2b": _preset(40, 2304, 36, 36, MINICPM_VOCAB_2B, n_experts=8, top_k=2),
 }
 
 

@@ -94,7 +94,7 @@ def upcycle(dense_model, n_experts=8, top_k=2, router_std=UPCYCLE_ROUTER_STD, ge
     MLP (gate_proj -> w1, up_proj -> w3, down_proj -> w2), each router is N(0, router_std), and
     everything else (embedding, attention, norms) is copied. Because the experts are identical and
     the top_k weights sum to 1, the new model computes exactly the dense model's function, whatever
-    the router: training then lets the experts drift apart.
+    the router (up to rounding): training then lets the experts drift apart.
 
     router_std is the paper's 0.1, not the muP init_std / sqrt(m) a from-scratch MoE model gets."""
     if dense_model.config.n_experts:
@@ -104,7 +104,7 @@ def upcycle(dense_model, n_experts=8, top_k=2, router_std=UPCYCLE_ROUTER_STD, ge
     with torch.device("meta"):          # no random init of 8x the MLP weights only to overwrite them
         moe_model = MiniCPM(cfg)
     moe_model = moe_model.to_empty(device=ref.device).to(ref.dtype)
-    if cfg.tie_word_embeddings:         # to_empty gives the two names separate storage: tie again
+    if cfg.tie_word_embeddings:         # to_empty / .to untie lm_head from the embedding: tie again
         moe_model.lm_head.weight = moe_model.model.embed_tokens.weight
 
     rename = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}

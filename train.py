@@ -57,17 +57,17 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
     # schedule (wsd.py)
     schedule: str = flag("wsd", "learning-rate schedule: " + ", ".join(wsd.SCHEDULES))
-    max_steps: int = flag(600, "optimizer steps in the run")
+    max_steps: int = flag(300, "optimizer steps in the run")
     warmup_steps: int = flag(-1, "linear warmup steps (-1: 5%% of max_steps)")
     decay_steps: int = flag(-1, "WSD decay length in steps (-1: 10%% of max_steps, as in the paper, §4)")
     decay_start: int = flag(-1, "step where the WSD decay starts (-1: max_steps - decay_steps)")
     decay_shape: str = flag("exp", "WSD decay shape: " + ", ".join(wsd.DECAY_SHAPES))
     final_lr_frac: float = flag(wsd.FINAL_LR_FRAC, "lr at the end of the decay, as a fraction of --lr")
     # evaluation, logging, checkpoints
-    eval_interval: int = flag(100, "evaluate (and refresh loss.png) every this many steps")
+    eval_interval: int = flag(50, "evaluate (and refresh loss.png) every this many steps")
     eval_batches: int = flag(8, "validation micro-batches per evaluation (a fixed set)")
     log_interval: int = flag(10, "write a metrics.jsonl line every this many steps")
-    ckpt_interval: int = flag(200, "save a checkpoint every this many steps (and at the end)")
+    ckpt_interval: int = flag(100, "save a checkpoint every this many steps (and at the end)")
     # starting points
     resume: str = flag("", "continue the run saved in this folder exactly (optimizer, step, data position)")
     init_from: str = flag("", "start a new run from the weights of this checkpoint (file or folder)")
@@ -162,6 +162,17 @@ def model_from_checkpoint(ckpt, device="cpu", **overrides):
     model = MiniCPM(MiniCPMConfig(**{**ckpt["model_config"], **overrides}))
     model.load_state_dict(ckpt["model"])
     return model.to(device)
+
+
+def make_optimizer(model, lr, weight_decay, betas, eps, device):
+    """AdamW over the model's muP groups (SPEC §2); each group's lr is lr(step) * group["lr_scale"]."""
+    return torch.optim.AdamW(model.param_groups(lr, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=str(device).startswith("cuda"))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
 
 
 def save_checkpoint(cfg, model, optimizer, scaler, step, tokens, tokenizer, out_dir):
@@ -332,8 +343,7 @@ def train(cfg, overrides, explicit):
         model.load_state_dict(source["model"])
     model.to(device)
     model.grad_ckpt = cfg.grad_ckpt
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.startswith("cuda"))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step, tokens = 0, 0
     if resume_ckpt:
@@ -358,9 +368,8 @@ def train(cfg, overrides, explicit):
     if master and not cfg.bench:   # (a benchmark leaves the output folder alone)
         os.makedirs(cfg.out_dir, exist_ok=True)
         if meta["rank_file"]:
-            shutil.copyfile(meta["rank_file_path"], os.path.join(cfg.out_dir, tokenizer["rank_file"]))
-        portable_meta = {k: v for k, v in meta.items() if k != "rank_file_path"}
-        atomic_write_text(json.dumps(portable_meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
+            shutil.copyfile(os.path.join(dataset, meta["rank_file"]), os.path.join(cfg.out_dir, tokenizer["rank_file"]))
+        atomic_write_text(json.dumps(meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
         # keep the metrics up to the step we start from (a resumed run rewrites what came after)
         kept = []
         if resume_ckpt and os.path.exists(metrics_path):
@@ -416,8 +425,7 @@ def train(cfg, overrides, explicit):
     t0 = time.time()
     while step < last_step:
         lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = batch(train_bin, cfg.seed, step, rank * cfg.grad_accum + micro)

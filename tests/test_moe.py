@@ -3,7 +3,6 @@ gradients, float64), the dense model for upcycling, the load-balancing loss comp
 hand-made router outputs, the model loss recomputed from captured layer inputs, the checkpoint
 layout, and the paper's MiniCPM-MoE parameter counts (SPEC §5)."""
 import json
-import math
 import os
 
 import pytest

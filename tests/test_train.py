@@ -46,22 +46,29 @@ def run_cli(args, timeout=300, **kw):
 
 
 def test_loss_falls_and_outputs_are_written(corpus, tmp_path):
-    assert train.main(flags(corpus, tmp_path, "--max_steps", 20, "--eval_interval", 10, "--log_interval", 1)) == 0
+    args = flags(corpus, tmp_path, "--max_steps", 20, "--eval_interval", 10, "--log_interval", 1)
+    args[args.index("byte")] = "bpe:300"         # a learned tokenizer: its rank file goes with the checkpoint
+    assert train.main(args) == 0
     rows = metrics(tmp_path)
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(losses) == 20 and len(vals) == 3            # val at steps 0, 10, 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert vals[-1] < vals[0] - 0.5
-    for r in rows:   # bits per byte: nats/token / ln 2 / (bytes per token); the byte tokenizer's ratio is ~1
+    meta = json.load(open(tmp_path / "data_meta.json"))
+    tokens_per_byte = meta["val"]["tokens"] / meta["val"]["bytes"]
+    for r in rows:   # bits per byte = nats/token / ln 2 * tokens/byte
         if "val_loss" in r:
-            assert 0.9 < r["val_loss"] / math.log(2) / r["val_bpb"] <= 1.0
+            assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens_per_byte, rel=1e-9)
     assert open(tmp_path / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     ckpt = train.load_checkpoint(str(tmp_path))
     assert ckpt["step"] == 20 and ckpt["tokens"] == 20 * 4 * 32
-    assert ckpt["tokenizer"]["spec"] == "byte"
+    assert ckpt["tokenizer"]["spec"] == "bpe:300" and ckpt["tokenizer"]["vocab_size"] == 300
+    import data
+    enc = data.load_tokenizer("bpe:300", str(tmp_path / ckpt["tokenizer"]["rank_file"]))
+    assert enc.decode(enc.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     model = train.model_from_checkpoint(ckpt)
-    assert model.config.n_layer == 2 and model.config.vocab_size == ckpt["tokenizer"]["vocab_size"]
+    assert model.config.n_layer == 2 and model.config.vocab_size == 300
 
 
 def test_lr_follows_the_wsd_schedule(corpus, tmp_path):
