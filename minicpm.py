@@ -31,6 +31,13 @@ RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 BOS_ID, EOS_ID = 1, 2     # special ids of the released tokenizers (SPEC §8)
 ATTN_IMPLS = ("sdpa", "eager", "triton")
+# SPEC §8: the released config.json's keys and the MiniCPMConfig fields they hold
+HF_CONFIG_KEYS = dict(hidden_size="n_embd", intermediate_size="ffn_dim", num_hidden_layers="n_layer",
+                      num_attention_heads="n_head", num_key_value_heads="n_kv_head", vocab_size="vocab_size",
+                      rms_norm_eps="norm_eps", rope_theta="rope_theta", max_position_embeddings="block_size",
+                      tie_word_embeddings="tie_word_embeddings", scale_emb="scale_emb", scale_depth="scale_depth",
+                      dim_model_base="dim_model_base", initializer_range="init_std", num_experts="n_experts",
+                      num_experts_per_tok="top_k")
 
 
 @dataclass
@@ -56,16 +63,15 @@ class MiniCPMConfig:
     aux_loss_coef: float = 0.01   # load-balancing loss weight
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive (got {getattr(self, name)})")
-        if self.n_head > 0 and self.n_embd % self.n_head:
-            problems.append(f"n_head={self.n_head} does not divide n_embd={self.n_embd}")
-        if self.n_kv_head > 0 and self.n_head % self.n_kv_head:
-            problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
-        if self.n_head > 0 and (self.n_embd // self.n_head) % 2:
-            problems.append(f"head_dim={self.n_embd // self.n_head} must be even for RoPE")
+        sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size")
+        problems = [f"{name} must be positive (got {getattr(self, name)})" for name in sizes if getattr(self, name) <= 0]
+        if not problems:
+            if self.n_embd % self.n_head:
+                problems.append(f"n_head={self.n_head} does not divide n_embd={self.n_embd}")
+            elif (self.n_embd // self.n_head) % 2:
+                problems.append(f"head_dim={self.n_embd // self.n_head} must be even for RoPE")
+            if self.n_head % self.n_kv_head:
+                problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.attn_impl not in ATTN_IMPLS:
             problems.append(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
@@ -385,22 +391,13 @@ class MiniCPM(nn.Module):
 
     def hf_config(self):
         cfg = self.config
-        # Under the standard parameterisation, write multipliers that make the released code's
-        # formulas the identity (scale_emb 1, scale_depth sqrt(L), dim_model_base d).
-        mup = cfg.mup
-        hf = dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu",
-                  hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
-                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
-                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.block_size,
-                  tie_word_embeddings=cfg.tie_word_embeddings,
-                  scale_emb=cfg.scale_emb if mup else 1.0,
-                  dim_model_base=cfg.dim_model_base if mup else cfg.n_embd,
-                  scale_depth=cfg.scale_depth if mup else math.sqrt(cfg.n_layer),
-                  initializer_range=cfg.init_std, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                  torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
-        if cfg.n_experts:
-            hf.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k)
-        return hf
+        hf = {key: getattr(cfg, name) for key, name in HF_CONFIG_KEYS.items()}
+        if not cfg.mup:   # multipliers that make the released code's formulas the identity
+            hf.update(scale_emb=1.0, scale_depth=math.sqrt(cfg.n_layer), dim_model_base=cfg.n_embd)
+        if not cfg.n_experts:
+            del hf["num_experts"], hf["num_experts_per_tok"]
+        return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu", **hf,
+                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
 
     def save_hf(self, out_dir):
         """config.json + pytorch_model.bin with the released names and shapes, written atomically."""
@@ -418,14 +415,10 @@ class MiniCPM(nn.Module):
             raise FileNotFoundError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
         with open(path) as f:
             hf = json.load(f)
-        dims = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
-                    n_head=hf["num_attention_heads"], ffn_dim=hf["intermediate_size"],
-                    n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                    block_size=hf.get("max_position_embeddings", 4096), rope_theta=hf.get("rope_theta") or ROPE_THETA,
-                    norm_eps=hf.get("rms_norm_eps", RMS_NORM_EPS), tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                    scale_emb=hf.get("scale_emb", 1.0), scale_depth=hf.get("scale_depth", math.sqrt(hf["num_hidden_layers"])),
-                    dim_model_base=hf.get("dim_model_base", hf["hidden_size"]), init_std=hf.get("initializer_range", INIT_STD),
-                    n_experts=hf.get("num_experts", 0) or 0, top_k=hf.get("num_experts_per_tok", 2))
+        dims = {name: hf[key] for key, name in HF_CONFIG_KEYS.items() if hf.get(key) is not None}
+        # absent keys: plain Llama-style multipliers (1), MHA, and SPEC §8's "rope_theta absent means 10000"
+        dims = {"scale_emb": 1.0, "scale_depth": math.sqrt(dims["n_layer"]), "dim_model_base": dims["n_embd"],
+                "n_kv_head": dims["n_head"], **dims}
         with torch.device("meta"):
             model = cls(MiniCPMConfig(**{**dims, **overrides}))
         state = _read_hf_weights(ckpt_dir)
@@ -471,12 +464,12 @@ def _read_hf_weights(ckpt_dir):
     return state
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file."""
+def atomic_write(path, write):
+    """write(file) into a temporary file in the same folder, then rename: a crash leaves the old file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -485,11 +478,12 @@ def atomic_save(obj, path):
         raise
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- preset table
