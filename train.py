@@ -93,6 +93,16 @@ RESUME_MAY_CHANGE = {"out_dir", "resume", "stop_at", "device", "compile", "attn"
                      "dry_run_gpus", "bench", "eval_interval", "eval_batches", "log_interval", "ckpt_interval",
                      "max_steps", "decay_steps", "decay_start", "inject_nan_at"}
 MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name not in ("vocab_size", "attn_impl")]
+MODEL_HELP = dict(n_layer="decoder layers", n_embd="model width d", n_head="query heads",
+                  n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",
+                  block_size="longest sequence the model accepts", rope_theta="RoPE base",
+                  norm_eps="RMSNorm epsilon", mup="muP scalings, init and lr groups (false: standard parameterisation)",
+                  scale_emb="muP embedding multiplier (§3.1: 12)", scale_depth="muP residual multiplier (§3.1: 1.4)",
+                  dim_model_base="muP base width: m = n_embd / dim_model_base (256)",
+                  init_std="init std (matrices: init_std / sqrt(m) under muP)",
+                  tie_word_embeddings="share the input embedding and the output head",
+                  n_experts="MoE experts per layer (0: dense)", top_k="MoE experts per token",
+                  aux_loss_coef="MoE load-balancing loss weight (§7.3: 0.01)")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU on CUDA
 
 
@@ -122,7 +132,7 @@ def build_parser():
         add(p, f, f"{f.metadata['help']} (default: {f.default!r})")
     group = p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)")
     for f in MODEL_FLAGS:
-        add(group, f, f"MiniCPMConfig.{f.name}")
+        add(group, f, MODEL_HELP[f.name])
     return p
 
 
@@ -175,8 +185,9 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group["lr_scale"]
 
 
-def save_checkpoint(cfg, model, optimizer, scaler, step, tokens, tokenizer, out_dir):
+def save_checkpoint(cfg, model, optimizer, scaler, step, tokens, tokenizer, out_dir, data_offset=0):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, tokens=tokens,
+                 data_offset=data_offset,
                  scaler=scaler.state_dict() if scaler.is_enabled() else {}, train_config=asdict(cfg),
                  model_config=asdict(model.config), tokenizer=tokenizer, rng=torch.get_rng_state())
     path = os.path.join(out_dir, "ckpt.pt")
@@ -314,9 +325,21 @@ def train(cfg, overrides, explicit):
             dist.barrier()
         dataset = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
     meta = data.load_meta(dataset) if dataset else None
-    model_kw = dict(resume_ckpt["model_config"]) if resume_ckpt else {**PRESETS.get(cfg.preset, {}), **overrides}
-    if cfg.preset not in PRESETS:
-        get_config(cfg.preset)   # raises the error that lists the valid presets
+    # the architecture: the resumed run's, else the source checkpoint's (--init_from, --upcycle_from, with
+    # the model flags on top), else the preset's with the model flags
+    source = None
+    if (cfg.init_from or cfg.upcycle_from) and not resume_ckpt:
+        source = load_checkpoint(cfg.init_from or cfg.upcycle_from)
+    if resume_ckpt or source:
+        model_kw = {**(resume_ckpt or source)["model_config"], **({} if resume_ckpt else overrides)}
+    else:
+        get_config(cfg.preset)   # an unknown preset: the error lists the valid ones
+        model_kw = {**PRESETS[cfg.preset], **overrides}
+    if source and cfg.upcycle_from:
+        model_kw.update(n_experts=0)   # the dense model; upcycle() makes the experts below
+    if meta and meta["vocab_size"] != model_kw.get("vocab_size", meta["vocab_size"]) and (resume_ckpt or source):
+        raise TrainError(f"the checkpoint's vocabulary ({model_kw['vocab_size']}) is not the data's "
+                         f"({meta['vocab_size']}): pass the --source/--tokenizer it was trained with")
     model_kw.update(attn_impl=cfg.attn, **({"vocab_size": meta["vocab_size"]} if meta else {}))
     model_cfg = MiniCPMConfig(**model_kw)
     if cfg.seq_len > model_cfg.block_size:
@@ -331,16 +354,19 @@ def train(cfg, overrides, explicit):
 
     # ---- model, optimizer
     torch.manual_seed(cfg.seed)
-    if cfg.upcycle_from:
+    model = MiniCPM(model_cfg)
+    data_offset = 0   # a run started from another's weights reads on from where that run stopped
+    if source:
+        try:
+            model.load_state_dict(source["model"])
+        except RuntimeError:
+            raise TrainError(f"the weights in {source['path']} do not fit a model with these flags: "
+                             "drop the model flags that change its shape") from None
+        data_offset = source["step"] + source.get("data_offset", 0)
+    if source and cfg.upcycle_from:
         import moe
-        dense = model_from_checkpoint(load_checkpoint(cfg.upcycle_from))
-        model = moe.upcycle(dense, n_experts=model_cfg.n_experts or 8, top_k=model_cfg.top_k)
+        model = moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
         model_cfg = model.config
-    else:
-        model = MiniCPM(model_cfg)
-    if cfg.init_from:
-        source = load_checkpoint(cfg.init_from)
-        model.load_state_dict(source["model"])
     model.to(device)
     model.grad_ckpt = cfg.grad_ckpt
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
@@ -352,7 +378,7 @@ def train(cfg, overrides, explicit):
         if resume_ckpt["scaler"]:
             scaler.load_state_dict(resume_ckpt["scaler"])
         torch.set_rng_state(resume_ckpt["rng"])
-        step, tokens = resume_ckpt["step"], resume_ckpt["tokens"]
+        step, tokens, data_offset = resume_ckpt["step"], resume_ckpt["tokens"], resume_ckpt.get("data_offset", 0)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -391,7 +417,10 @@ def train(cfg, overrides, explicit):
         for i in range(rank, cfg.eval_batches, world):
             x, y = batch(val_bin, cfg.seed + 1, i, 0)     # the same fixed set at every evaluation
             with autocast:
-                total += torch.stack([raw_model(x, y)[1].float(), torch.ones((), device=device)])
+                loss = raw_model(x, y)[1]
+            if raw_model.config.n_experts:   # the validation loss is the LM loss: drop the balancing term
+                loss = loss - raw_model.config.aux_loss_coef * raw_model.aux_loss
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
         if world > 1:
             dist.all_reduce(total)
         model.train()
@@ -427,13 +456,16 @@ def train(cfg, overrides, explicit):
         lr = lr_at(step)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)    # MoE load balancing (train_loss includes coef x it)
         for micro in range(cfg.grad_accum):
-            x, y = batch(train_bin, cfg.seed, step, rank * cfg.grad_accum + micro)
+            x, y = batch(train_bin, cfg.seed, data_offset + step, rank * cfg.grad_accum + micro)
             sync = micro == cfg.grad_accum - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 _, loss = model(x, y)
             scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
+            if raw_model.config.n_experts:
+                aux_sum += raw_model.aux_loss.detach().float() / cfg.grad_accum
         if step == cfg.inject_nan_at:
             loss_sum = loss_sum * float("nan")
         if world > 1:
@@ -464,6 +496,9 @@ def train(cfg, overrides, explicit):
         record = dict(step=step, tokens=tokens, lr=lr)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             record.update(train_loss=loss_sum.item(), grad_norm=grad_norm.item(), tokens_per_s=tok_s)
+            if raw_model.config.n_experts:   # logged apart, with each expert's share of the routed tokens
+                record["aux_loss"] = aux_sum.item()
+                record["expert_load"] = torch.stack([l.mlp.expert_load for l in raw_model.model.layers]).mean(0).tolist()
             if peak:
                 record["mfu"] = tok_s * flops_per_token / world / peak
         if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
@@ -479,7 +514,8 @@ def train(cfg, overrides, explicit):
             dist.all_reduce(stopping)
         if step % cfg.ckpt_interval == 0 or step == last_step or stopping.item():
             if master:
-                last_ckpt = save_checkpoint(cfg, raw_model, optimizer, scaler, step, tokens, tokenizer, cfg.out_dir)
+                last_ckpt = save_checkpoint(cfg, raw_model, optimizer, scaler, step, tokens, tokenizer, cfg.out_dir,
+                                            data_offset)
         if stopping.item():
             say(f"\nstopped by signal at step {step}; checkpoint saved: {last_ckpt}. Continue with --resume {cfg.out_dir}")
             exit_code = 128 + stop_signal[0]

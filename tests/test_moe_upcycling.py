@@ -1,0 +1,69 @@
+"""Tests of sparse upcycling through train.py (--upcycle_from) and of experiments/moe_upcycling.py.
+A 2-layer model on a small corpus (a few standard-library modules), byte tokenizer."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+import train
+
+SMALL_MODEL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
+               "--block_size", "64", "--batch_size", "4", "--seq_len", "32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    root = tmp_path_factory.mktemp("corpus")
+    for name in ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py"]:
+        (root / name.replace("/", "_")).write_text(open(os.path.join(stdlib, name), encoding="utf-8").read())
+    return dict(source=str(root), data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def data_flags(corpus):
+    return ["--source", corpus["source"], "--tokenizer", "byte", "--data_dir", corpus["data_dir"]]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_upcycled_run_starts_at_the_dense_checkpoints_validation_loss(corpus, tmp_path):
+    common = [*data_flags(corpus), *SMALL_MODEL, "--eval_batches", "2"]
+    assert train.main([*common, "--out_dir", str(tmp_path / "dense"), "--max_steps", "4",
+                       "--schedule", "constant", "--warmup_steps", "1", "--eval_interval", "4"]) == 0
+    assert train.main([*common, "--out_dir", str(tmp_path / "moe"), "--upcycle_from", str(tmp_path / "dense"),
+                       "--n_experts", "4", "--top_k", "2", "--max_steps", "1", "--eval_interval", "1"]) == 0
+    dense_vals = [r["val_loss"] for r in metrics(tmp_path / "dense") if "val_loss" in r]
+    moe_rows = metrics(tmp_path / "moe")
+    assert len(dense_vals) == 2 and dense_vals[1] < dense_vals[0] - 0.05     # the dense run did learn
+    assert moe_rows[0]["step"] == 0 and moe_rows[0]["tokens"] == 0
+    # the MoE at its step 0 computes the dense model's function: the same validation loss
+    assert moe_rows[0]["val_loss"] == pytest.approx(dense_vals[-1], abs=1e-5)
+    ckpt = train.load_checkpoint(str(tmp_path / "moe"))
+    assert ckpt["model_config"]["n_experts"] == 4 and ckpt["model_config"]["top_k"] == 2 and ckpt["step"] == 1
+    assert "model.layers.0.mlp.experts.3.w1.weight" in ckpt["model"]
+
+
+def test_quick_experiment_writes_png_and_csv_with_both_continuations(corpus, tmp_path, repo_root):
+    sys.path.insert(0, os.path.join(repo_root, "experiments"))
+    import moe_upcycling
+    out = tmp_path / "out"
+    assert moe_upcycling.main(["--quick", *data_flags(corpus), "--out", str(out),
+                               "--stable_steps", "10", "--cont_steps", "6"]) == 0
+    assert open(out / "moe_upcycling.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(out / "moe_upcycling.csv")))
+    assert set(rows[0]) == {"run", "step", "tokens", "val_loss", "val_bpb", "aux_loss"}
+    by_run = {name: [r for r in rows if r["run"] == name] for name in ("stable", "dense", "upcycled")}
+    assert [int(r["step"]) for r in by_run["stable"]] == [0, 10]
+    for name in ("dense", "upcycled"):
+        assert [int(r["step"]) for r in by_run[name]] == [0, 6]
+        # tokens continue from the stable phase: 10 steps of 4 x 32 tokens, then 6 more
+        assert [int(r["tokens"]) for r in by_run[name]] == [10 * 128, 16 * 128]
+        # both continuations start from the stable checkpoint's function
+        assert float(by_run[name][0]["val_loss"]) == pytest.approx(float(by_run["stable"][-1]["val_loss"]), abs=1e-5)
+    # ... and then part: the experts and the router trained differently from the dense MLP
+    assert abs(float(by_run["upcycled"][-1]["val_loss"]) - float(by_run["dense"][-1]["val_loss"])) > 1e-4
