@@ -256,7 +256,7 @@ def resolve_schedule(cfg):
     """The lr(step) function, from wsd.py (the only place schedules live)."""
     if cfg.schedule not in wsd.SCHEDULES:
         raise TrainError(f"--schedule {cfg.schedule} is not one of {', '.join(wsd.SCHEDULES)}")
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(0.05 * cfg.max_steps)
+    warmup = cfg.warmup_steps
     common = dict(lr_max=cfg.lr, warmup=warmup)
     if cfg.schedule == "wsd":
         decay = cfg.decay_steps if cfg.decay_steps >= 0 else max(1, round(0.1 * cfg.max_steps))
@@ -306,9 +306,11 @@ def train(cfg, overrides, explicit):
         if differ:
             raise TrainError("cannot resume with a different configuration: " + "; ".join(differ))
         one_off = {k: getattr(TrainConfig, k) for k in ("stop_at", "inject_nan_at", "bench", "dry_run")}
-        cfg = dataclasses.replace(saved, **one_off, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
+        cfg = dataclasses.replace(saved, **{**one_off, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}})
         cfg.out_dir = explicit.get("out_dir", os.path.dirname(resume_ckpt["path"]))
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.preset)
+    if cfg.warmup_steps < 0:   # fixed when the run starts, so a branch that changes max_steps keeps it
+        cfg.warmup_steps = round(0.05 * cfg.max_steps)
     if cfg.init_from and cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint
         decay = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps
         cfg = dataclasses.replace(cfg, warmup_steps=0, decay_start=0, decay_steps=decay, max_steps=decay)
@@ -383,7 +385,9 @@ def train(cfg, overrides, explicit):
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        # an MoE expert that no token of a micro-batch chose gets no gradient: let DDP allow for it
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None,
+                    find_unused_parameters=bool(model_cfg.n_experts))
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # ---- output folder: tokenizer files next to the checkpoint, so it is self-contained

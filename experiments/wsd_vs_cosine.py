@@ -6,7 +6,7 @@ every decay continues the one stable run exactly (§4.3: one stable run, many de
 Against them: Cosine(T) runs, T equal to each branch's total k + D (Appendix B.1), each its own run.
 All runs share the seed, the warmup and the batches (the loader is a pure function of the step).
 
-    python experiments/wsd_vs_cosine.py            # tiny preset, totals 600 and 1200 steps, ~10-15 min on 2 cores
+    python experiments/wsd_vs_cosine.py            # tiny preset, totals 240 and 480 steps, ~5-20 min
     python experiments/wsd_vs_cosine.py --quick    # a 2-layer model, under a minute (the smoke test)
     python experiments/wsd_vs_cosine.py --source my.txt --tokenizer byte --data_dir /tmp/data ...
 
@@ -27,9 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the repo's flat scripts, importable once the root is on the path)
 
-# tiny preset with short sequences: ~0.1 s a step on 2 cores, so all runs fit in ~10 minutes
-FULL = dict(totals=(600, 1200), model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"],
-            eval_interval=15, eval_batches=8, log_interval=5)
+# tiny preset with short sequences: 0.1-0.45 s a step on our shared 2 cores, ~1300 steps in all
+FULL = dict(totals=(240, 480), model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"],
+            eval_interval=10, eval_batches=4, log_interval=5)
 QUICK = dict(totals=(80, 160), model=["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
                                       "--ffn_dim", "160", "--block_size", "64", "--batch_size", "8", "--seq_len", "64"],
              eval_interval=12, eval_batches=2, log_interval=1)
@@ -41,13 +41,16 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a tiny model and few steps: under a minute")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
     p.add_argument("--totals", type=lambda s: tuple(int(x) for x in s.split(",")),
-                   help="total steps of each WSD branch / cosine run (default 600,1200; quick 80,160)")
+                   help="total steps of each WSD branch / cosine run (default 240,480; quick 80,160)")
     p.add_argument("--decay_fracs", type=lambda s: tuple(float(x) for x in s.split(",")), default=DECAY_FRACS,
                    help="decay lengths as fractions of the total")
     p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
     p.add_argument("--tokenizer", default="bpe:4096", help="tokenizer, passed to train.py")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--seed", type=int, default=1337)
+    # One thread: on our busy 2-core machine two threads ran 15x slower than one (148 against 2,277
+    # tokens/s), each waiting on the other whenever it lost its core.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
 
 
@@ -77,16 +80,22 @@ def run_all(args, setup, runs_dir):
     branches = sorted(((f"wsd_T{T}_decay{max(1, round(f * T))}", T, max(1, round(f * T)))
                        for T in totals for f in args.decay_fracs), key=lambda b: b[1] - b[2])
     stable = runs_dir / "stable"
-    # The stable run is a WSD run whose decay starts at its own end (the schedule's name must stay
-    # "wsd" across a resume); it runs to the longest total, so its constant-lr loss there is known.
-    stable_flags = [*common, "--schedule", "wsd", "--max_steps", totals[-1], "--decay_start", totals[-1],
-                    "--decay_steps", 1, "--out_dir", stable]
+    # The stable run is a WSD run whose decay starts at the longest total, never reached (the
+    # schedule's name must stay "wsd" across a resume). Each segment ends at a branch point k by
+    # resuming with --max_steps k: the lr stays constant, and the run evaluates and saves at k.
+    stable_flags = [*common, "--schedule", "wsd", "--decay_start", totals[-1], "--decay_steps", 1, "--out_dir", stable]
     runs, at = {}, 0
+
+    def stable_to(step):   # train the stable run on to `step`, where it evaluates and saves a checkpoint
+        nonlocal at
+        if step > at:
+            run_train((stable_flags if at == 0 else ["--resume", stable]) + ["--max_steps", step], stable)
+            at = step
     for name, T, D in branches:
         k = T - D
-        if k > at:   # train the stable run on to the branch point, where it saves a checkpoint
-            run_train(stable_flags + ["--stop_at", k] if at == 0 else ["--resume", stable, "--stop_at", k], stable)
-            at = k
+        for T_done in [T_ for T_ in totals if at < T_ <= k]:   # its constant-lr loss at each total, too
+            stable_to(T_done)
+        stable_to(k)
         branch = runs_dir / name
         shutil.copytree(stable, branch, ignore=shutil.ignore_patterns("log.txt"))
         t0 = time.time()
@@ -94,7 +103,8 @@ def run_all(args, setup, runs_dir):
         print(f"  {name}: decay {D} steps from step {k} of the stable run ({time.time() - t0:.0f} s)", flush=True)
         (branch / "ckpt.pt").unlink()   # keep the output small: only the stable run is continued
         runs[name] = dict(T=T, D=D, k=k, rows=[r for r in read_metrics(branch) if r["step"] >= k])   # from k on
-    run_train(["--resume", stable], stable)   # the rest of the stable run, at constant lr
+    for T in totals:   # the rest of the stable run, at constant lr
+        stable_to(T)
     (stable / "ckpt.pt").unlink()
     runs = {"stable": dict(T=None, D=None, k=None, rows=read_metrics(stable)), **runs}
     for T in totals:
@@ -166,6 +176,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup = QUICK if args.quick else FULL
     args.totals = args.totals or setup["totals"]
+    import torch
+    torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     runs_dir = out / "wsd_vs_cosine_runs"
     shutil.rmtree(runs_dir, ignore_errors=True)   # branches are copies: start from a clean folder

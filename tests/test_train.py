@@ -85,6 +85,7 @@ def test_resume_is_bitwise_exact(corpus, tmp_path):
     assert train.main(flags(corpus, tmp_path / "whole", *common)) == 0
     assert train.main(flags(corpus, tmp_path / "parts", *common, "--stop_at", 5)) == 0
     assert train.load_checkpoint(str(tmp_path / "parts"))["step"] == 5
+    assert train.main(["--resume", str(tmp_path / "parts"), "--stop_at", "9"]) == 0     # in two more pieces
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
     whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
     assert [r["step"] for r in parts] == [r["step"] for r in whole]
