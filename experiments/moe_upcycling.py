@@ -11,9 +11,9 @@ re-warmup, stable, and WSD's decay over the last 10%), the same seed and so the 
 the same order, and the same number of steps and tokens. Because upcycling preserves the dense
 function, (b) starts at exactly the loss of (a); whether it then ends lower is the experiment.
 
-Note: a continuation starts at its own step 0, and train.py keys the training windows by (seed,
-step), so both continuations re-read the windows of the stable run, in its order (the validation
-set, keyed by the seed too, stays the same, which is what lets the curves join).
+Both continuations read on from where the stable run stopped in the data (train.py offsets the
+data position of a run started from another's weights), and the validation set, keyed by the seed,
+stays the same, which is what lets the curves join.
 
     python experiments/moe_upcycling.py            # tiny preset, 8 experts top-2, ~5-10 min on 2 idle cores
     python experiments/moe_upcycling.py --quick    # a 2-layer model, 4 experts: the smoke test
@@ -25,16 +25,12 @@ val_bpb, aux_loss; tokens count from the start of the stable phase; aux_loss is 
 train.py logs none) and runs/moe_upcycling/<run>/ (each run's checkpoint, metrics.jsonl, log).
 """
 import argparse
-import contextlib
 import csv
-import json
 import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (the repo's flat scripts, importable once the root is on the path)
+from common import ROOT, read_metrics, run_train
 
 FULL = dict(stable=400, cont=400, experts=8, top_k=2, eval_interval=25, eval_batches=8, log_interval=5,
             model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"])
@@ -56,19 +52,6 @@ def parse_args(argv):
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
-
-
-def run_train(argv, run_dir):
-    """train.main in this process, its chatter kept in run_dir/log.txt."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = train.main([str(a) for a in argv])
-    if code != 0:
-        sys.exit(f"train.py {' '.join(map(str, argv))} failed with exit code {code}; see {run_dir / 'log.txt'}")
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def run_all(args, setup, runs_dir):

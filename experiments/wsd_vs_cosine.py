@@ -15,17 +15,13 @@ tokens, branch points marked), wsd_vs_cosine.csv (run, step, tokens, lr, train_l
 val_bpb) and runs/<run>/ (each run's metrics.jsonl and train.py log); prints a summary table.
 """
 import argparse
-import contextlib
 import csv
-import json
 import pathlib
 import shutil
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (the repo's flat scripts, importable once the root is on the path)
+from common import ROOT, read_metrics, run_train
 
 # tiny preset with short sequences: 0.1-0.45 s a step on our shared 2 cores, ~1300 steps in all
 FULL = dict(totals=(240, 480), model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"],
@@ -52,19 +48,6 @@ def parse_args(argv):
     # tokens/s), each waiting on the other whenever it lost its core.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
-
-
-def run_train(argv, run_dir):
-    """train.main in this process (no torch import per run), its chatter kept in run_dir/log.txt."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = train.main([str(a) for a in argv])
-    if code != 0:
-        sys.exit(f"train.py {' '.join(map(str, argv))} failed with exit code {code}; see {run_dir / 'log.txt'}")
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def run_all(args, setup, runs_dir):

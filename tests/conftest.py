@@ -27,3 +27,26 @@ def small_config(**overrides):
 @pytest.fixture
 def tiny_config():
     return small_config()
+
+
+# Flags for a model small enough to train in seconds, used by the train.py-driven tests.
+SMALL_MODEL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
+               "--block_size", "64", "--batch_size", "4", "--seq_len", "32"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of real text (some of the standard library's own modules) and a data folder."""
+    import sysconfig
+    stdlib = sysconfig.get_paths()["stdlib"]
+    root = tmp_path_factory.mktemp("corpus")
+    for name in ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/__init__.py", "textwrap.py",
+                 "string.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py"]:
+        (root / name.replace("/", "_")).write_text(open(os.path.join(stdlib, name), encoding="utf-8").read())
+    return dict(source=str(root), data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def metrics(out_dir):
+    """The rows of a run's metrics.jsonl."""
+    import json
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]

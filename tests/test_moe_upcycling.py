@@ -8,27 +8,11 @@ import sys
 import pytest
 
 import train
-
-SMALL_MODEL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
-               "--block_size", "64", "--batch_size", "4", "--seq_len", "32"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import sysconfig
-    stdlib = sysconfig.get_paths()["stdlib"]
-    root = tmp_path_factory.mktemp("corpus")
-    for name in ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py"]:
-        (root / name.replace("/", "_")).write_text(open(os.path.join(stdlib, name), encoding="utf-8").read())
-    return dict(source=str(root), data_dir=str(tmp_path_factory.mktemp("data")))
+from conftest import SMALL_MODEL, metrics
 
 
 def data_flags(corpus):
     return ["--source", corpus["source"], "--tokenizer", "byte", "--data_dir", corpus["data_dir"]]
-
-
-def metrics(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def test_upcycled_run_starts_at_the_dense_checkpoints_validation_loss(corpus, tmp_path):

@@ -12,32 +12,13 @@ import pytest
 import torch
 
 import train
-import wsd
+from conftest import SMALL_MODEL, metrics
 from minicpm import atomic_save
-
-SMALL_MODEL = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
-               "--block_size", "64", "--batch_size", "4", "--seq_len", "32"]
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """A folder of real text (some of the standard library's own modules) and a data folder."""
-    import sysconfig
-    stdlib = sysconfig.get_paths()["stdlib"]
-    root = tmp_path_factory.mktemp("corpus")
-    for name in ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/__init__.py", "textwrap.py",
-                 "string.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py"]:
-        (root / name.replace("/", "_")).write_text(open(os.path.join(stdlib, name), encoding="utf-8").read())
-    return dict(source=str(root), data_dir=str(tmp_path_factory.mktemp("data")))
 
 
 def flags(corpus, out_dir, *extra):
     return ["--source", corpus["source"], "--tokenizer", "byte", "--data_dir", corpus["data_dir"],
             "--out_dir", str(out_dir), *SMALL_MODEL, "--eval_batches", "2", *map(str, extra)]
-
-
-def metrics(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def run_cli(args, timeout=300, **kw):
