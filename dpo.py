@@ -106,17 +106,18 @@ def pair_metrics(loss, chosen_r, rejected_r):
 
 # ----------------------------------------------------------------------------- data
 
-def collate(pairs, max_len, pad_id):
+def collate(pairs, max_len, pad_id, bos_id):
     """Pairs of token-id lists {prompt, chosen, rejected} -> input_ids, labels [2B, T]: the B chosen
-    sequences, then the B rejected ones. Each sequence is pad_id + prompt + response: the leading
-    token (the corpus' document separator) gives the first response token something to follow.
+    sequences, then the B rejected ones. Each sequence is bos_id + prompt + response: a leading
+    separator (our corpora's <|endoftext|>: a document starts after one) gives the first response
+    token something to follow, even with an empty prompt.
     Labels are -100 on the prompt and the padding, so only response tokens are scored; a sequence
     longer than max_len + 1 loses the left of its prompt (then the right of its response)."""
     seqs, starts = [], []
     for side in ("chosen", "rejected"):
         for p in pairs:
             response = p[side][:max_len]
-            prompt = ([pad_id] + p["prompt"])[-(max_len + 1 - len(response)):]
+            prompt = ([bos_id] + p["prompt"])[-(max_len + 1 - len(response)):]
             seqs.append(prompt + response)
             starts.append(len(prompt))
     T = max(len(s) for s in seqs) - 1
@@ -134,10 +135,11 @@ def pair_hash(key):
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def build_default_pairs(tokens, eot_id, prompt_len=TASK_PROMPT_LEN, response_len=TASK_RESPONSE_LEN, seed=0):
+def build_default_pairs(tokens, eot_id, val_frac=0.2, prompt_len=TASK_PROMPT_LEN, response_len=TASK_RESPONSE_LEN, seed=0):
     """The default task from a token stream of documents separated by eot_id (a val.bin): every
     non-overlapping window of a document gives prompt = its first prompt_len tokens, chosen = the
-    next response_len, rejected = the continuation of a random window of another document."""
+    next response_len, rejected = the continuation of a random window of another document.
+    A window is held out (its pair measures accuracy) when its hash falls below val_frac."""
     docs, start = [], 0
     for end in np.flatnonzero(tokens == eot_id).tolist() + [len(tokens)]:
         docs.append(tokens[start:end].tolist())
@@ -145,22 +147,26 @@ def build_default_pairs(tokens, eot_id, prompt_len=TASK_PROMPT_LEN, response_len
     n = prompt_len + response_len
     windows = [(d, i) for d, doc in enumerate(docs) for i in range(0, len(doc) - n + 1, n)]
     if len({d for d, _ in windows}) < 2:
-        raise TrainError(f"the default task needs at least 2 held-out documents of {n}+ tokens; "
+        raise TrainError(f"the default task needs at least 2 validation documents of {n}+ tokens; "
                          f"found {len({d for d, _ in windows})}: use a bigger corpus or --data")
-    rng = random.Random(seed)
-    pairs = []
-    for d, i in windows:
-        od, oi = rng.choice(windows)
-        while od == d:
-            od, oi = rng.choice(windows)
-        doc, other = docs[d], docs[od]
-        pairs.append(dict(prompt=doc[i:i + prompt_len], chosen=doc[i + prompt_len:i + n],
-                          rejected=other[oi + prompt_len:oi + n], key=f"{d}:{i}"))
+    # held-out windows are split off first, and rejected continuations come from the same split:
+    # otherwise training would push down the very text that held-out pairs prefer
+    rng, pairs = random.Random(seed), []
+    for held in (False, True):
+        pool = [(d, i) for d, i in windows if (pair_hash(f"{d}:{i}") < val_frac) == held]
+        for d, i in pool:
+            others = [w for w in pool if w[0] != d]
+            if not others:
+                continue
+            od, oi = rng.choice(others)
+            pairs.append(dict(prompt=docs[d][i:i + prompt_len], chosen=docs[d][i + prompt_len:i + n],
+                              rejected=docs[od][oi + prompt_len:oi + n], held_out=held))
     return pairs
 
 
-def read_pairs(path, tokenizer):
-    """A JSONL file of {prompt, chosen, rejected} strings -> pairs of token-id lists."""
+def read_pairs(path, tokenizer, val_frac):
+    """A JSONL file of {prompt, chosen, rejected} strings -> pairs of token-id lists; a pair is held
+    out when the hash of its line falls below val_frac."""
     if not os.path.isfile(path):
         raise TrainError(f"--data {path} is not a file")
     pairs = []
@@ -175,7 +181,7 @@ def read_pairs(path, tokenizer):
             if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
                 raise TrainError(f"{path}:{lineno} needs string fields prompt, chosen and rejected")
             # encode_ordinary: the text's own "<|endoftext|>" is text, not our separator
-            pairs.append(dict(key=line, **{k: tokenizer.encode_ordinary(rec[k]) for k in ("prompt", "chosen", "rejected")}))
+            pairs.append(dict(held_out=pair_hash(line) < val_frac, **{k: tokenizer.encode_ordinary(rec[k]) for k in ("prompt", "chosen", "rejected")}))
     if not pairs:
         raise TrainError(f"--data {path} holds no pairs")
     return pairs
@@ -276,12 +282,11 @@ def run(cfg):
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
 
     if cfg.data:
-        pairs = read_pairs(cfg.data, enc)
+        pairs = read_pairs(cfg.data, enc, cfg.val_frac)
     else:
-        pairs = build_default_pairs(default_task_tokens(cfg, train_config, enc), enc.eot_token, seed=cfg.seed)
-    held = [pair_hash(p["key"]) < cfg.val_frac for p in pairs]
-    train_pairs = [p for p, h in zip(pairs, held) if not h]
-    val_pairs = [p for p, h in zip(pairs, held) if h][:cfg.eval_pairs]
+        pairs = build_default_pairs(default_task_tokens(cfg, train_config, enc), enc.eot_token, cfg.val_frac, seed=cfg.seed)
+    train_pairs = [p for p in pairs if not p["held_out"]]
+    val_pairs = [p for p in pairs if p["held_out"]][:cfg.eval_pairs]
     if not train_pairs or not val_pairs:
         raise TrainError(f"{len(pairs)} pairs give {len(train_pairs)} to train on and {len(val_pairs)} held out: "
                          f"need some of each (change --val_frac or add pairs)")
@@ -292,10 +297,10 @@ def run(cfg):
     optimizer = train.make_optimizer(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), 1e-8, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
-    pad_id = enc.eot_token
+    pad_id = bos_id = enc.eot_token   # padding is never scored nor attended to (causal, on the right)
 
     def forward(pairs_batch, with_grad):
-        ids, labels = (t.to(device) for t in collate(pairs_batch, cfg.max_len, pad_id))
+        ids, labels = (t.to(device) for t in collate(pairs_batch, cfg.max_len, pad_id, bos_id))
         with autocast:
             with torch.no_grad():
                 ref = sequence_logps(reference, ids, labels)
