@@ -189,6 +189,8 @@ def attention(q, k, v, impl):
     if impl == "sdpa":
         if Tq == Tk:  # SDPA's is_causal aligns top-left, which is right only for Tq == Tk
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if Tq == 1:   # one new token (decoding): it sees every cached key, no mask needed
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     # eager: the textbook computation, softmax in fp32
@@ -316,6 +318,16 @@ class MiniCPM(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.block_size,
                        device or w.device, dtype or w.dtype)
 
+    def rope(self, device, start, T):
+        """cos, sin of positions start .. start+T-1: slices of tables made once per device and dtype
+        (fp32, or fp64 for a float64 model), so decoding a token costs no trigonometry."""
+        dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
+        if getattr(self, "_rope", (None,))[0] != (device, dtype):
+            positions = torch.arange(self.config.block_size, device=device)
+            self._rope = ((device, dtype), rope_tables(self.config.head_dim, positions, self.config.rope_theta, dtype))
+        cos, sin = self._rope[1]
+        return cos[start:start + T], sin[start:start + T]
+
     def forward(self, idx, targets=None, cache=None):
         """idx [B, T] token ids -> logits [B, T, V] and the mean cross-entropy against targets
         (positions with target -100 ignored), or None. With a cache, idx continues the cached text."""
@@ -327,8 +339,7 @@ class MiniCPM(nn.Module):
                              f"max {int(idx.max())}: was the data tokenized for another vocabulary?")
         if start + T > cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={cfg.block_size}")
-        table_dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
-        cos, sin = rope_tables(cfg.head_dim, torch.arange(start, start + T, device=idx.device), cfg.rope_theta, table_dtype)
+        cos, sin = self.rope(idx.device, start, T)
         h = self.model.embed_tokens(idx) * cfg.emb_mult                     # [B, T, d]  §3.1
         for i, layer in enumerate(self.model.layers):
             if self.grad_ckpt and self.training:
