@@ -57,7 +57,7 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
     # schedule (wsd.py)
     schedule: str = flag("wsd", "learning-rate schedule: " + ", ".join(wsd.SCHEDULES))
-    max_steps: int = flag(300, "optimizer steps in the run")
+    max_steps: int = flag(250, "optimizer steps in the run")
     warmup_steps: int = flag(-1, "linear warmup steps (-1: 5%% of max_steps)")
     decay_steps: int = flag(-1, "WSD decay length in steps (-1: 10%% of max_steps, as in the paper, §4)")
     decay_start: int = flag(-1, "step where the WSD decay starts (-1: max_steps - decay_steps)")
