@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -1,7 +1,6 @@
 """Tests for data.py: the BPE trainer against a naive one, preparation, the split, the loader, downloads, errors."""
 import http.server
 import json
-import os
 import pathlib
 import random
 import socket

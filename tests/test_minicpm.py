@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import small_config
 from minicpm import MiniCPM, MiniCPMConfig, PRESETS, get_config

@@ -1,7 +1,6 @@
 """Tests of sparse upcycling through train.py (--upcycle_from) and of experiments/moe_upcycling.py.
 A 2-layer model on a small corpus (a few standard-library modules), byte tokenizer."""
 import csv
-import json
 import os
 import sys
 
