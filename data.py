@@ -4,32 +4,16 @@
     python data.py --source shakespeare --tokenizer byte
     python data.py --source 'shards/*.jsonl' --tokenizer cl100k_base --workers 16
 
-Sources. `stdlib` (the default) is every *.py under sysconfig's stdlib folder, site-packages excluded, in
-sorted path order: about 30 MB of real code that is on every machine with Python, so nothing is downloaded.
-`shakespeare` downloads tiny-shakespeare once. Anything else is a local file, directory (walked
-recursively) or glob of .txt, .md, .py and .jsonl files (one document per line, in its "text" field).
-A file is one document, except that a single .txt/.md file given on its own is cut at blank lines.
-
-Split. A document goes to validation when the hash of its key (its path, plus line or paragraph number)
-falls in the lowest 1%, so the split never depends on the order or number of other documents. A small
-corpus where no document falls there gives its one lowest-hash document to validation instead.
-
-Tokenizers. `bpe:N` learns a byte-level BPE with N tokens (256 bytes, merges, and <|endoftext|>) on the
-training documents, as MiniCPM learned its own; it is saved as a tiktoken rank file and encoded by
-tiktoken. `byte` is the 256 byte values; `gpt2`, `cl100k_base`, `o200k_base` come from tiktoken.
-
-Output: data/<name>/{train.bin, val.bin, meta.json} (+ tokenizer.tiktoken for bpe). Each document is
-followed by <|endoftext|>; meta.json records token and byte counts per split so training can report
-bits per byte. get_batch() reads random windows through a memory map as a pure function of
-(seed, step, micro_step, rank, world_size).
+Writes data/<name>/{train.bin, val.bin, meta.json} (+ tokenizer.tiktoken for bpe:N), each document followed
+by <|endoftext|>. Sources, tokenizers and the validation split are described in the README.
 """
 import argparse
 import base64
 import collections
-import dataclasses
 import glob
 import hashlib
 import heapq
+import inspect
 import json
 import multiprocessing
 import os
@@ -40,12 +24,10 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from dataclasses import dataclass, field
 
 import numpy as np
 import regex
-import tiktoken
-import tiktoken.load
+import tiktoken.load  # also binds tiktoken
 import torch
 from tqdm import tqdm
 
@@ -65,56 +47,39 @@ class DataError(ValueError):
     """Bad input: the message is one line saying what is wrong and what to do."""
 
 
-@dataclass
-class DataConfig:
-    source: str = field(default="stdlib", metadata={"help": "stdlib (this Python's library source), "
-                        "shakespeare (downloaded once), or a local file, directory or glob of .txt/.md/.py/.jsonl"})
-    tokenizer: str = field(default="bpe:4096", metadata={"help": "bpe:N (N-token BPE learned on the corpus), "
-                           "byte, gpt2, cl100k_base or o200k_base"})
-    data_dir: str = field(default="data", metadata={"help": "prepared data goes to DATA_DIR/NAME/"})
-    name: str | None = field(default=None, metadata={"help": "dataset folder name; None: made from source "
-                             "and tokenizer, e.g. stdlib-bpe4096"})
-    workers: int = field(default=0, metadata={"help": "processes for reading and tokenizing (0: all cores)"})
-    bpe_sample_mb: float = field(default=64.0, metadata={"help": "learn bpe:N on at most this many MB of "
-                                 "training files (the first ones in path order)"})
-    force: bool = field(default=False, metadata={"help": "prepare again even if NAME is already prepared"})
-    quiet: bool = field(default=False, metadata={"help": "print nothing"})
-
-
 # ----------------------------------------------------------------------------- sources and documents
 
-def list_files(source: str, data_dir: str = "data", quiet: bool = False) -> tuple[pathlib.Path, list[pathlib.Path]]:
+def list_files(source: str, data_dir: str, log) -> tuple[pathlib.Path, list[pathlib.Path]]:
     """The source's files in sorted order, and the root folder that document keys are relative to."""
+    path, root = pathlib.Path(source), None
     if source == "stdlib":
         root = pathlib.Path(sysconfig.get_paths()["stdlib"])
         files = [p for p in root.rglob("*.py")
                  if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
     elif source == "shakespeare":
-        files = [download(SHAKESPEARE_URL, pathlib.Path(data_dir) / "downloads" / "tinyshakespeare.txt", quiet)]
-        root = files[0].parent
+        files = [download(SHAKESPEARE_URL, pathlib.Path(data_dir) / "downloads" / "tinyshakespeare.txt", log)]
     elif glob.has_magic(source):
         files = [pathlib.Path(p) for p in glob.glob(source, recursive=True)]
         files = [p for p in files if p.is_file() and p.suffix in TEXT_SUFFIXES]
         root = pathlib.Path(os.path.commonpath([p.parent.resolve() for p in files])) if files else None
         files = [p.resolve() for p in files]
-    elif pathlib.Path(source).is_dir():
-        root = pathlib.Path(source).resolve()
+    elif path.is_dir():
+        root = path.resolve()
         files = [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
-    elif pathlib.Path(source).is_file():
-        files = [pathlib.Path(source).resolve()]
-        root = files[0].parent
+    elif path.is_file():
+        files = [path.resolve()]
     else:
         raise DataError(f"source {source!r} is not stdlib, shakespeare, or an existing file, directory or glob")
     if not files:
         raise DataError(f"source {source!r} has no {'/'.join(TEXT_SUFFIXES)} files: point --source at some text")
+    root = root or files[0].parent  # a single file's folder
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def download(url: str, path: pathlib.Path, quiet: bool) -> pathlib.Path:
+def download(url: str, path: pathlib.Path, log) -> pathlib.Path:
     if path.exists():
         return path
-    if not quiet:
-        print(f"downloading {url}")
+    log(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()
@@ -126,7 +91,8 @@ def download(url: str, path: pathlib.Path, quiet: bool) -> pathlib.Path:
 
 
 def read_documents(path: pathlib.Path, root: pathlib.Path, single_file: bool) -> list[tuple[str, str]]:
-    """A file's (key, text) documents; the key names the document for the train/val split."""
+    """A file's (key, text) documents: the whole file, each .jsonl line, or, for a .txt/.md file given on its
+    own, each paragraph. The key names the document for the train/val split."""
     rel = path.relative_to(root).as_posix()
     text = path.read_bytes().decode("utf-8", errors="replace")  # a few stdlib test files are not UTF-8
     if path.suffix == ".jsonl":
@@ -154,6 +120,7 @@ def key_hash(key: str) -> float:
 
 
 def is_val(key: str, forced_val: str | None) -> bool:
+    """The lowest-hash ~1% of keys, so the split never depends on the order or number of other documents."""
     return key == forced_val or key_hash(key) < VAL_FRACTION
 
 
@@ -169,24 +136,16 @@ def fallback_val_key(root, files) -> str | None:
 
 # ----------------------------------------------------------------------------- byte-level BPE
 
-_split_pattern = regex.compile(GPT4_SPLIT)
-
-
-def split_chunks(text: str) -> list[str]:
-    """GPT-4-style pre-split: merges never cross these chunk boundaries."""
-    return _split_pattern.findall(text)
+split_chunks = regex.compile(GPT4_SPLIT).findall  # text -> GPT-4-style chunks; merges never cross them
 
 
 def merge_pair(tokens: list[int], a: int, b: int, new: int) -> list[int]:
     """Replace each (a, b) by new, left to right, without overlaps ("aaa" with (a, a) -> [aa, a])."""
     out, i = [], 0
     while i < len(tokens):
-        if tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b:
-            out.append(new)
-            i += 2
-        else:
-            out.append(tokens[i])
-            i += 1
+        merge = tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b
+        out.append(new if merge else tokens[i])
+        i += 2 if merge else 1
     return out
 
 
@@ -195,7 +154,7 @@ def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
 
     Each step merges the most frequent adjacent pair (ties: the smallest pair of ids). Work is done once
     per unique chunk, weighted by its count; after a merge only the chunks holding the pair are re-counted,
-    and a lazy max-heap finds the next pair (stale entries are re-pushed with their current count)."""
+    and a lazy max-heap finds the next pair: each changed count is pushed anew, and stale entries skipped."""
     vocab = [bytes([b]) for b in range(256)]
     rank = {token: i for i, token in enumerate(vocab)}
     chunks = [list(chunk.encode()) for chunk in chunk_counts]
@@ -212,10 +171,7 @@ def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
     bar = tqdm(total=n_tokens - len(vocab), desc="learning BPE", unit="merge", disable=quiet)
     while len(vocab) < n_tokens and heap:
         neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
-        if count != -neg_count:  # stale entry: put it back with its true count
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
+        if pair_counts.get(pair, 0) != -neg_count:  # stale: a newer entry holds its current count
             continue
         a, b = pair
         token = vocab[a] + vocab[b]
@@ -232,6 +188,7 @@ def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
                 continue
             for p in zip(old_tokens, old_tokens[1:]):
                 pair_counts[p] -= weights[i]
+                changed.add(p)
             for p in zip(new_tokens, new_tokens[1:]):
                 pair_counts[p] += weights[i]
                 chunks_with[p].add(i)
@@ -293,11 +250,8 @@ def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding
 # Worker processes read and tokenize whole files; results come back in file order, so the output does
 # not depend on the number of workers.
 
-_worker_encoding = None
-
-
 def _init_worker(spec, rank_file):
-    global _worker_encoding
+    global _worker_encoding  # the worker process's tokenizer, loaded once
     _worker_encoding = load_tokenizer(spec, rank_file) if spec else None
 
 
@@ -343,13 +297,10 @@ def token_dtype(vocab_size: int):
 
 
 def default_name(source: str, tokenizer: str) -> str:
-    if source in ("stdlib", "shakespeare"):
-        stem = source
-    else:
-        path = pathlib.Path(source)
-        while glob.has_magic(str(path)) and path != path.parent:
-            path = path.parent
-        stem = path.resolve().stem
+    path = pathlib.Path(source)
+    while glob.has_magic(str(path)) and path != path.parent:  # a glob is named after its folder
+        path = path.parent
+    stem = source if source in ("stdlib", "shakespeare") else path.resolve().stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{stem}-{tokenizer.replace(':', '')}")
 
 
@@ -362,14 +313,13 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 def learn_tokenizer(jobs, n_tokens: int, workers: int, sample_mb: float, log, quiet: bool) -> list[bytes]:
     """bpe:N's vocabulary (without EOT), learned on the training documents of the first sample_mb of files."""
-    started, groups, group_size, size = time.time(), [[]], 0, 0
+    started, groups, size = time.time(), [], 0
     for job in jobs:  # the first files in path order, so the sample is the same every time
         if size > sample_mb * 1e6:
             break
-        if group_size > 4e6:
-            groups, group_size = groups + [[]], 0
+        if not groups or size > 4e6 * len(groups):  # groups of about 4 MB
+            groups.append([])
         groups[-1].append(job)
-        group_size += job[0].stat().st_size
         size += job[0].stat().st_size
     log(f"learning bpe:{n_tokens} on the training documents of {sum(map(len, groups))} files ({size / 1e6:.1f} MB)")
     counts = collections.Counter()
@@ -380,8 +330,7 @@ def learn_tokenizer(jobs, n_tokens: int, workers: int, sample_mb: float, log, qu
     return vocab
 
 
-def tokenize_files(jobs, out: pathlib.Path, tokenizer: str, rank_file: str | None, workers: int,
-                   quiet: bool) -> dict:
+def tokenize_files(jobs, out, tokenizer: str, rank_file: str | None, workers: int, quiet: bool) -> dict:
     """Write out/train.bin.tmp and val.bin.tmp; returns documents, bytes and tokens per split."""
     stats = {split: {"documents": 0, "bytes": 0, "tokens": 0} for split in ("train", "val")}
     sizes = [job[0].stat().st_size for job in jobs]
@@ -401,9 +350,7 @@ def tokenize_files(jobs, out: pathlib.Path, tokenizer: str, rank_file: str | Non
 def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str = "data",
             name: str | None = None, quiet: bool = False, *, workers: int = 0,
             bpe_sample_mb: float = 64.0, force: bool = False) -> pathlib.Path:
-    """Prepare data_dir/name/ (train.bin, val.bin, meta.json) and return that folder.
-
-    Returns at once if it is already prepared from the same source and tokenizer."""
+    """Prepare data_dir/name/ and return it; at once if it is already prepared from this source and tokenizer."""
     started = time.time()
     log = (lambda *a: None) if quiet else print
     n_bpe = parse_tokenizer(tokenizer)
@@ -417,7 +364,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
         raise DataError(f"{out} holds {meta['source']} with {meta['tokenizer']}, not {source} with {tokenizer}: "
                         f"pass another --name, or --force to overwrite it")
     workers = workers or os.cpu_count() or 1
-    root, files = list_files(source, data_dir, quiet)
+    root, files = list_files(source, data_dir, log)
     forced_val = fallback_val_key(root, files)
     jobs = [(p, root, len(files) == 1, forced_val) for p in files]
     out.mkdir(parents=True, exist_ok=True)
@@ -474,13 +421,6 @@ def load_meta(dataset_dir) -> dict:
     return meta
 
 
-def load_dataset_tokenizer(dataset_dir) -> tiktoken.Encoding:
-    """The tokenizer a dataset (or a checkpoint folder holding its meta.json and rank file) was made with."""
-    meta = load_meta(dataset_dir)
-    rank_file = meta["rank_file"] and str(pathlib.Path(dataset_dir) / meta["rank_file"])
-    return load_tokenizer(meta["tokenizer"], rank_file)
-
-
 _open_tokens = {}  # (path, size, mtime) -> memmap: opened and checked once
 
 
@@ -512,10 +452,8 @@ def open_tokens(bin_path) -> np.ndarray:
 
 def get_batch(bin_path, batch_size: int, seq_len: int, *, seed: int, step: int, rank: int = 0,
               world_size: int = 1, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows x and targets y = x shifted by one, int64 [batch_size, seq_len].
-
-    A pure function of its arguments: resuming at a step gives the same batches, and each
-    (rank, micro_step) draws from its own random stream."""
+    """Random windows x and targets y = x shifted by one, int64 [batch_size, seq_len]: a pure function of its
+    arguments, so resuming at a step gives the same batches and each (rank, micro_step) has its own stream."""
     ids = open_tokens(bin_path)
     if len(ids) < seq_len + 1:
         raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = "
@@ -532,23 +470,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Flag help with defaults; the module docstring as written."""
 
 
-def parse_args(argv=None) -> DataConfig:
-    """Command-line flags, one per DataConfig field."""
+FLAG_HELP = {  # one flag per prepare() argument, with prepare()'s default
+    "source": "stdlib (this Python's library), shakespeare, or a local file, folder or glob of .txt/.md/.py/.jsonl",
+    "tokenizer": "bpe:N (N-token BPE learned on the corpus), byte, gpt2, cl100k_base or o200k_base",
+    "data_dir": "prepared data goes to DATA_DIR/NAME/",
+    "name": "dataset folder name; None: made from source and tokenizer, e.g. stdlib-bpe4096",
+    "quiet": "print nothing",
+    "workers": "processes for reading and tokenizing (0: all cores)",
+    "bpe_sample_mb": "learn bpe:N on at most this many MB of training files (the first ones in path order)",
+    "force": "prepare again even if NAME is already prepared",
+}
+
+
+def parse_args(argv=None) -> dict:
+    """prepare()'s arguments from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(DataConfig):
-        flag = "--" + f.name
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+    for name, param in inspect.signature(prepare).parameters.items():
+        if param.default is False:
+            parser.add_argument("--" + name, action="store_true", help=FLAG_HELP[name])
         else:
-            kind = type(f.default) if f.default is not None else str
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return DataConfig(**vars(parser.parse_args(argv)))
+            kind = str if param.default is None else type(param.default)
+            parser.add_argument("--" + name, type=kind, default=param.default, help=FLAG_HELP[name])
+    return vars(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    config = parse_args()
     try:
-        prepare(**dataclasses.asdict(config))
+        prepare(**parse_args())
     except DataError as e:
         print(f"data.py: {e}", file=sys.stderr)
         sys.exit(2)
