@@ -15,9 +15,7 @@ real continuation, rejected = a continuation taken from another document.
 Writes to --out_dir: ckpt.pt (train.py's format, so sample.py --ckpt works on it), the tokenizer
 file, metrics.jsonl (loss, rewards, margin, preference accuracy) and dpo.png.
 """
-import argparse
 import copy
-import difflib
 import hashlib
 import json
 import math
@@ -374,17 +372,7 @@ def run(cfg):
 # ----------------------------------------------------------------------------- command line
 
 def parse_flags(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    for f in fields(DPOConfig):
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
-    given, unknown = p.parse_known_args(argv)
-    if unknown:
-        bad = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(bad, [f"--{f.name}" for f in fields(DPOConfig)], n=1, cutoff=0.5)
-        raise TrainError(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
-    return DPOConfig(**vars(given))
+    return train.dataclass_flags(DPOConfig, __doc__, argv)
 
 
 def main(argv=None):

@@ -14,9 +14,7 @@ after --max_new_tokens, which is capped (with a note) so that prompt + new token
 "tokenizer.tiktoken"}, the file relative to the folder, or null); --tokenizer SPEC[@RANK_FILE] gives
 one instead (SPEC: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is not supported.
 """
-import argparse
 import codecs
-import difflib
 import json
 import os
 import sys
@@ -27,7 +25,7 @@ import torch
 
 import data
 from minicpm import MiniCPM
-from train import TrainError, flag, load_checkpoint, model_from_checkpoint, str2bool
+from train import TrainError, dataclass_flags, flag, load_checkpoint, model_from_checkpoint
 
 BENCH_TOKENS = 512
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -173,17 +171,7 @@ def prompt_ids(cfg, enc, block_size):
 # ----------------------------------------------------------------------------- command line
 
 def parse_flags(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    for f in fields(SampleConfig):
-        kw = dict(type=str2bool, nargs="?", const=True) if f.type in (bool, "bool") else dict(type=type(f.default))
-        p.add_argument(f"--{f.name}", default=f.default, help=f"{f.metadata['help']} (default: {f.default!r})", **kw)
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        bad = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(bad, [f"--{f.name}" for f in fields(SampleConfig)], n=1, cutoff=0.5)
-        raise SampleError(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
-    cfg = SampleConfig(**vars(args))
+    cfg = dataclass_flags(SampleConfig, __doc__, argv, SampleError)
     problems = [msg for bad, msg in [(min(cfg.num_samples, cfg.max_new_tokens) < 1, "--num_samples and --max_new_tokens must be >= 1"),
                                      (min(cfg.temperature, cfg.top_k) < 0, "--temperature and --top_k must be >= 0"),
                                      (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),

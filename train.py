@@ -120,32 +120,51 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    def add(group, f, help):
-        # defaults are SUPPRESSed so that we know which flags were given (resume compares only those)
-        is_bool = f.type in (bool, "bool")
-        kw = dict(type=str2bool, nargs="?", const=True) if is_bool else dict(type=type(f.default))
-        group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=help, **kw)
-    for f in fields(TrainConfig):
-        add(p, f, f"{f.metadata['help']} (default: {f.default!r})")
-    group = p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)")
-    for f in MODEL_FLAGS:
-        add(group, f, MODEL_HELP[f.name])
-    return p
+def flag_parser(doc):
+    """A parser whose --help is the script's docstring: first paragraph above the flags, the rest below."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False, epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def parse_flags(argv):
-    """-> (TrainConfig, model overrides, the TrainConfig fields given explicitly)."""
-    parser = build_parser()
+def add_flag(group, f, help, default):
+    """--name for the dataclass field f; a bool flag takes true/false, or nothing for true."""
+    kw = dict(type=str2bool, nargs="?", const=True) if f.type in (bool, "bool") else dict(type=type(f.default))
+    group.add_argument(f"--{f.name}", default=default, help=help, **kw)
+
+
+def parse_known_flags(parser, argv, error=TrainError):
+    """The parsed flags as a dict; an unknown flag is one line naming the closest valid one."""
     given, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = unknown[0].split("=")[0]
         names = [o for a in parser._actions for o in a.option_strings]
         close = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
-        raise TrainError(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
-    given = vars(given)
+        raise error(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
+    return vars(given)
+
+
+def dataclass_flags(config_cls, doc, argv, error=TrainError):
+    """config_cls(**flags), one --flag per field of a dataclass made with flag() (sample.py, dpo.py)."""
+    parser = flag_parser(doc)
+    for f in fields(config_cls):
+        add_flag(parser, f, f"{f.metadata['help']} (default: {f.default!r})", f.default)
+    return config_cls(**parse_known_flags(parser, argv, error))
+
+
+def build_parser():
+    p = flag_parser(__doc__)
+    # defaults are SUPPRESSed so that we know which flags were given (resume compares only those)
+    for f in fields(TrainConfig):
+        add_flag(p, f, f"{f.metadata['help']} (default: {f.default!r})", argparse.SUPPRESS)
+    group = p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)")
+    for f in MODEL_FLAGS:
+        add_flag(group, f, MODEL_HELP[f.name], argparse.SUPPRESS)
+    return p
+
+
+def parse_flags(argv):
+    """-> (TrainConfig, model overrides, the TrainConfig fields given explicitly)."""
+    given = parse_known_flags(build_parser(), argv)
     model_names = {f.name for f in MODEL_FLAGS}
     overrides = {k: v for k, v in given.items() if k in model_names}
     explicit = {k: v for k, v in given.items() if k not in model_names}
