@@ -8,6 +8,8 @@
 
 with W = warmup, T = decay_start, D = decay_steps. The lr at a step depends only on the arguments,
 so a decay branched from a stable checkpoint at step k is the same call with decay_start=k.
+`resolve` turns a script's flags into lr(step) and is the one home of the defaults (train.py and
+dpo.py both use it).
 
     python wsd.py [--out wsd.png]   # every schedule on one figure
 """
@@ -23,6 +25,10 @@ FINAL_LR_FRAC = 0.02            # lr at the end of the decay, as a fraction of l
 # The paper's decay length for that half-life: our exp shape over it is exactly 0.5 ** (x / 5000).
 PAPER_DECAY_STEPS = PAPER_HALF_LIFE_STEPS * math.log2(1 / FINAL_LR_FRAC)   # 28219
 COSINE_FLOOR = 0.1              # Appendix B.1: Cosine(T) ends at 0.1 lr_max at step T
+# The paper does not give MiniCPM's warmup. The default is a fixed number of steps, never a share
+# of --max_steps: then the lr at step s never depends on how long the run was planned, and a decay
+# branched from a stable checkpoint (§4.3) is bitwise the run planned with it. Real runs set it.
+WARMUP_STEPS = 10
 
 # f(p, final_frac) at decay progress p = (s - T) / D in [0, 1]: 1 at p = 0, final_frac at p = 1.
 DECAY_SHAPES = {
@@ -40,8 +46,8 @@ def wsd(step, *, lr_max, warmup, decay_start=None, decay_steps=None, shape="exp"
         raise ValueError(f"step ({step}) and warmup ({warmup}) must be >= 0")
     if shape not in DECAY_SHAPES:
         raise ValueError(f"unknown decay shape {shape!r}, expected one of {tuple(DECAY_SHAPES)}")
-    if not 0 < final_frac <= 1:
-        raise ValueError(f"final_frac must be in (0, 1], got {final_frac}")
+    if not (0 < final_frac <= 1 if shape == "exp" else 0 <= final_frac <= 1):   # exp never reaches 0
+        raise ValueError(f"final_frac must be in {'(0' if shape == 'exp' else '[0'}, 1], got {final_frac}")
     if decay_start is not None and (decay_start < warmup or not (decay_steps or 0) > 0):
         raise ValueError(f"need decay_start >= warmup ({warmup}) and decay_steps > 0; "
                          f"got {decay_start}, {decay_steps}")
@@ -53,34 +59,56 @@ def wsd(step, *, lr_max, warmup, decay_start=None, decay_steps=None, shape="exp"
     return lr_max * DECAY_SHAPES[shape](progress, final_frac)
 
 
-def cosine(step, *, lr_max, warmup, T):
-    """Cosine(T) baseline (Appendix B.1): from lr_max at step 0 to COSINE_FLOOR * lr_max at step T,
-    flat after. s counts from step 0 (not from the end of warmup), so T is the whole planned run;
-    the warmup ramp s / W multiplies the cosine, so the lr is continuous where warmup ends."""
-    if step < 0 or warmup < 0 or T <= 0 or warmup > T:
-        raise ValueError(f"need step >= 0 and 0 <= warmup <= T, T > 0; got {step}, {warmup}, {T}")
+def cosine(step, *, lr_max, warmup, T, floor=COSINE_FLOOR, loop=False):
+    """Cosine(T) (Appendix B.1): lr_max (floor + (1 - floor) (1 + cos(pi s / T)) / 2), from lr_max at
+    step 0 to floor * lr_max at step T, flat after. loop=True is CosineLoop(T): past T the cosine
+    simply goes on, back up to lr_max at 2T, down again at 3T (period 2T, no sawtooth restart).
+    Both of B.1's printed formulas, 0.9 eta cos(pi s/T) + 0.1 eta, are a typo that goes negative
+    past T/2 (-0.8 eta at T); the curve the paper plots is the one above, eta (0.1 + 0.45 (1 + cos)).
+    s counts from step 0 (T is the whole planned run); the warmup ramp s / W multiplies the cosine,
+    so the lr is continuous where warmup ends."""
+    if step < 0 or warmup < 0 or T <= 0 or warmup > T or not 0 <= floor <= 1:
+        raise ValueError(f"need step >= 0, 0 <= warmup <= T, T > 0, 0 <= floor <= 1; got {step}, {warmup}, {T}, {floor}")
     ramp = step / warmup if step < warmup else 1.0
-    # the same half cosine as WSD's cosine decay shape, here down to COSINE_FLOOR over all of T
-    return ramp * lr_max * DECAY_SHAPES["cosine"](min(1.0, step / T), COSINE_FLOOR)
+    return ramp * lr_max * (floor + (1 - floor) * (1 + math.cos(math.pi * (step / T if loop else min(1.0, step / T)))) / 2)
 
 
-def cosine_loop(step, *, lr_max, warmup, T):
-    """Cosine(T) restarted at lr_max every T steps (Appendix B.1); warmup once, at the start."""
-    if step < 0 or warmup < 0 or T <= 0:
-        raise ValueError(f"need step >= 0, warmup >= 0, T > 0; got {step}, {warmup}, {T}")
-    ramp = step / warmup if step < warmup else 1.0
-    return ramp * cosine(step % T, lr_max=lr_max, warmup=0, T=T)
-
-
-SCHEDULES = {"wsd": wsd, "cosine": cosine, "cosine_loop": cosine_loop,   # constant: WSD, no decay
-             "constant": lambda step, *, lr_max, warmup: wsd(step, lr_max=lr_max, warmup=warmup)}
+SCHEDULES = {"wsd": wsd, "cosine": cosine, "cosine_loop": functools.partial(cosine, loop=True),
+             "constant": lambda step, *, lr_max, warmup: wsd(step, lr_max=lr_max, warmup=warmup)}  # no decay
 
 
 def schedule(name, **kwargs):
-    """lr(step) for a schedule named in SCHEDULES, its keyword arguments bound (for train.py)."""
+    """lr(step) for a schedule named in SCHEDULES, its keyword arguments bound."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}, expected one of {tuple(SCHEDULES)}")
+        raise ValueError(f"unknown schedule {name!r}, expected one of {', '.join(SCHEDULES)}")
     return functools.partial(SCHEDULES[name], **kwargs)
+
+
+def resolve(name, *, lr, max_steps, warmup=-1, decay_steps=-1, decay_start=-1, shape="exp", final_frac=-1.0,
+            half_life=-1.0):
+    """lr(step) from a script's flags, -1 meaning "the default": warmup WARMUP_STEPS; a WSD decay
+    over the last PAPER_DECAY_FRACTION of max_steps, to FINAL_LR_FRAC, or by its half-life in steps
+    (§6.2: 5000) when half_life > 0; cosine ends at COSINE_FLOOR. `lr_at.describe` says what was chosen."""
+    warmup = WARMUP_STEPS if warmup < 0 else warmup
+    warmup = min(warmup, max_steps)   # a run shorter than the default warmup ramps over all of it
+    if name == "wsd":
+        D = decay_steps if decay_steps >= 0 else max(1, round(PAPER_DECAY_FRACTION * max_steps))
+        start = decay_start if decay_start >= 0 else max(warmup, max_steps - D)
+        if half_life > 0 and final_frac >= 0:
+            raise ValueError("give the decay's end as a final lr fraction or as a half-life, not both")
+        final = 0.5 ** (D / half_life) if half_life > 0 else FINAL_LR_FRAC if final_frac < 0 else final_frac
+        if half_life > 0 and shape != "exp":
+            raise ValueError(f"a half-life describes the exp decay shape, not {shape}")
+        lr_at = schedule(name, lr_max=lr, warmup=warmup, decay_start=start, decay_steps=D, shape=shape, final_frac=final)
+        what = f", {shape} decay over steps {start}-{start + D} to {final:.3g} of the peak"
+    elif name in ("cosine", "cosine_loop"):
+        floor = COSINE_FLOOR if final_frac < 0 else final_frac
+        lr_at, what = schedule(name, lr_max=lr, warmup=warmup, T=max_steps, floor=floor), f", T {max_steps}, floor {floor:g}"
+    else:
+        lr_at, what = schedule(name, lr_max=lr, warmup=warmup), ""
+    lr_at(max_steps)   # a bad combination fails now, not at the end of the run
+    lr_at.describe = f"{name}, peak lr {lr:g}, warmup {warmup}{what}"
+    return lr_at
 
 
 def plot(out_path, total=10_000, warmup=500, lr_max=0.01):
@@ -103,7 +131,7 @@ def plot(out_path, total=10_000, warmup=500, lr_max=0.01):
         draw(right, "wsd", range(k, k + decay + 1), f"WSD exp decay from step {k}", "--",
              decay_start=k, decay_steps=decay)
     draw(right, "cosine", steps, f"cosine(T={total})", T=total)
-    draw(right, "cosine_loop", steps, f"cosine_loop(T={total // 4})", T=total // 4)
+    draw(right, "cosine_loop", steps, f"CosineLoop(T={total // 4})", T=total // 4)
     left.set_title(f"WSD: warmup {warmup}, decay over the last {decay} steps")
     right.set_title("decays branched from a stable run vs cosine baselines")
     for ax in (left, right):

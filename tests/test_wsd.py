@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from wsd import DECAY_SHAPES, cosine, cosine_loop, schedule, wsd
+import wsd as W_
+from wsd import DECAY_SHAPES, WARMUP_STEPS, cosine, resolve, schedule, wsd
+
+cosine_loop = W_.SCHEDULES["cosine_loop"]
 
 LR = 0.01
 W, START, D = 100, 1000, 200      # warmup, decay_start, decay_steps
@@ -122,22 +125,53 @@ def test_cosine_warmup_counts_from_step_zero():
     assert abs(cosine(W, **run) - cosine(W - 1, **run)) <= LR / W
 
 
-def test_cosine_loop_restarts():
+def test_cosine_loop_follows_appendix_b1_past_T():
+    # Appendix B.1, as intended: eta (0.1 + 0.45 (1 + cos(pi s / T))) for every s, a smooth curve of
+    # period 2T (the printed 0.9 eta cos(pi s/T) + 0.1 eta is a typo: -0.8 eta at s = T).
     run = dict(lr_max=LR, warmup=0, T=T)
-    for k in range(4):
-        assert cosine_loop(k * T, **run) == approx(LR)              # back to lr_max every T
-        assert cosine_loop(k * T + T // 2, **run) == approx(LR * 0.55)
-        assert cosine_loop(k * T + T - 1, **run) == approx(LR * cosine_frac(0.999))
-    # warmup only once: ramped in the first period, not in the second
+    hand = {0: 1.0, T // 2: 0.55, T: 0.1, 3 * T // 2: 0.55, 2 * T: 1.0, 5 * T // 2: 0.55, 3 * T: 0.1,
+            T + T // 4: 0.1 + 0.45 * (1 - 0.5 ** 0.5)}
+    for s, frac in hand.items():
+        assert cosine_loop(s, **run) == approx(LR * frac), s
+    lr = [cosine_loop(s, **run) for s in range(3 * T)]
+    assert max(abs(b - a) for a, b in zip(lr, lr[1:])) < 2e-3 * LR      # no restart jump anywhere
+    assert min(lr) == approx(LR * 0.1) and cosine(T + 1, **run) == approx(LR * 0.1)   # Cosine(T): flat
+    # warmup only once, at the start
     assert cosine_loop(50, lr_max=LR, warmup=W, T=T) == approx(0.5 * LR * cosine_frac(0.05))
-    assert cosine_loop(T + 50, lr_max=LR, warmup=W, T=T) == approx(LR * cosine_frac(0.05))
+
+
+def test_cosine_floor_zero():
+    assert cosine(T, lr_max=LR, warmup=0, T=T, floor=0.0) == 0.0
+    assert cosine(T // 2, lr_max=LR, warmup=0, T=T, floor=0.0) == approx(LR * 0.5)
+
+
+def test_half_life_gives_half_the_peak_half_life_steps_into_the_decay():
+    # §6.2: lr = 0.5 ** (x / 5000) x steps into the decay
+    lr_at = resolve("wsd", lr=LR, max_steps=40_000, warmup=0, decay_start=20_000, decay_steps=20_000,
+                    half_life=5000)
+    assert lr_at(20_000) == approx(LR)
+    assert lr_at(25_000) == approx(0.5 * LR)
+    assert lr_at(30_000) == approx(0.25 * LR)
+    with pytest.raises(ValueError, match="half-life"):
+        resolve("wsd", lr=LR, max_steps=100, half_life=10, final_frac=0.1)
+
+
+def test_resolve_defaults_do_not_depend_on_max_steps_before_the_decay():
+    # the default warmup is a fixed number of steps: a run planned for 1000 steps and one planned for
+    # 10000 have the same lr at every step before the shorter one's decay (§4.3 branching)
+    short, long = resolve("wsd", lr=LR, max_steps=1000), resolve("wsd", lr=LR, max_steps=10_000)
+    assert [short(s) for s in range(900)] == [long(s) for s in range(900)]
+    assert short(WARMUP_STEPS // 2) == approx(LR * (WARMUP_STEPS // 2) / WARMUP_STEPS)
+    assert short(900) == approx(LR) and short(1000) == approx(LR * W_.FINAL_LR_FRAC)   # last 10%
+    assert resolve("cosine", lr=LR, max_steps=T)(T) == approx(LR * 0.1)
+    assert resolve("cosine", lr=LR, max_steps=T, final_frac=0.0)(T) == 0.0
 
 
 def test_schedule_by_name():
     assert schedule("constant", lr_max=LR, warmup=W)(5000) == approx(LR)
     assert schedule("wsd", **RUN)(START + D // 2) == approx(LR * math.sqrt(0.02))
     assert schedule("cosine", lr_max=LR, warmup=0, T=T)(T) == approx(LR * 0.1)
-    assert schedule("cosine_loop", lr_max=LR, warmup=0, T=T)(T) == approx(LR)
+    assert schedule("cosine_loop", lr_max=LR, warmup=0, T=T)(2 * T) == approx(LR)
 
 
 # ----------------------------------------------------------------------------- errors and figure
@@ -153,6 +187,8 @@ def test_schedule_by_name():
     lambda: cosine(-1, lr_max=LR, warmup=0, T=T),
     lambda: cosine(5, lr_max=LR, warmup=0, T=0),
     lambda: cosine_loop(-1, lr_max=LR, warmup=0, T=T),
+    lambda: cosine(5, lr_max=LR, warmup=0, T=T, floor=-0.1),
+    lambda: resolve("wsd", lr=LR, max_steps=100, shape="linear", half_life=10),
     lambda: schedule("onecycle", lr_max=LR),
 ])
 def test_invalid_arguments_raise(call):
