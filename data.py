@@ -40,6 +40,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
 VAL_FRACTION = 0.01
+SPLIT_RULE = "content-sha256"  # recorded in meta.json: data prepared under an older rule is prepared again
 SMALL_CORPUS_BYTES = 64e6  # up to this size, the validation fallback (below) may read every file twice
 
 
@@ -115,23 +116,27 @@ def read_documents(path: pathlib.Path, root: pathlib.Path, single_file: bool) ->
 
 
 def key_hash(key: str) -> float:
-    """A document key's place in [0, 1), the same on every machine and Python run."""
+    """A string's place in [0, 1), the same on every machine and Python run."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def is_val(key: str, forced_val: str | None) -> bool:
-    """The lowest-hash ~1% of keys, so the split never depends on the order or number of other documents."""
-    return key == forced_val or key_hash(key) < VAL_FRACTION
+def is_val(text: str, forced_val: float | None) -> bool:
+    """The ~1% of documents whose *content* hashes lowest. Keyed by content, not by path, so the
+    split never depends on the order or number of other documents, and copies of one text (the
+    stdlib holds one 58-byte file 8 times) always fall on the same side: validation never holds a
+    document that is also in train."""
+    h = key_hash(text)
+    return h == forced_val or h < VAL_FRACTION
 
 
-def fallback_val_key(root, files) -> str | None:
-    """The lowest-hash key, when hashing alone would leave validation empty (small corpora only)."""
+def fallback_val_key(root, files) -> float | None:
+    """The lowest content hash, when hashing alone would leave validation empty (small corpora only)."""
     if sum(p.stat().st_size for p in files) > SMALL_CORPUS_BYTES:
         return None
-    keys = [key for p in files for key, _ in read_documents(p, root, len(files) == 1)]
-    if len(keys) < 2 or any(key_hash(k) < VAL_FRACTION for k in keys):
+    hashes = [key_hash(text) for p in files for _, text in read_documents(p, root, len(files) == 1)]
+    if len(set(hashes)) < 2 or min(hashes) < VAL_FRACTION:
         return None
-    return min(keys, key=key_hash)
+    return min(hashes)
 
 
 # ----------------------------------------------------------------------------- byte-level BPE
@@ -260,7 +265,7 @@ def _count_train_chunks(jobs) -> collections.Counter:
     counts = collections.Counter()
     for path, root, single_file, forced_val in jobs:
         for key, text in read_documents(path, root, single_file):
-            if not is_val(key, forced_val):
+            if not is_val(text, forced_val):
                 counts.update(split_chunks(text))
     return counts
 
@@ -272,7 +277,7 @@ def _tokenize_file(job) -> dict:
     dtype = token_dtype(enc.n_vocab)
     out = {split: {"ids": [], "documents": 0, "bytes": 0} for split in ("train", "val")}
     for key, text in read_documents(path, root, single_file):
-        split = out["val" if is_val(key, forced_val) else "train"]
+        split = out["val" if is_val(text, forced_val) else "train"]
         # an array per document: a large shard's ids never sit in one Python list (28 bytes per int)
         split["ids"].append(np.array(enc.encode_ordinary(text) + [enc.eot_token], dtype=dtype))
         split["documents"] += 1
@@ -359,8 +364,12 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer))
     if (out / "meta.json").exists() and not force:
         meta = load_meta(out)
-        if (meta["source"], meta["tokenizer"]) == (source, tokenizer):
+        if (meta["source"], meta["tokenizer"]) == (source, tokenizer) and meta.get("split") == SPLIT_RULE:
             return out
+        if (meta["source"], meta["tokenizer"]) == (source, tokenizer):   # made by an older data.py
+            log(f"{out} was split by an older rule: preparing it again")
+            force = True
+    if (out / "meta.json").exists() and not force:
         raise DataError(f"{out} holds {meta['source']} with {meta['tokenizer']}, not {source} with {tokenizer}: "
                         f"pass another --name, or --force to overwrite it")
     workers = workers or os.cpu_count() or 1
@@ -389,7 +398,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
         os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
     meta = {"source": source, "tokenizer": tokenizer, "rank_file": rank_file, "vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
-            "split_pattern": GPT4_SPLIT, **stats}
+            "split_pattern": GPT4_SPLIT, "split": SPLIT_RULE, **stats}
     if source == "stdlib":
         meta["python"] = platform.python_version()  # the corpus changes with the Python version
     write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
@@ -462,6 +471,19 @@ def get_batch(bin_path, batch_size: int, seq_len: int, *, seed: int, step: int, 
     starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
     windows = torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(bin_path, seq_len: int, n_tokens: int = 0) -> torch.Tensor:
+    """The fixed validation set, int64 [n, seq_len + 1] (inputs and targets shifted by one): the
+    whole split cut into consecutive windows (n_tokens 0), or ceil(n_tokens / seq_len) windows
+    spread evenly over it, so a sample of the split still sees every part of it."""
+    ids = open_tokens(bin_path)
+    most = (len(ids) - 1) // seq_len
+    if most < 1:
+        raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+    n = most if n_tokens <= 0 else min(most, -(-n_tokens // seq_len))
+    starts = np.arange(n) * seq_len if n == most else np.linspace(0, len(ids) - seq_len - 1, n).round().astype(np.int64)
+    return torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -9,19 +9,17 @@ checkpoints, so `save_hf` / `from_hf` are a plain state-dict copy.
 
     python minicpm.py          # table of every preset: parameters, FLOPs per token, GPU memory
 """
-import json
 import math
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Constants from the paper, written once (SPEC §1-2; paper §3.1, Appendix A.1 Table 7: the values
-# found in the 0.009B wind tunnel and used for every MiniCPM model).
+from moe import MoE
+
+# Constants from the paper, written once (§3.1, Appendix A.1 Table 7: the values found in the
+# 0.009B wind tunnel and used for every MiniCPM model).
 SCALE_EMB = 12.0          # h0 = embed(ids) * scale_emb
 SCALE_DEPTH = 1.4         # residual: h + branch * scale_depth / sqrt(n_layer)
 DIM_MODEL_BASE = 256      # width multiplier m = d / dim_model_base
@@ -29,9 +27,9 @@ INIT_STD = 0.1            # matrices: init_std / sqrt(m); embedding: init_std
 MUP_BASE_LR = 0.01        # matrices: lr / m; everything else: lr  (§3.3: best lr ~0.01 at all sizes)
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
-BOS_ID, EOS_ID = 1, 2     # special ids of the released tokenizers (SPEC §8)
-ATTN_IMPLS = ("sdpa", "eager", "triton")
-# SPEC §8: the released config.json's keys and the MiniCPMConfig fields they hold
+BOS_ID, EOS_ID = 1, 2     # special ids of the released tokenizers (their config.json)
+ATTN_IMPLS = ("sdpa", "eager", "triton")   # a runtime choice of the script, not part of the config
+# The released config.json's keys and the MiniCPMConfig fields they hold
 HF_CONFIG_KEYS = dict(hidden_size="n_embd", intermediate_size="ffn_dim", num_hidden_layers="n_layer",
                       num_attention_heads="n_head", num_key_value_heads="n_kv_head", vocab_size="vocab_size",
                       rms_norm_eps="norm_eps", rope_theta="rope_theta", max_position_embeddings="block_size",
@@ -57,8 +55,7 @@ class MiniCPMConfig:
     dim_model_base: int = DIM_MODEL_BASE
     init_std: float = INIT_STD
     tie_word_embeddings: bool = True
-    attn_impl: str = "sdpa"       # "sdpa" (F.scaled_dot_product_attention), "eager", "triton"
-    n_experts: int = 0            # > 0: MiniCPM-MoE feed-forward (moe.py), SPEC §5
+    n_experts: int = 0            # > 0: MiniCPM-MoE feed-forward (moe.py), §7.3
     top_k: int = 2                # experts per token
     aux_loss_coef: float = 0.01   # load-balancing loss weight
 
@@ -72,8 +69,6 @@ class MiniCPMConfig:
                 problems.append(f"head_dim={self.n_embd // self.n_head} must be even for RoPE")
             if self.n_head % self.n_kv_head:
                 problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
-        if self.attn_impl not in ATTN_IMPLS:
-            problems.append(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             problems.append(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
         if problems:
@@ -83,7 +78,7 @@ class MiniCPMConfig:
     def head_dim(self):
         return self.n_embd // self.n_head
 
-    # The three muP multipliers (SPEC §2); all 1 under the standard parameterisation.
+    # The three muP multipliers (§3.1, Table 7); all 1 under the standard parameterisation.
     @property
     def width_mult(self):      # m
         return self.n_embd / self.dim_model_base if self.mup else 1.0
@@ -127,6 +122,15 @@ def get_config(preset: str, **overrides) -> MiniCPMConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     return MiniCPMConfig(**{**PRESETS[preset], **overrides})
+
+
+def config_from_hf(hf: dict) -> MiniCPMConfig:
+    """A released config.json (as a dict) -> MiniCPMConfig. Absent multipliers mean a plain Llama
+    (1, and scale_depth = sqrt(L) makes the residual factor 1); absent rope_theta means 10000."""
+    dims = {name: hf[key] for key, name in HF_CONFIG_KEYS.items() if hf.get(key) is not None}
+    dims = {"scale_emb": 1.0, "scale_depth": math.sqrt(dims["n_layer"]), "dim_model_base": dims["n_embd"],
+            "n_kv_head": dims["n_head"], **dims}
+    return MiniCPMConfig(**dims)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -212,7 +216,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):  # x [B, T, d]
+    def forward(self, x, cos, sin, cache=None, layer=0, impl="sdpa"):  # x [B, T, d]
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)   # [B, Hq, T, hd]
@@ -221,7 +225,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = attention(q, k, v, self.cfg.attn_impl)               # [B, Hq, T, hd]
+        y = attention(q, k, v, impl)                             # [B, Hq, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -243,15 +247,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        if cfg.n_experts:
-            from moe import MoE
-            self.mlp = MoE(cfg)
-        else:
-            self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.n_embd, cfg.ffn_dim, cfg.n_experts, cfg.top_k) if cfg.n_experts else MLP(cfg)
 
-    def forward(self, h, cos, sin, cache=None, layer=0):
+    def forward(self, h, cos, sin, cache=None, layer=0, impl="sdpa"):
         # §3.1 muP: each residual branch scaled by scale_depth / sqrt(L)
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer) * self.residual_mult
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, impl) * self.residual_mult
         return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_mult
 
 
@@ -266,26 +266,36 @@ class Decoder(nn.Module):  # the released checkpoints' "model." prefix
 # ----------------------------------------------------------------------------- the model
 
 class MiniCPM(nn.Module):
-    def __init__(self, config: MiniCPMConfig):
+    """The model. `config` is the architecture (what a checkpoint saves); attn_impl and grad_ckpt are
+    the running script's choices (plain attributes it may change at any time):
+      attn_impl  "sdpa" (F.scaled_dot_product_attention), "eager" (the textbook softmax), or
+                 "triton" (kernels.py, CUDA only)
+      grad_ckpt  activation checkpointing per layer: recompute each layer in the backward
+    After a forward of an MoE model, `moe_stats` holds what a trainer logs: {"aux_loss": the
+    unweighted load-balancing loss (a tensor with its graph), "expert_load": each expert's share of
+    the routed tokens, averaged over layers}. It is the one place that state is read from."""
+
+    def __init__(self, config: MiniCPMConfig, attn_impl="sdpa", grad_ckpt=False):
         super().__init__()
-        self.config = config
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attention implementation {attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+        self.config, self.attn_impl, self.grad_ckpt = config, attn_impl, grad_ckpt
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.grad_ckpt = False     # activation checkpointing per layer (train.py --grad_ckpt)
-        self.aux_loss = None       # MoE load-balancing loss of the last forward (unweighted)
+        self.moe_stats = None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    # -- muP initialisation and learning-rate groups (SPEC §2) --
+    # -- muP initialisation and learning-rate groups (§3.1, Table 7) --
 
     def _is_embedding(self, name):
         return name in ("model.embed_tokens.weight", "lm_head.weight")
 
     @torch.no_grad()
     def init_weights(self):
-        """muP: every 2-D matrix N(0, init_std / sqrt(m)); the embedding (input-like; SPEC §2 leaves
+        """muP: every 2-D matrix N(0, init_std / sqrt(m)); the embedding (input-like: the paper leaves
         its class open, standard muP treats it as a vector) N(0, init_std); norm gains 1.
         Standard parameterisation (mup=False): every weight N(0, init_std), gains 1."""
         cfg = self.config
@@ -342,20 +352,23 @@ class MiniCPM(nn.Module):
         cos, sin = self.rope(idx.device, start, T)
         h = self.model.embed_tokens(idx) * cfg.emb_mult                     # [B, T, d]  §3.1
         for i, layer in enumerate(self.model.layers):
-            if self.grad_ckpt and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, None, i, use_reentrant=False)
+            if self.grad_ckpt and self.training:   # keep only h; recompute the layer in the backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, None, i, self.attn_impl, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache, i)
+                h = layer(h, cos, sin, cache, i, self.attn_impl)
         h = self.model.norm(h)
         logits = self.lm_head(h / cfg.width_mult)                           # [B, T, V]  §3.1
         if cache is not None:
             cache.pos += T
+        if cfg.n_experts:   # §7.3: the balancing loss, averaged over layers, joins the LM loss below
+            mlps = [layer.mlp for layer in self.model.layers]
+            self.moe_stats = dict(aux_loss=torch.stack([m.aux_loss for m in mlps]).mean(),
+                                  expert_load=torch.stack([m.expert_load for m in mlps]).mean(0))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if cfg.n_experts:
-                self.aux_loss = torch.stack([layer.mlp.aux_loss for layer in self.model.layers]).mean()
-                loss = loss + cfg.aux_loss_coef * self.aux_loss
+                loss = loss + cfg.aux_loss_coef * self.moe_stats["aux_loss"]
         return logits, loss
 
     # -- accounting --
@@ -380,25 +393,7 @@ class MiniCPM(nn.Module):
         matrix_params += cfg.vocab_size * cfg.n_embd
         return 6 * matrix_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
-    def train_memory(self, seq_len=4096, micro_batch=1, grad_ckpt=False):
-        """Bytes one GPU needs to train under DDP (every rank a full replica) with AdamW and bf16
-        autocast: fp32 weights, grads and two Adam moments, autocast's bf16 weight copies, and the
-        activations autograd keeps for micro_batch sequences (flash attention: nothing T x T)."""
-        cfg = self.config
-        n = self.num_params(non_embedding=False)
-        d, kv, f, V = cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
-        f_active = f * (cfg.top_k if cfg.n_experts else 1)
-        # per token per layer: fp32 residual inputs of both norms (2 x 4d), bf16 norm outputs (2 x 2d),
-        # q, k, v (2(d + 2kv)), attention output (2d), gate, up, silu(gate), product (4 x 2f)
-        per_layer = 8 * d + 4 * d + 2 * (d + 2 * kv) + 2 * d + 8 * f_active
-        layers = cfg.n_layer * (4 * d) + per_layer if grad_ckpt else cfg.n_layer * per_layer
-        head = 6 * d + 6 * V          # final norm; bf16 logits + their fp32 copy for the loss
-        activations = micro_batch * seq_len * (layers + head)
-        parts = dict(weights=4 * n, grads=4 * n, adam=8 * n, bf16_copies=2 * n, activations=activations)
-        parts["total"] = sum(parts.values())
-        return parts
-
-    # -- Hugging Face layout (SPEC §8) --
+    # -- the released Hugging Face names (file I/O: checkpoint.py) --
 
     def hf_config(self):
         cfg = self.config
@@ -409,114 +404,3 @@ class MiniCPM(nn.Module):
             del hf["num_experts"], hf["num_experts_per_tok"]
         return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu", **hf,
                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
-
-    def save_hf(self, out_dir):
-        """config.json + pytorch_model.bin with the released names and shapes, written atomically."""
-        os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_save(state, os.path.join(out_dir, "pytorch_model.bin"))
-        atomic_write_text(json.dumps(self.hf_config(), indent=2) + "\n", os.path.join(out_dir, "config.json"))
-
-    @classmethod
-    def from_hf(cls, ckpt_dir, device="cpu", dtype=torch.float32, **overrides):
-        """Load a checkpoint in the released layout: ours, or MiniCPM's own (pytorch_model.bin,
-        sharded .bin with an index, or *.safetensors when the safetensors package is installed)."""
-        path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
-        with open(path) as f:
-            hf = json.load(f)
-        dims = {name: hf[key] for key, name in HF_CONFIG_KEYS.items() if hf.get(key) is not None}
-        # absent keys: plain Llama-style multipliers (1), MHA, and SPEC §8's "rope_theta absent means 10000"
-        dims = {"scale_emb": 1.0, "scale_depth": math.sqrt(dims["n_layer"]), "dim_model_base": dims["n_embd"],
-                "n_kv_head": dims["n_head"], **dims}
-        with torch.device("meta"):
-            model = cls(MiniCPMConfig(**{**dims, **overrides}))
-        state = _read_hf_weights(ckpt_dir)
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)    # tied: the embedding is the head
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
-                 if k in state and state[k].shape != s]
-        if missing or unexpected or wrong:
-            raise ValueError(f"checkpoint {ckpt_dir} does not fit its config.json: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
-        model = model.to_empty(device=device).to(dtype)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-        if model.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model
-
-
-def _read_hf_weights(ckpt_dir):
-    names = sorted(os.listdir(ckpt_dir))
-    bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    state = {}
-    if bins:
-        for n in bins:
-            try:
-                state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
-            except Exception as e:
-                raise ValueError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from e
-    elif safetensors:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
-                              "package: pip install safetensors") from None
-        for n in safetensors:
-            state.update(load_file(os.path.join(ckpt_dir, n)))
-    else:
-        raise FileNotFoundError(f"{ckpt_dir} has neither pytorch_model*.bin nor *.safetensors weights")
-    return state
-
-
-def atomic_write(path, write):
-    """write(file) into a temporary file in the same folder, then rename: a crash leaves the old file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-# ----------------------------------------------------------------------------- preset table
-
-def preset_table(seq_len=4096):
-    rows = [("preset", "layers", "d", "heads/kv", "ffn", "vocab", "total", "non-emb", "GFLOP/token", "GPU GiB")]
-    for name in PRESETS:
-        cfg = get_config(name)
-        with torch.device("meta"):       # no memory is allocated, so the 13.6B MoE builds in seconds
-            model = MiniCPM(cfg)
-        mem = model.train_memory(seq_len=seq_len)["total"] / 2**30
-        rows.append((name, cfg.n_layer, cfg.n_embd, f"{cfg.n_head}/{cfg.n_kv_head}", cfg.ffn_dim, cfg.vocab_size,
-                     f"{model.num_params(non_embedding=False):,}", f"{model.num_params():,}",
-                     f"{model.flops_per_token(seq_len) / 1e9:.3f}", f"{mem:.1f}"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        sys.exit("usage: python minicpm.py   (prints the preset table; training is train.py)")
-    print(preset_table())
-    print("\nGFLOP/token: training (6 per active matrix parameter + attention at 4096 tokens).\n"
-          "GPU GiB: one GPU under DDP, AdamW, bf16 autocast: fp32 weights, grads, Adam moments, bf16 weight "
-          "copies and the activations of one 4096-token sequence.")

@@ -1,10 +1,12 @@
-"""MiniCPM-MoE's feed-forward layer (paper §7.3, SPEC §5): a router and n SwiGLU experts per layer.
+"""MiniCPM-MoE's feed-forward layer (paper §7.3): a router and n SwiGLU experts per layer.
 
 Each token's router logits `gate(x)` go through a softmax over the n experts (in fp32); the token
 is sent to its top_k experts, whose outputs are summed with the k kept probabilities renormalised
 to sum to 1. A Switch-Transformer load-balancing loss `n * sum_i f_i * P_i` (f_i the share of the
 routed assignments that expert i receives, P_i its mean router probability) is left on the layer
-as `aux_loss`; minicpm.MiniCPM.forward averages it over layers and adds aux_loss_coef (0.01) times it.
+as `aux_loss` (and each expert's share as `expert_load`); minicpm.MiniCPM.forward averages both over
+layers into its `moe_stats` and adds aux_loss_coef (0.01) times the loss. This file does not import
+minicpm.py: the model imports its layers, never the other way round.
 
 MiniCPM-MoE was not trained from scratch but "sparse-upcycled" from the dense 2.4B: every expert
 starts as a copy of the dense MLP, the router as N(0, 0.1). `upcycle` does that.
@@ -23,28 +25,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minicpm import MLP, MiniCPM, MiniCPMConfig
-
-UPCYCLE_ROUTER_STD = 0.1   # SPEC §5: the upcycled router starts from N(0, 0.1)
+UPCYCLE_ROUTER_STD = 0.1   # §7.3: the upcycled router starts from N(0, 0.1)
 
 
 class Expert(nn.Module):  # one SwiGLU MLP, the released names: w2(silu(w1(x)) * w3(x))
-    def __init__(self, cfg):
+    def __init__(self, d, ffn):
         super().__init__()
-        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)   # gate
-        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)   # up
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)   # down
+        self.w1 = nn.Linear(d, ffn, bias=False)   # gate
+        self.w3 = nn.Linear(d, ffn, bias=False)   # up
+        self.w2 = nn.Linear(ffn, d, bias=False)   # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, d, ffn, n_experts, top_k):
         super().__init__()
-        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        self.gate = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)   # the router
-        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
+        self.n_experts, self.top_k = n_experts, top_k
+        self.gate = nn.Linear(d, n_experts, bias=False)   # the router
+        self.experts = nn.ModuleList(Expert(d, ffn) for _ in range(n_experts))
         self.aux_loss = None      # load-balancing loss of the last forward (unweighted, differentiable)
         self.expert_load = None   # f: share of the last forward's assignments per expert (detached)
 
@@ -90,7 +90,7 @@ class MoE(nn.Module):
 @torch.no_grad()
 def upcycle(dense_model, n_experts=8, top_k=2, router_std=UPCYCLE_ROUTER_STD, generator=None):
     """A new MiniCPM-MoE model from a dense one (Komatsuzaki et al. 2022 "sparse upcycling", as in
-    MiniCPM-MoE, SPEC §5): each of the n_experts experts of layer i is a copy of the dense layer i
+    MiniCPM-MoE, §7.3): each of the n_experts experts of layer i is a copy of the dense layer i
     MLP (gate_proj -> w1, up_proj -> w3, down_proj -> w2), each router is N(0, router_std), and
     everything else (embedding, attention, norms) is copied. Because the experts are identical and
     the top_k weights sum to 1, the new model computes exactly the dense model's function, whatever
@@ -102,7 +102,7 @@ def upcycle(dense_model, n_experts=8, top_k=2, router_std=UPCYCLE_ROUTER_STD, ge
     cfg = replace(dense_model.config, n_experts=n_experts, top_k=top_k)
     ref = dense_model.lm_head.weight
     with torch.device("meta"):          # no random init of 8x the MLP weights only to overwrite them
-        moe_model = MiniCPM(cfg)
+        moe_model = type(dense_model)(cfg, attn_impl=dense_model.attn_impl, grad_ckpt=dense_model.grad_ckpt)
     moe_model = moe_model.to_empty(device=ref.device).to(ref.dtype)
     if cfg.tie_word_embeddings:         # to_empty / .to untie lm_head from the embedding: tie again
         moe_model.lm_head.weight = moe_model.model.embed_tokens.weight
@@ -142,9 +142,8 @@ def bench(d=512, ffn=1280, n_experts=8, top_k=2, tokens=4096, repeats=10, warmup
     """MoE layer against a dense SwiGLU with ffn_dim = top_k * ffn: the same matmul FLOPs per token
     (the router's d x n is extra, and small), so the ratio measures the cost of routing and dispatch."""
     torch.manual_seed(seed)
-    base = dict(vocab_size=128, n_layer=1, n_embd=d, n_head=d // 64, n_kv_head=d // 64, block_size=128)
-    moe = MoE(MiniCPMConfig(**base, ffn_dim=ffn, n_experts=n_experts, top_k=top_k))
-    dense = MLP(MiniCPMConfig(**base, ffn_dim=top_k * ffn))
+    moe = MoE(d, ffn, n_experts, top_k)
+    dense = Expert(d, top_k * ffn)      # a SwiGLU MLP, the same computation as minicpm.MLP
     for layer in (moe, dense):
         for p in layer.parameters():
             nn.init.normal_(p, std=d ** -0.5)

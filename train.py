@@ -1,72 +1,73 @@
 """Train MiniCPM: from the tiny CPU demo to the real 2.4B under torchrun, on the WSD schedule.
 
-    python train.py                                   # tiny preset, default corpus, CPU, ~minutes
+    python train.py                                   # tiny preset, default corpus, CPU, ~3 minutes
     python train.py --preset wt-9m --max_steps 2000   # any preset; model flags override it
     torchrun --nproc_per_node=8 train.py --preset minicpm-2.4b ...   # DDP (NCCL on CUDA, gloo on CPU)
     python train.py --resume out/tiny                 # continue a run exactly where it stopped
     python train.py --help                            # every flag, with its default
 
-Writes to --out_dir (default out/<preset>): ckpt.pt (model, optimizer, step, configs, tokenizer
-reference), the tokenizer files, metrics.jsonl and loss.png.
+Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"), the
+tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 1 failed (NaN
+loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
 """
-import argparse
 import dataclasses
-import difflib
 import gc
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+import cli
 import data
+import metrics
+import plan
 import wsd
-from minicpm import MUP_BASE_LR, PRESETS, MiniCPM, MiniCPMConfig, atomic_save, atomic_write_text, get_config
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+from cli import UsageError, flag
+from minicpm import ATTN_IMPLS, MUP_BASE_LR, PRESETS, MiniCPM, MiniCPMConfig, get_config
 
 
 @dataclass
 class TrainConfig:
     preset: str = flag("tiny", "model size: " + ", ".join(PRESETS))
-    # data
-    source: str = flag("stdlib", "corpus for data.py: stdlib, shakespeare, or a local file/folder/glob")
-    tokenizer: str = flag("bpe:4096", "tokenizer for data.py: bpe:N, byte, gpt2, cl100k_base, o200k_base")
-    data_dir: str = flag("data", "where prepared datasets live (prepared on first use)")
+    # data (data.py prepares it on first use)
+    source: str = flag("stdlib", "corpus: stdlib, shakespeare, or a local file/folder/glob")
+    tokenizer: str = flag("bpe:4096", "tokenizer: bpe:N, byte, gpt2, cl100k_base, o200k_base")
+    data_dir: str = flag("data", "where prepared datasets live")
     out_dir: str = flag("", "where checkpoints, metrics and plots go (default out/<preset>)")
-    # batch: tokens per optimizer step = batch_size * seq_len * grad_accum * number of processes
+    overwrite: bool = flag(False, "start a new run in an --out_dir that already holds one, replacing it")
+    # tokens per optimizer step = batch_size * seq_len * grad_accum * number of processes
     batch_size: int = flag(16, "sequences per micro-batch per process")
     seq_len: int = flag(256, "tokens per sequence (at most the model's block_size)")
     grad_accum: int = flag(1, "micro-batches accumulated per optimizer step")
-    # optimizer: AdamW with the model's muP lr groups; betas, eps, decay, clip are not in the paper
+    # AdamW with the model's muP lr groups; the paper gives none of these but the lr (§3.3)
     lr: float = flag(MUP_BASE_LR, "peak learning rate (muP: matrices get lr / m), §3.3")
     weight_decay: float = flag(0.1, "AdamW weight decay on matrices and the embedding")
     beta1: float = flag(0.9, "AdamW beta1")
     beta2: float = flag(0.95, "AdamW beta2")
     adam_eps: float = flag(1e-8, "AdamW epsilon")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
-    # schedule (wsd.py)
+    # the schedule: wsd.py resolves every -1 to its default
     schedule: str = flag("wsd", "learning-rate schedule: " + ", ".join(wsd.SCHEDULES))
     max_steps: int = flag(250, "optimizer steps in the run")
-    warmup_steps: int = flag(-1, "linear warmup steps (-1: 5%% of max_steps)")
-    decay_steps: int = flag(-1, "WSD decay length in steps (-1: 10%% of max_steps, as in the paper, §4)")
+    warmup_steps: int = flag(-1, f"linear warmup steps (-1: {wsd.WARMUP_STEPS})")
+    decay_steps: int = flag(-1, "WSD decay length in steps (-1: 10%% of max_steps, §4)")
     decay_start: int = flag(-1, "step where the WSD decay starts (-1: max_steps - decay_steps)")
     decay_shape: str = flag("exp", "WSD decay shape: " + ", ".join(wsd.DECAY_SHAPES))
-    final_lr_frac: float = flag(wsd.FINAL_LR_FRAC, "lr at the end of the decay, as a fraction of --lr")
+    final_lr_frac: float = flag(-1.0, f"lr at the end of the decay / --lr (-1: wsd {wsd.FINAL_LR_FRAC}, cosine {wsd.COSINE_FLOOR})")
+    decay_half_life: float = flag(-1.0, "exp decay given by its half-life in steps instead (§6.2: 5000)")
     # evaluation, logging, checkpoints
-    eval_interval: int = flag(50, "evaluate (and refresh loss.png) every this many steps")
-    eval_batches: int = flag(8, "validation micro-batches per evaluation (a fixed set)")
-    log_interval: int = flag(10, "write a metrics.jsonl line every this many steps")
+    eval_interval: int = flag(50, "evaluate (and redraw loss.png) every this many steps (0: never)")
+    eval_tokens: int = flag(65536, "validation tokens: seq_len windows spread evenly over the split (0: all of it)")
+    log_interval: int = flag(5, "write the train loss to metrics.jsonl every this many steps")
     ckpt_interval: int = flag(100, "save a checkpoint every this many steps (and at the end)")
     # starting points
     resume: str = flag("", "continue the run saved in this folder exactly (optimizer, step, data position)")
@@ -74,25 +75,24 @@ class TrainConfig:
     decay_only: bool = flag(False, "with --init_from: run only the WSD decay, decay_steps long (§4.3)")
     upcycle_from: str = flag("", "start from a dense checkpoint upcycled to MoE (moe.py; set --n_experts)")
     stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of max_steps")
-    # system
+    # the machine: runtime choices, never part of a checkpoint's architecture
     device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
-    dtype: str = flag("auto", "autocast dtype: bfloat16, float16 (with a grad scaler), float32, or auto")
+    dtype: str = flag("auto", "compute dtype: bfloat16, float16 (with a grad scaler), float32, or auto")
     compile: bool = flag(False, "torch.compile the model")
-    attn: str = flag("sdpa", "attention implementation: sdpa, eager, triton (CUDA only)")
+    attn: str = flag("sdpa", "attention implementation: " + ", ".join(ATTN_IMPLS) + " (triton: CUDA only)")
     grad_ckpt: bool = flag(False, "activation checkpointing per layer (less memory, ~30%% more compute)")
     seed: int = flag(1337, "seed of the initialisation and of the data windows")
     dry_run: bool = flag(False, "print the plan (parameters, tokens, FLOPs, memory) and exit; allocates nothing")
     dry_run_gpus: int = flag(1, "with --dry_run: plan for this many processes")
-    bench: bool = flag(False, "measure tokens/s and the fraction of measured matmul throughput, then exit")
-    inject_nan_at: int = flag(-1, "testing aid: make the loss NaN at this step to exercise the guard")
+    bench: bool = flag(False, "measure tokens/s and the fraction of peak (GPU) or matmul (CPU) throughput, then exit")
 
 
-# Fields that may change when resuming: where things go, how the run is observed, the machine, and
-# the length of the schedule (a WSD decay branched from a stable checkpoint changes exactly that).
-RESUME_MAY_CHANGE = {"out_dir", "resume", "stop_at", "device", "compile", "attn", "grad_ckpt", "dry_run",
-                     "dry_run_gpus", "bench", "eval_interval", "eval_batches", "log_interval", "ckpt_interval",
-                     "max_steps", "decay_steps", "decay_start", "inject_nan_at"}
-MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name not in ("vocab_size", "attn_impl")]
+# What a resume may change: where things go, how the run is watched, the machine, and the schedule
+# after the current step (§4.3: a decay branched from a stable checkpoint changes exactly that).
+RESUME_MAY_CHANGE = {"out_dir", "overwrite", "resume", "stop_at", "device", "dtype", "compile", "attn", "grad_ckpt",
+                     "dry_run", "dry_run_gpus", "bench", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
+                     "schedule", "max_steps", "decay_steps", "decay_start", "decay_shape", "final_lr_frac", "decay_half_life"}
+MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name != "vocab_size"]   # the vocabulary is the data's
 MODEL_HELP = dict(n_layer="decoder layers", n_embd="model width d", n_head="query heads",
                   n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",
                   block_size="longest sequence the model accepts", rope_theta="RoPE base",
@@ -103,492 +103,422 @@ MODEL_HELP = dict(n_layer="decoder layers", n_embd="model width d", n_head="quer
                   tie_word_embeddings="share the input embedding and the output head",
                   n_experts="MoE experts per layer (0: dense)", top_k="MoE experts per token",
                   aux_loss_coef="MoE load-balancing loss weight (§7.3: 0.01)")
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU on CUDA
 
 
-class TrainError(Exception):
-    """A problem with the user's request: printed as one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------- flags
-
-def str2bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def flag_parser(doc):
-    """A parser whose --help is the script's docstring: first paragraph above the flags, the rest below."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False, epilog=doc.split("\n\n", 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def add_flag(group, f, help, default):
-    """--name for the dataclass field f; a bool flag takes true/false, or nothing for true."""
-    kw = dict(type=str2bool, nargs="?", const=True) if f.type in (bool, "bool") else dict(type=type(f.default))
-    group.add_argument(f"--{f.name}", default=default, help=help, **kw)
-
-
-def parse_known_flags(parser, argv, error=TrainError):
-    """The parsed flags as a dict; an unknown flag is one line naming the closest valid one."""
-    given, unknown = parser.parse_known_args(argv)
-    if unknown:
-        bad = unknown[0].split("=")[0]
-        names = [o for a in parser._actions for o in a.option_strings]
-        close = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
-        raise error(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
-    return vars(given)
-
-
-def dataclass_flags(config_cls, doc, argv, error=TrainError):
-    """config_cls(**flags), one --flag per field of a dataclass made with flag() (sample.py, dpo.py)."""
-    parser = flag_parser(doc)
-    for f in fields(config_cls):
-        add_flag(parser, f, f"{f.metadata['help']} (default: {f.default!r})", f.default)
-    return config_cls(**parse_known_flags(parser, argv, error))
-
-
-def build_parser():
-    p = flag_parser(__doc__)
-    # defaults are SUPPRESSed so that we know which flags were given (resume compares only those)
-    for f in fields(TrainConfig):
-        add_flag(p, f, f"{f.metadata['help']} (default: {f.default!r})", argparse.SUPPRESS)
-    group = p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)")
-    for f in MODEL_FLAGS:
-        add_flag(group, f, MODEL_HELP[f.name], argparse.SUPPRESS)
-    return p
-
+# ----------------------------------------------------------------------------- configuration
 
 def parse_flags(argv):
-    """-> (TrainConfig, model overrides, the TrainConfig fields given explicitly)."""
-    given = parse_known_flags(build_parser(), argv)
-    model_names = {f.name for f in MODEL_FLAGS}
-    overrides = {k: v for k, v in given.items() if k in model_names}
-    explicit = {k: v for k, v in given.items() if k not in model_names}
+    """-> (TrainConfig, model overrides, the TrainConfig flags given explicitly). Defaults are left
+    out of the parse, so a resume can tell what the user asked to change from what they left alone."""
+    p = cli.parser(__doc__)
+    cli.add_flags(p, TrainConfig, suppress=True)
+    cli.add_flags(p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)"),
+                  dataclasses.make_dataclass("M", [(f.name, f.type, f) for f in MODEL_FLAGS]), MODEL_HELP, suppress=True)
+    given = cli.parse(p, argv)
+    overrides = {k: v for k, v in given.items() if k in {f.name for f in MODEL_FLAGS}}
+    explicit = {k: v for k, v in given.items() if k not in overrides}
     return TrainConfig(**explicit), overrides, explicit
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def load_checkpoint(path, device="cpu"):
-    """A training checkpoint (ckpt.pt, or the folder holding it), loaded with weights_only=True."""
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise TrainError(f"no checkpoint at {path}: train one with python train.py, or pass --ckpt/--resume PATH")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        ckpt["model"], ckpt["model_config"], ckpt["step"]
-    except Exception as e:
-        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not from train.py") from None
-    ckpt["path"] = path
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    model = MiniCPM(MiniCPMConfig(**{**ckpt["model_config"], **overrides}))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
+def check_flags(cfg):
+    """Every flag's range, before anything is read or written."""
+    cli.check([(min(cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.max_steps) < 1,
+                "--batch_size, --seq_len, --grad_accum and --max_steps must be >= 1"),
+               (min(cfg.log_interval, cfg.ckpt_interval, cfg.dry_run_gpus) < 1,
+                "--log_interval, --ckpt_interval and --dry_run_gpus must be >= 1"),
+               (min(cfg.eval_interval, cfg.eval_tokens, cfg.grad_clip, cfg.weight_decay) < 0,
+                "--eval_interval, --eval_tokens, --grad_clip and --weight_decay must be >= 0"),
+               (not cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+               (not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+               (cfg.schedule not in wsd.SCHEDULES, f"--schedule must be one of {', '.join(wsd.SCHEDULES)}"),
+               (cfg.decay_shape not in wsd.DECAY_SHAPES, f"--decay_shape must be one of {', '.join(wsd.DECAY_SHAPES)}"),
+               (cfg.attn not in ATTN_IMPLS, f"--attn must be one of {', '.join(ATTN_IMPLS)}"),
+               (sum(map(bool, (cfg.resume, cfg.init_from, cfg.upcycle_from))) > 1,
+                "give at most one of --resume, --init_from, --upcycle_from"),
+               (cfg.decay_only and not cfg.init_from, "--decay_only goes with --init_from")])
 
 
-def make_optimizer(model, lr, weight_decay, betas, eps, device):
-    """AdamW over the model's muP groups (SPEC §2); each group's lr is lr(step) * group["lr_scale"]."""
-    return torch.optim.AdamW(model.param_groups(lr, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=str(device).startswith("cuda"))
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-
-
-def save_checkpoint(cfg, model, optimizer, scaler, step, tokens, tokenizer, out_dir, data_offset=0):
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, tokens=tokens,
-                 data_offset=data_offset,
-                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, train_config=asdict(cfg),
-                 model_config=asdict(model.config), tokenizer=tokenizer, rng=torch.get_rng_state())
-    path = os.path.join(out_dir, "ckpt.pt")
-    atomic_save(state, path)
-    return path
-
-
-# ----------------------------------------------------------------------------- metrics and plot
-
-def plot_metrics(metrics_path, png_path, title=""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.6)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title=title)
-    lr_ax = ax.twinx()
-    lr_ax.plot([r["tokens"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], "k:", label="lr")
-    lr_ax.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
-# ----------------------------------------------------------------------------- setup
-
-def setup_distributed(cfg):
-    """-> (rank, world_size, local_rank, device). DDP when started by torchrun (RANK is set)."""
-    if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
-            device = f"cuda:{local}"
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl")
-        else:
-            device = "cpu" if cfg.device == "auto" else cfg.device
-            dist.init_process_group("gloo")
-        return rank, world, local, device
-    if cfg.device != "auto":
-        return 0, 1, 0, cfg.device
-    if torch.cuda.is_available():
-        return 0, 1, 0, "cuda"
-    return 0, 1, 0, "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def autocast_dtype(cfg, device_type):
-    if cfg.dtype == "auto":   # bf16 on GPUs; fp32 on CPU, where bf16 matmuls without native
-        if device_type == "cuda":   # support ran 8x slower than fp32 on our 2-core test machine
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if cfg.dtype not in ("bfloat16", "float16", "float32"):
-        raise TrainError(f"--dtype {cfg.dtype} is not one of bfloat16, float16, float32, auto")
-    return getattr(torch, cfg.dtype)
-
-
-def resolve_schedule(cfg):
-    """The lr(step) function, from wsd.py (the only place schedules live)."""
-    if cfg.schedule not in wsd.SCHEDULES:
-        raise TrainError(f"--schedule {cfg.schedule} is not one of {', '.join(wsd.SCHEDULES)}")
-    warmup = cfg.warmup_steps
-    common = dict(lr_max=cfg.lr, warmup=warmup)
-    if cfg.schedule == "wsd":
-        decay = cfg.decay_steps if cfg.decay_steps >= 0 else max(1, round(0.1 * cfg.max_steps))
-        start = cfg.decay_start if cfg.decay_start >= 0 else cfg.max_steps - decay
-        lr_at = wsd.schedule("wsd", **common, decay_start=start, decay_steps=decay, shape=cfg.decay_shape,
-                             final_frac=cfg.final_lr_frac)
-    elif cfg.schedule in ("cosine", "cosine_loop"):
-        lr_at = wsd.schedule(cfg.schedule, **common, T=cfg.max_steps)
-    else:
-        lr_at = wsd.schedule(cfg.schedule, **common)
-    lr_at(cfg.max_steps)   # a bad combination of schedule flags fails now, not at the end of the run
-    lr_at.describe = f"{cfg.schedule}, peak lr {cfg.lr}, warmup {warmup}" + (
-        f", {cfg.decay_shape} decay over steps {start}-{start + decay}" if cfg.schedule == "wsd" else "")
-    return lr_at
-
-
-def plan(cfg, model, world, tokens_per_step, dtype, lr_at):
-    mem = model.train_memory(seq_len=cfg.seq_len, micro_batch=cfg.batch_size, grad_ckpt=cfg.grad_ckpt)
-    fpt = model.flops_per_token(cfg.seq_len)
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    return "\n".join([
-        f"model      {cfg.preset}: {model.num_params(non_embedding=False):,} parameters, "
-        f"{model.num_params():,} non-embedding, vocab {model.config.vocab_size}",
-        f"batch      {cfg.batch_size} x {cfg.seq_len} tokens x {cfg.grad_accum} accumulation x {world} processes "
-        f"= {tokens_per_step:,} tokens per step; {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps:,} tokens",
-        f"compute    {fpt / 1e9:.3f} GFLOP per token, {fpt * tokens_per_step / 1e12:.2f} TFLOP per step",
-        f"memory     per process: weights {gib(mem['weights'])}, grads {gib(mem['grads'])}, Adam {gib(mem['adam'])}, "
-        f"bf16 copies {gib(mem['bf16_copies'])}, activations {gib(mem['activations'])} = {gib(mem['total'])}",
-        f"schedule   {lr_at.describe}; autocast {str(dtype).split('.')[-1]}",
-    ])
-
-
-# ----------------------------------------------------------------------------- training
-
-def train(cfg, overrides, explicit):
-    rank, world, local_rank, device = setup_distributed(cfg)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    resume_ckpt = None
+def resolve(cfg, overrides, explicit):
+    """-> (the run's config, the resumed checkpoint or None, the source checkpoint or None): a new
+    config, the given one untouched. A resume takes the saved flags and changes only RESUME_MAY_CHANGE."""
+    check_flags(cfg)
+    resumed = source = None
     if cfg.resume:
-        resume_ckpt = load_checkpoint(cfg.resume)
-        saved = TrainConfig(**resume_ckpt["train_config"])
-        differ = [f"{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
+        resumed = checkpoint.load(cfg.resume, kind="pretrain")
+        saved = TrainConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(TrainConfig)}})
+        differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
                   if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
-        differ += [f"{k}: checkpoint has {resume_ckpt['model_config'].get(k)!r}, given {v!r}"
-                   for k, v in overrides.items() if resume_ckpt["model_config"].get(k) != v]
-        if differ:
-            raise TrainError("cannot resume with a different configuration: " + "; ".join(differ))
-        one_off = {k: getattr(TrainConfig, k) for k in ("stop_at", "inject_nan_at", "bench", "dry_run")}
-        cfg = dataclasses.replace(saved, **{**one_off, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}})
-        cfg.out_dir = explicit.get("out_dir", os.path.dirname(resume_ckpt["path"]))
-    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.preset)
-    if cfg.warmup_steps < 0:   # fixed when the run starts, so a branch that changes max_steps keeps it
-        cfg.warmup_steps = round(0.05 * cfg.max_steps)
-    if cfg.init_from and cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint
-        decay = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps
-        cfg = dataclasses.replace(cfg, warmup_steps=0, decay_start=0, decay_steps=decay, max_steps=decay)
-    lr_at = resolve_schedule(cfg)
-    dtype = autocast_dtype(cfg, device.split(":")[0])
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+        differ += [f"--{k}: checkpoint has {resumed['model_config'].get(k)!r}, given {v!r}"
+                   for k, v in overrides.items() if resumed["model_config"].get(k) != v]
+        cli.check([(bool(differ), "cannot resume with a different configuration: " + "; ".join(differ))])
+        # one-off requests (a stop, a dry run, a benchmark) are not inherited from the saved run
+        one_off = {k: getattr(TrainConfig, k) for k in ("stop_at", "bench", "dry_run", "overwrite")}
+        changes = {k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}
+        cfg = dataclasses.replace(saved, **{**one_off, **changes, "resume": cfg.resume})
+        cfg = dataclasses.replace(cfg, out_dir=explicit.get("out_dir", os.path.dirname(resumed["path"])))
+        if resumed["step"] >= min(cfg.max_steps, cfg.stop_at if cfg.stop_at >= 0 else cfg.max_steps) and not cfg.dry_run:
+            raise UsageError(f"{resumed['path']} is at step {resumed['step']}, already past --max_steps {cfg.max_steps} "
+                             f"(or --stop_at): give a larger --max_steps to train on")
+    elif cfg.init_from or cfg.upcycle_from:
+        source = checkpoint.load(cfg.init_from or cfg.upcycle_from)
+    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.preset))
+    if cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint, as a run of its own
+        D = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps
+        cfg = dataclasses.replace(cfg, warmup_steps=0, decay_start=0, decay_steps=D, max_steps=D)
+    return cfg, resumed, source
 
-    # ---- data (prepared on first use, by rank 0 only) and model config
-    dataset = None
-    if not (cfg.dry_run and not os.path.exists(os.path.join(cfg.data_dir, data.default_name(cfg.source, cfg.tokenizer)))):
-        if master:
-            dataset = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)
-        if world > 1:
-            dist.barrier()
-        dataset = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
-    meta = data.load_meta(dataset) if dataset else None
-    # the architecture: the resumed run's, else the source checkpoint's (--init_from, --upcycle_from, with
-    # the model flags on top), else the preset's with the model flags
-    source = None
-    if (cfg.init_from or cfg.upcycle_from) and not resume_ckpt:
-        source = load_checkpoint(cfg.init_from or cfg.upcycle_from)
-    if resume_ckpt or source:
-        model_kw = {**(resume_ckpt or source)["model_config"], **({} if resume_ckpt else overrides)}
+
+def model_config(cfg, overrides, resumed, source, meta):
+    """The architecture: the resumed run's, else the source checkpoint's with the model flags on
+    top, else the preset's with the model flags; the vocabulary is the data's."""
+    if resumed or source:
+        kw = {**(resumed or source)["model_config"], **({} if resumed else overrides)}
     else:
         get_config(cfg.preset)   # an unknown preset: the error lists the valid ones
-        model_kw = {**PRESETS[cfg.preset], **overrides}
-    if source and cfg.upcycle_from:
-        model_kw.update(n_experts=0)   # the dense model; upcycle() makes the experts below
-    if meta and meta["vocab_size"] != model_kw.get("vocab_size", meta["vocab_size"]) and (resume_ckpt or source):
-        raise TrainError(f"the checkpoint's vocabulary ({model_kw['vocab_size']}) is not the data's "
-                         f"({meta['vocab_size']}): pass the --source/--tokenizer it was trained with")
-    model_kw.update(attn_impl=cfg.attn, **({"vocab_size": meta["vocab_size"]} if meta else {}))
-    model_cfg = MiniCPMConfig(**model_kw)
-    if cfg.seq_len > model_cfg.block_size:
-        raise TrainError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model_cfg.block_size}")
+        kw = {**PRESETS[cfg.preset], **overrides}
+    if cfg.upcycle_from:
+        kw["n_experts"] = 0   # the dense source model; moe.upcycle makes the experts
+    if meta and (resumed or source) and meta["vocab_size"] != kw["vocab_size"]:
+        raise UsageError(f"the checkpoint's vocabulary ({kw['vocab_size']}) is not the data's ({meta['vocab_size']}): "
+                         "pass the --source/--tokenizer it was trained with")
+    mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})
+    cli.check([(cfg.seq_len > mcfg.block_size, f"--seq_len {cfg.seq_len} is longer than the model's block_size {mcfg.block_size}")])
+    return mcfg
 
-    if cfg.dry_run:
-        with torch.device("meta"):
-            model = MiniCPM(model_cfg)
-        world = max(world, cfg.dry_run_gpus)
-        say(plan(cfg, model, world, cfg.batch_size * cfg.seq_len * cfg.grad_accum * world, dtype, lr_at))
-        return 0
 
-    # ---- model, optimizer
+def check_out_dir(cfg, resumed):
+    """A new run never replaces an existing one by accident; a resume into another folder copies
+    nothing there silently and truncates nothing (its metrics start from the resumed run's)."""
+    same = resumed and os.path.abspath(cfg.out_dir) == os.path.dirname(os.path.abspath(resumed["path"]))
+    taken = [n for n in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if taken and not same and not cfg.overwrite:
+        raise UsageError(f"{cfg.out_dir} already holds a run ({', '.join(taken)}): continue it with --resume "
+                         f"{cfg.out_dir}, or replace it with --overwrite (or choose another --out_dir)")
+
+
+# ----------------------------------------------------------------------------- the machine
+
+def setup_distributed(cfg):
+    """-> SimpleNamespace(rank, world, local, device). DDP when started by torchrun (RANK is set)."""
+    if "RANK" not in os.environ:
+        return SimpleNamespace(rank=0, world=1, local=0, device=cli.pick_device(cfg.device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = cli.pick_device(cfg.device)
+    if device.startswith("cuda"):   # one GPU per process
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return SimpleNamespace(rank=rank, world=world, local=local, device=device)
+
+
+def check_attention(cfg, device):
+    """The Triton kernel compiles for CUDA only (on CPU it runs only in the test interpreter)."""
+    if cfg.attn == "triton" and not device.startswith("cuda"):
+        raise UsageError(f"--attn triton needs a CUDA GPU and this run is on {device}: use --attn sdpa")
+
+
+# ----------------------------------------------------------------------------- building the run
+
+def build_data(cfg, ddp):
+    """The dataset folder and its meta.json, prepared on first use by rank 0 only."""
+    if cfg.dry_run and not os.path.exists(os.path.join(cfg.data_dir, data.default_name(cfg.source, cfg.tokenizer), "meta.json")):
+        return None, None   # a plan needs no data: the preset's vocabulary stands in
+    if ddp.rank == 0:
+        data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)
+    if ddp.world > 1:
+        dist.barrier()
+    folder = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
+    return folder, data.load_meta(folder)
+
+
+def build_model(cfg, mcfg, overrides, resumed, source, device):
+    """-> (model, data offset). A run started from another's weights reads on from where that run
+    stopped in the data; an upcycled run (§7.3) becomes an MoE whose experts copy the dense MLP."""
     torch.manual_seed(cfg.seed)
-    model = MiniCPM(model_cfg)
-    data_offset = 0   # a run started from another's weights reads on from where that run stopped
+    model = MiniCPM(mcfg, attn_impl=cfg.attn, grad_ckpt=cfg.grad_ckpt)
+    offset = 0
     if source:
         try:
             model.load_state_dict(source["model"])
         except RuntimeError:
-            raise TrainError(f"the weights in {source['path']} do not fit a model with these flags: "
+            raise UsageError(f"the weights in {source['path']} do not fit a model with these flags: "
                              "drop the model flags that change its shape") from None
-        data_offset = source["step"] + source.get("data_offset", 0)
-    if source and cfg.upcycle_from:
+        offset = source["step"] + source.get("data_offset", 0)
+    if cfg.upcycle_from:
         import moe
         model = moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
-        model_cfg = model.config
-    model.to(device)
-    model.grad_ckpt = cfg.grad_ckpt
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    step, tokens = 0, 0
-    if resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt["scaler"]:
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        torch.set_rng_state(resume_ckpt["rng"])
-        step, tokens, data_offset = resume_ckpt["step"], resume_ckpt["tokens"], resume_ckpt.get("data_offset", 0)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        # an MoE expert that no token of a micro-batch chose gets no gradient: let DDP allow for it
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None,
-                    find_unused_parameters=bool(model_cfg.n_experts))
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        offset = resumed.get("data_offset", 0)
+    return model.to(device), offset
 
-    # ---- output folder: tokenizer files next to the checkpoint, so it is self-contained
-    tokenizer = dict(spec=meta["tokenizer"], rank_file="tokenizer.tiktoken" if meta["rank_file"] else None,
-                     eot_id=meta["eot_id"], vocab_size=meta["vocab_size"])
-    metrics_path, png_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss.png")
-    say(plan(cfg, raw_model, world, tokens_per_step, dtype, lr_at))
-    if master and not cfg.bench:   # (a benchmark leaves the output folder alone)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if meta["rank_file"]:
-            shutil.copyfile(os.path.join(dataset, meta["rank_file"]), os.path.join(cfg.out_dir, tokenizer["rank_file"]))
-        atomic_write_text(json.dumps(meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
-        # keep the metrics up to the step we start from (a resumed run rewrites what came after)
-        kept = []
-        if resume_ckpt and os.path.exists(metrics_path):
-            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
-        atomic_write_text("".join(kept), metrics_path)
-    train_bin, val_bin = os.path.join(dataset, "train.bin"), os.path.join(dataset, "val.bin")
-    bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
 
-    def batch(bin_path, seed, index, micro):
+def build_optimizer(cfg, model, device):
+    """AdamW over the model's muP groups (§3.1, Table 7); each group's lr is lr(step) * lr_scale."""
+    return torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, fused=device.startswith("cuda"))
+
+
+def evaluation_windows(folder, cfg):
+    """The fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin
+    (all of it when 0), the same at every evaluation and for every run on the same data."""
+    return data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens)
+
+
+def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg):
+    """Everything the loop needs, in one namespace: model (DDP-wrapped when distributed) and raw
+    model, optimizer, grad scaler, data, position (step, tokens, data offset) and the metrics log."""
+    model, offset = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
+    optimizer = build_optimizer(cfg, model, ddp.device)
+    device_type = ddp.device.split(":")[0]
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only: bf16 needs none
+    step = tokens = 0
+    if resumed:   # exactly where the saved run stopped: optimizer moments, scaler, RNG, step, data position
+        optimizer.load_state_dict(resumed["optimizer"])
+        if resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"])
+        step, tokens = resumed["step"], resumed["tokens"]
+    wrapped = torch.compile(model) if cfg.compile else model
+    if ddp.world > 1:   # an MoE expert no token chose gets no gradient: DDP must allow for that
+        wrapped = DDP(wrapped, device_ids=[ddp.local] if device_type == "cuda" else None,
+                      find_unused_parameters=bool(mcfg.n_experts))
+    return SimpleNamespace(
+        cfg=cfg, ddp=ddp, model=wrapped, raw=model, optimizer=optimizer, scaler=scaler, lr_at=lr_at, dtype=dtype,
+        autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+        step=step, tokens=tokens, data_offset=offset, folder=folder, meta=meta,
+        train_bin=os.path.join(folder, "train.bin"), val_windows=evaluation_windows(folder, cfg),
+        tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world,
+        bytes_per_token=meta["val"]["bytes"] / meta["val"]["tokens"],
+        log=metrics.MetricsLog(cfg.out_dir, enabled=ddp.rank == 0 and not cfg.bench),
+        last_ckpt=resumed["path"] if resumed else None, tokenizer=checkpoint.tokenizer_record(meta))
+
+
+def prepare_out_dir(run, resumed):
+    """Only now, with configuration, checkpoint and data known good, is the output folder written:
+    leftovers of a crashed writer removed, the tokenizer beside the checkpoint, the metrics begun."""
+    cfg = run.cfg
+    if run.ddp.rank != 0 or cfg.bench:   # (a benchmark leaves the output folder alone)
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    checkpoint.remove_stale_temps(cfg.out_dir)
+    if run.meta["rank_file"]:
+        src = os.path.join(run.folder, run.meta["rank_file"])
+        checkpoint.atomic_write(os.path.join(cfg.out_dir, run.tokenizer["rank_file"]), lambda f: f.write(open(src, "rb").read()))
+    checkpoint.atomic_write_text(json.dumps(run.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
+    source = resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl")
+    run.log.start(resumed["step"] if resumed else None, source)
+
+
+def save(run):
+    """The checkpoint (rank 0): everything a resume needs to continue bitwise."""
+    if run.ddp.rank == 0:
+        run.last_ckpt = checkpoint.save(
+            run.cfg.out_dir, "pretrain", run.raw, optimizer=run.optimizer.state_dict(), step=run.step, tokens=run.tokens,
+            data_offset=run.data_offset, scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
+            config=dataclasses.asdict(run.cfg), tokenizer=run.tokenizer, rng=torch.get_rng_state())
+
+
+# ----------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def evaluate(run):
+    """-> (val loss in nats/token, bits/byte) over the fixed validation windows, split across ranks.
+    An MoE's balancing term is left out: the validation loss is the language-model loss."""
+    model, windows, B, device = run.raw, run.val_windows, run.cfg.batch_size, run.ddp.device
+    model.eval()
+    total = torch.zeros(2, device=device)     # sum of token losses, number of tokens
+    for i in range(run.ddp.rank * B, len(windows), run.ddp.world * B):
+        chunk = windows[i:i + B].to(device)    # [b, seq_len + 1]: inputs and targets shifted by one
+        with run.autocast:
+            loss = model(chunk[:, :-1], chunk[:, 1:])[1].float()
+        if model.moe_stats:
+            loss = loss - model.config.aux_loss_coef * model.moe_stats["aux_loss"].float()
+        total += torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
+    if run.ddp.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    val = (total[0] / total[1]).item()
+    return val, val / math.log(2) / run.bytes_per_token    # bits/byte = nats/token / ln 2 / bytes per token
+
+
+def train_step(run, lr):
+    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, MoE aux loss), all
+    averaged over micro-batches and ranks. A non-finite loss returns before the update (grad norm
+    None), so the weights and the last checkpoint stay good."""
+    cfg, ddp = run.cfg, run.ddp
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]              # muP: matrices lr / m
+    loss_sum = torch.zeros((), device=ddp.device)
+    aux_sum = torch.zeros((), device=ddp.device)
+    for micro in range(cfg.grad_accum):
         # windows are keyed by the global micro-batch index, so any split of the global batch over
-        # processes and accumulation steps reads the same data (and DDP ranks read different windows)
-        x, y = data.get_batch(bin_path, cfg.batch_size, cfg.seq_len, seed=seed, step=index, micro_step=micro)
-        return x.to(device), y.to(device)
+        # processes and accumulation steps reads the same data (and ranks read different windows)
+        x, y = data.get_batch(run.train_bin, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                              step=run.data_offset + run.step, micro_step=ddp.rank * cfg.grad_accum + micro)
+        sync = micro == cfg.grad_accum - 1 or ddp.world == 1   # DDP all-reduces on the last micro-batch only
+        with (nullcontext() if sync else run.model.no_sync()), run.autocast:
+            _, loss = run.model(x.to(ddp.device), y.to(ddp.device))
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float() / cfg.grad_accum
+        if run.raw.moe_stats:
+            aux_sum += run.raw.moe_stats["aux_loss"].detach().float() / cfg.grad_accum
+    if ddp.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(loss_sum):
+        run.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, None, aux_sum
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, aux_sum
 
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        total = torch.zeros(2, device=device)
-        for i in range(rank, cfg.eval_batches, world):
-            x, y = batch(val_bin, cfg.seed + 1, i, 0)     # the same fixed set at every evaluation
-            with autocast:
-                loss = raw_model(x, y)[1]
-            if raw_model.config.n_experts:   # the validation loss is the LM loss: drop the balancing term
-                loss = loss - raw_model.config.aux_loss_coef * raw_model.aux_loss
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
-        if world > 1:
-            dist.all_reduce(total)
-        model.train()
-        val_loss = (total[0] / total[1]).item()
-        return val_loss, val_loss / math.log(2) / bytes_per_token    # nats/token, bits/byte
 
-    def log(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    stop_signal = []   # SIGINT / SIGTERM: finish the step, save a checkpoint, exit
-    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    # ---- the loop
-    last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
-    if cfg.bench:
-        last_step = min(last_step, step + 30)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.startswith("cuda") and k in torch.cuda.get_device_name()), None)
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    last_ckpt, exit_code = resume_ckpt["path"] if resume_ckpt else None, 0
+def train(run):
+    """The loop: step, log, evaluate, checkpoint, until max_steps (or --stop_at, or a signal). -> exit code."""
+    cfg, master = run.cfg, run.ddp.rank == 0
+    last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
+    peak = next((v for k, v in plan.PEAK_FLOPS.items() if run.ddp.device.startswith("cuda")
+                 and k in torch.cuda.get_device_name(run.ddp.device)), None)
+    flops_per_token = run.raw.flops_per_token(cfg.seq_len)
     bar = None
-    if master and not cfg.bench:
+    if master:
         from tqdm import tqdm
-        bar = tqdm(total=last_step, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    bench_times = []
-    if not resume_ckpt and not cfg.bench and cfg.eval_interval > 0:   # the loss at initialisation
-        val_loss, val_bpb = evaluate()
-        log(dict(step=0, tokens=0, val_loss=val_loss, val_bpb=val_bpb))
-    t0 = time.time()
-    while step < last_step:
-        lr = lr_at(step)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)    # MoE load balancing (train_loss includes coef x it)
-        for micro in range(cfg.grad_accum):
-            x, y = batch(train_bin, cfg.seed, data_offset + step, rank * cfg.grad_accum + micro)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float() / cfg.grad_accum
-            if raw_model.config.n_experts:
-                aux_sum += raw_model.aux_loss.detach().float() / cfg.grad_accum
-        if step == cfg.inject_nan_at:
-            loss_sum = loss_sum * float("nan")
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(loss_sum):
-            say(f"train.py: loss is {loss_sum.item()} at step {step}; stopping. Last good checkpoint: "
-                f"{last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
-                file=sys.stderr)
-            exit_code = 1
-            break
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        if device.startswith("cuda") and (step % cfg.log_interval == 0 or cfg.bench):
-            torch.cuda.synchronize()
-        dt, t0 = time.time() - t0, time.time()
-        bench_times.append(dt)
-        if cfg.bench:
-            continue
-        tok_s = tokens_per_step / dt
-        if bar:
-            bar.set_postfix(loss=f"{loss_sum.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            bar.update(1)
-        record = dict(step=step, tokens=tokens, lr=lr)
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            record.update(train_loss=loss_sum.item(), grad_norm=grad_norm.item(), tokens_per_s=tok_s)
-            if raw_model.config.n_experts:   # logged apart, with each expert's share of the routed tokens
-                record["aux_loss"] = aux_sum.item()
-                record["expert_load"] = torch.stack([l.mlp.expert_load for l in raw_model.model.layers]).mean(0).tolist()
-            if peak:
-                record["mfu"] = tok_s * flops_per_token / world / peak
-        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            record["val_loss"], record["val_bpb"] = evaluate()
-            if bar:
-                bar.write(f"step {step}: val loss {record['val_loss']:.4f} nats/token, {record['val_bpb']:.4f} bits/byte")
-        if len(record) > 3:
-            log(record)
-            if master and "val_loss" in record:
-                plot_metrics(metrics_path, png_path, title=f"{cfg.preset}: {cfg.schedule}")
-        stopping = torch.tensor(float(bool(stop_signal)), device=device)
-        if world > 1:
-            dist.all_reduce(stopping)
-        if step % cfg.ckpt_interval == 0 or step == last_step or stopping.item():
-            if master:
-                last_ckpt = save_checkpoint(cfg, raw_model, optimizer, scaler, step, tokens, tokenizer, cfg.out_dir,
-                                            data_offset)
-        if stopping.item():
-            say(f"\nstopped by signal at step {step}; checkpoint saved: {last_ckpt}. Continue with --resume {cfg.out_dir}")
-            exit_code = 128 + stop_signal[0]
-            break
+        bar = tqdm(total=last, initial=run.step, desc="training", unit="step", dynamic_ncols=True)
+    if run.step == 0 and cfg.eval_interval:   # the loss at initialisation
+        val_loss, val_bpb = evaluate(run)
+        run.log(dict(step=0, tokens=0, val_loss=val_loss, val_bpb=val_bpb))
+    with cli.StopSignals() as stop:
         t0 = time.time()
+        while run.step < last:
+            lr = run.lr_at(run.step)
+            loss, grad_norm, aux = train_step(run, lr)
+            if grad_norm is None:
+                if bar:
+                    bar.close()
+                print(f"train.py: loss is {loss.item()} at step {run.step}; stopping. Last good checkpoint: "
+                      f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
+                      file=sys.stderr)
+                return 1
+            run.step, run.tokens = run.step + 1, run.tokens + run.tokens_per_step
+            if run.ddp.device.startswith("cuda") and run.step % cfg.log_interval == 0:
+                torch.cuda.synchronize()   # so the step time below is the GPU's, not the launch's
+            dt, t0 = time.time() - t0, time.time()
+            row = dict(step=run.step, tokens=run.tokens, lr=lr)
+            if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
+                row.update(train_loss=loss.item(), grad_norm=grad_norm.item(), tokens_per_s=run.tokens_per_step / dt)
+                if run.raw.moe_stats:   # logged apart, with each expert's share of the routed tokens
+                    row.update(aux_loss=aux.item(), expert_load=run.raw.moe_stats["expert_load"].tolist())
+                if peak:
+                    row["mfu"] = row["tokens_per_s"] * flops_per_token / run.ddp.world / peak
+            if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps):
+                row["val_loss"], row["val_bpb"] = evaluate(run)
+                if bar:
+                    bar.write(f"step {run.step}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte")
+            if bar:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            if len(row) > 3:
+                run.log(row)
+                if master and "val_loss" in row:
+                    plot(run)
+            stopping = torch.tensor(float(stop.signal is not None), device=run.ddp.device)
+            if run.ddp.world > 1:   # every rank stops at the same step
+                dist.all_reduce(stopping)
+            if run.step % cfg.ckpt_interval == 0 or run.step == last or stopping.item():
+                save(run)
+            if stopping.item():
+                if bar:
+                    bar.close()
+                print(f"\nstopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
+                      f"Continue with --resume {cfg.out_dir}")
+                return stop.exit_code or 130
+            t0 = time.time()
     if bar:
         bar.close()
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
-    if cfg.bench:
-        report_bench(cfg, raw_model, bench_times, tokens_per_step, world, dtype, device, peak)
-    elif master and exit_code == 0:
-        plot_metrics(metrics_path, png_path, title=f"{cfg.preset}: {cfg.schedule}")
-        say(f"done: {step} steps, {tokens:,} tokens; checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}")
-    # Tear down DDP cleanly: drop the wrapped model and collect it before destroying the process
-    # group; without this about 1 gloo run in 10 aborted at exit on our CPU machine.
-    del model
-    gc.collect()
-    return exit_code
+    if master:
+        plot(run)
+        print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}")
+    return 0
 
 
-def report_bench(cfg, model, times, tokens_per_step, world, dtype, device, peak):
-    """tokens/s after warm-up, and model FLOP/s against the peak (GPU) or a measured matmul (CPU)."""
-    steady = sorted(times[len(times) // 3:])[: max(1, 2 * len(times) // 3)]
-    tok_s = tokens_per_step / (sum(steady) / len(steady))
-    flops = tok_s * model.flops_per_token(cfg.seq_len) / world
-    if peak is None:   # measure this machine's matmul throughput in the training dtype, for ~1 s
-        n, reps = 1024, 0
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
+def plot(run):
+    """loss.png: train and validation loss against tokens, and the lr, beside each other."""
+    metrics.plot(run.log.rows(), os.path.join(run.cfg.out_dir, "loss.png"), x="tokens",
+                 title=f"{run.cfg.preset}: {run.lr_at.describe}",
+                 panels=[("loss (nats/token)", [("train_loss", "train loss"), ("val_loss", "validation loss")]),
+                         ("learning rate", [("lr", "lr (peak; matrices get lr / m)")])])
+
+
+# ----------------------------------------------------------------------------- beside the loop
+
+def dry_run(cfg, mcfg, ddp, dtype, lr_at):
+    """The plan of the run, for this or --dry_run_gpus processes, with nothing allocated (meta device)."""
+    with torch.device("meta"):
+        model = MiniCPM(mcfg)
+    world = max(ddp.world, cfg.dry_run_gpus)
+    print(plan.describe(model, cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, world, cfg.max_steps,
+                        cfg.grad_ckpt, lr_at.describe, dtype))
+    return 0
+
+
+def bench(run, steps=30):
+    """tokens/s of real training steps after warm-up, and model FLOP/s against the GPU's peak or, on
+    a CPU, this machine's measured matmul throughput. Writes nothing."""
+    times = []
+    for _ in range(steps):
         t = time.time()
-        while time.time() - t < 1.0:
-            a @ b
-            reps += 1
-        peak = 2 * n**3 * reps / (time.time() - t)
-    print(f"bench {cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
-          f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({'peak' if device.startswith('cuda') else 'measured matmul'}), "
-          f"dtype {str(dtype).split('.')[-1]}")
+        train_step(run, run.lr_at(run.step))
+        if run.ddp.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+    steady = sorted(times[steps // 3:])[: max(1, 2 * steps // 3)]   # past warm-up, without the slowest
+    tok_s = run.tokens_per_step / (sum(steady) / len(steady))
+    flops = tok_s * run.raw.flops_per_token(run.cfg.seq_len) / run.ddp.world
+    peak, what = plan.peak_flops(run.ddp.device, run.dtype)
+    if run.ddp.rank == 0:
+        print(f"bench {run.cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
+              f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {str(run.dtype).split('.')[-1]}")
+    return 0
+
+
+def run(argv):
+    cfg, overrides, explicit = parse_flags(argv)
+    cfg, resumed, source = resolve(cfg, overrides, explicit)
+    ddp = setup_distributed(cfg)
+    try:
+        check_attention(cfg, ddp.device)
+        dtype = cli.pick_dtype(cfg.dtype, ddp.device)
+        lr_at = wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=cfg.max_steps, warmup=cfg.warmup_steps,
+                            decay_steps=cfg.decay_steps, decay_start=cfg.decay_start, shape=cfg.decay_shape,
+                            final_frac=cfg.final_lr_frac, half_life=cfg.decay_half_life)
+        if not (cfg.dry_run or cfg.bench):
+            check_out_dir(cfg, resumed)
+        folder, meta = build_data(cfg, ddp)
+        mcfg = model_config(cfg, overrides, resumed, source, meta)
+        if cfg.dry_run:
+            return dry_run(cfg, mcfg, ddp, dtype, lr_at)
+        state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
+        if ddp.rank == 0:
+            print(plan.describe(state.raw, cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, ddp.world,
+                                cfg.max_steps, cfg.grad_ckpt, lr_at.describe, dtype))
+        if cfg.bench:
+            return bench(state)
+        prepare_out_dir(state, resumed)
+        return train(state)
+    finally:
+        # Tear DDP down cleanly: collect the wrapped model before destroying the process group;
+        # without this about 1 gloo run in 10 aborted at exit on our CPU machine.
+        state = None
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):
-    try:
-        cfg, overrides, explicit = parse_flags(argv if argv is not None else sys.argv[1:])
-        code = train(cfg, overrides, explicit)
-    except (TrainError, data.DataError, ValueError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        code = 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    return cli.main("train.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Our files on disk: the `ckpt.pt` format, atomic writes, the tokenizer record, and the released
+Hugging Face folder layout (config.json + pytorch_model.bin), for every script that reads or writes them.
+
+ckpt.pt is one dict, loaded with torch.load(weights_only=True) (tensors and plain containers only,
+so a checkpoint from elsewhere cannot run code):
+
+    kind          "pretrain" (train.py) or "dpo" (dpo.py): a script resumes only its own kind
+    model         the state dict, with the released parameter names
+    model_config  the MiniCPMConfig fields: the architecture only (never runtime choices such as
+                  the attention implementation, which the script running the model picks)
+    config        the run's flags as given, so a resume reproduces the run
+    tokenizer     {spec, rank_file, eot_id, vocab_size}: rank_file relative to the checkpoint folder
+    step, optimizer, rng, ...: whatever the writing script needs to resume exactly
+"""
+import json
+import os
+import tempfile
+from dataclasses import asdict
+
+import torch
+
+from cli import UsageError
+from minicpm import MiniCPM, MiniCPMConfig, config_from_hf
+
+KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}
+# Keys older checkpoints saved in model_config that are runtime choices, not architecture.
+RUNTIME_KEYS = ("attn_impl",)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path, write):
+    """write(file) into a temporary file in the same folder, then rename over path: a crash (even
+    kill -9) at any moment leaves either the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text, path):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files a killed writer left (atomic_write's .tmp-*): they are never
+    anything but half-written copies, and a checkpoint's can be large."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------- ckpt.pt
+
+def ckpt_path(path):
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def save(folder, kind, model, **state):
+    """Write folder/ckpt.pt atomically; state holds the writing script's resume information."""
+    assert kind in KINDS
+    atomic_save(dict(kind=kind, model=model.state_dict(), model_config=asdict(model.config), **state), os.path.join(folder, "ckpt.pt"))
+    return os.path.join(folder, "ckpt.pt")
+
+
+def load(path, kind=None, device="cpu"):
+    """A checkpoint (ckpt.pt or the folder holding it) as a dict, with "path" added. kind: the kind
+    the caller can resume; another kind is one line saying which script wrote it."""
+    path = ckpt_path(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: train one with python train.py, or give the right folder")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt["model"], ckpt["model_config"], ckpt["step"]
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, or not written by this project") from None
+    ckpt.setdefault("kind", "pretrain")                     # written before kinds existed
+    ckpt.setdefault("config", ckpt.pop("train_config", {}))
+    for key in RUNTIME_KEYS:                                # old checkpoints saved these: ignore them
+        ckpt["model_config"].pop(key, None)
+    if kind and ckpt["kind"] != kind:
+        raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {KINDS[ckpt['kind']]}, not a {kind} "
+                         f"one: resume it with {KINDS[ckpt['kind']]}, or start a new run from its weights "
+                         f"with --init_from {os.path.dirname(path)}")
+    ckpt["path"] = path
+    return ckpt
+
+
+def build_model(ckpt, device="cpu", **runtime):
+    """The checkpoint's model; runtime: the caller's choices (attn_impl, grad_ckpt)."""
+    try:
+        config = MiniCPMConfig(**ckpt["model_config"])
+    except TypeError as e:
+        raise UsageError(f"{ckpt['path']}: its model_config does not fit this version of minicpm.py ({e})") from None
+    model = MiniCPM(config, **runtime)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- tokenizer record
+
+def tokenizer_record(meta):
+    """What a checkpoint says of its tokenizer, from a data.py meta.json."""
+    return dict(spec=meta["tokenizer"], rank_file="tokenizer.tiktoken" if meta["rank_file"] else None,
+                eot_id=meta["eot_id"], vocab_size=meta["vocab_size"])
+
+
+def rank_file_path(ckpt):
+    """The absolute path of the checkpoint's BPE rank file (None for byte / named encodings)."""
+    rel = ckpt["tokenizer"]["rank_file"]
+    return rel and os.path.join(os.path.dirname(ckpt["path"]), rel)
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+def save_hf(model, out_dir, tokenizer_record=None):
+    """config.json + pytorch_model.bin with the released names, keys and shapes, written atomically;
+    with a tokenizer record, tokenizer_record.json too (sample.py --hf reads it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    atomic_write_text(json.dumps(model.hf_config(), indent=2) + "\n", os.path.join(out_dir, "config.json"))
+    if tokenizer_record:
+        atomic_write_text(json.dumps(tokenizer_record, indent=2) + "\n", os.path.join(out_dir, "tokenizer_record.json"))
+
+
+def load_hf(ckpt_dir, device="cpu", dtype=torch.float32, **runtime):
+    """A model in the released layout: ours, or MiniCPM's own (pytorch_model.bin, sharded .bin with an
+    index, or *.safetensors when the safetensors package is installed)."""
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isdir(ckpt_dir):
+        raise UsageError(f"{ckpt_dir} is not a folder: give a Hugging Face checkpoint folder (config.json + weights)")
+    if not os.path.isfile(path):
+        raise UsageError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        config = config_from_hf(hf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a usable config.json ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        model = MiniCPM(config, **runtime)
+    state = read_hf_weights(ckpt_dir)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)    # tied: the embedding is the head
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
+             if k in state and state[k].shape != s]
+    if missing or unexpected or wrong:
+        raise UsageError(f"checkpoint {ckpt_dir} does not fit its config.json: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if config.tie_word_embeddings:   # to_empty untied them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def read_hf_weights(ckpt_dir):
+    names = sorted(os.listdir(ckpt_dir))
+    bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    state = {}
+    if bins:
+        for n in bins:
+            try:
+                state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise UsageError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from None
+    elif safetensors:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UsageError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
+                             "package: pip install safetensors") from None
+        for n in safetensors:
+            state.update(load_file(os.path.join(ckpt_dir, n)))
+    else:
+        raise UsageError(f"{ckpt_dir} has neither pytorch_model*.bin nor *.safetensors weights")
+    return state
+

@@ -1,0 +1,70 @@
+"""A run's metrics.jsonl (one JSON object per line) and the PNG drawn from it, for train.py and dpo.py.
+
+Each row has a "step" and whatever was measured at it. A resumed run keeps the rows up to the step
+it resumes from and appends after them, so the file always tells one consistent history.
+"""
+import json
+import os
+
+from checkpoint import atomic_write_text
+from cli import UsageError
+
+
+def read(path):
+    """The rows of a metrics.jsonl; a corrupt line is one error naming the file and the line."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UsageError(f"{path}:{lineno} is not a JSON line: fix or delete that line") from None
+    return rows
+
+
+class MetricsLog:
+    """Appends rows to out_dir/metrics.jsonl. start(step) begins the history: empty for a new run,
+    the old rows up to `step` for a resumed one (rewritten atomically, never left half-cut)."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
+
+    def start(self, resumed_step=None, source=None):
+        if not self.enabled:
+            return
+        kept, source = [], source or self.path   # a resume into another folder starts from the old history
+        if resumed_step is not None and os.path.exists(source):
+            kept = [r for r in read(source) if r["step"] <= resumed_step]
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
+
+    def __call__(self, row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self):
+        return read(self.path)
+
+
+def plot(rows, png_path, panels, x="step", title=""):
+    """One subplot per panel: panels = [(y label, [(key, label), ...]), ...]; a series with few
+    points (evaluations) gets markers. Legends sit outside the axes, so they never hide a curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        for key, label in series:
+            pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if len(pts) < 0.2 * len(rows) else "-", ms=3, label=label,
+                        alpha=1.0 if len(pts) < 0.2 * len(rows) else 0.7)
+        ax.set(xlabel=x, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"   # written whole, then renamed: a viewer never sees half a PNG
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
