@@ -13,6 +13,8 @@ after --max_new_tokens, which is capped (with a note) so that prompt + new token
 --hf folders exported by this project carry tokenizer_record.json ({"spec": "bpe:4096", "rank_file":
 "tokenizer.tiktoken"}, the file relative to the folder, or null); --tokenizer SPEC[@RANK_FILE] gives
 one instead (SPEC: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is not supported.
+Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa here, whatever
+implementation the run trained with (that is the running script's choice, not the model's).
 """
 import codecs
 import json
@@ -23,12 +25,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
+import checkpoint
+import cli
 import data
-from minicpm import MiniCPM
-from train import TrainError, dataclass_flags, flag, load_checkpoint, model_from_checkpoint
+from cli import UsageError, flag
 
 BENCH_TOKENS = 512
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -43,14 +45,10 @@ class SampleConfig:
     top_k: int = flag(0, "sample only from the k most likely tokens (0: off)")
     top_p: float = flag(0.95, "nucleus sampling: the smallest set of tokens whose probability reaches p (1: off)")
     seed: int = flag(1337, "seed of the sampling random generator")
-    device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)")
+    device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
     dtype: str = flag("auto", "float32, bfloat16, float16, or auto (bfloat16 on CUDA, else float32)")
     no_cache: bool = flag(False, "recompute the full sequence every step (slow reference path)")
     bench: bool = flag(False, f"time {BENCH_TOKENS} greedy new tokens with and without the cache, then exit")
-
-
-class SampleError(Exception):
-    """A problem with the user's request: printed as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------- sampling and loading
@@ -122,36 +120,38 @@ class TextStream:
 
 
 def hf_tokenizer(folder):
+    """The tokenizer named by an exported folder's tokenizer_record.json (checkpoint.save_hf writes it)."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--hf {folder} is not a folder: give a Hugging Face checkpoint folder")
     record = os.path.join(folder, "tokenizer_record.json")
     if os.path.isfile(record):
         try:
             rec = json.load(open(record))
             spec, rank_file = rec["spec"], rec["rank_file"]
         except (ValueError, KeyError, TypeError) as e:
-            raise SampleError(f"{record} is not a tokenizer record ({type(e).__name__}): see --help") from None
+            raise UsageError(f"{record} is not a tokenizer record ({type(e).__name__}): see --help") from None
         return data.load_tokenizer(spec, rank_file and os.path.join(folder, rank_file))
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        raise SampleError(f"{folder} holds a sentencepiece tokenizer.model, which is not supported here: "
+        raise UsageError(f"{folder} holds a sentencepiece tokenizer.model, which is not supported here: "
                           "pass --tokenizer SPEC[@RANK_FILE] with a tiktoken tokenizer matching the model")
-    raise SampleError(f"{folder} has no tokenizer_record.json: pass --tokenizer SPEC[@RANK_FILE]")
+    raise UsageError(f"{folder} has no tokenizer_record.json: pass --tokenizer SPEC[@RANK_FILE]")
 
 
 def load(cfg, device, dtype):
     """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt; the tokenizer is --tokenizer
     SPEC[@RANK_FILE] when given, else the checkpoint's own record."""
-    ckpt = None if cfg.hf else load_checkpoint(cfg.ckpt, "cpu")
+    ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
     if cfg.tokenizer:
         spec, _, rank_file = cfg.tokenizer.partition("@")
         enc = data.load_tokenizer(spec, rank_file or None)
     elif cfg.hf:
         enc = hf_tokenizer(cfg.hf)
     else:
-        tok, folder = ckpt["tokenizer"], os.path.dirname(ckpt["path"])
-        enc = data.load_tokenizer(tok["spec"], tok["rank_file"] and os.path.join(folder, tok["rank_file"]))
-    attn = dict(attn_impl="sdpa")   # whatever the run trained with (triton is CUDA-only)
-    model = MiniCPM.from_hf(cfg.hf, device, dtype, **attn) if cfg.hf else model_from_checkpoint(ckpt, device, **attn).to(dtype)
+        enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
+    # the model file, then the weights: either layout; sdpa attention runs on every device
+    model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
     if enc.n_vocab != model.config.vocab_size:
-        raise SampleError(f"the tokenizer has {enc.n_vocab} tokens, the model {model.config.vocab_size}: wrong --tokenizer?")
+        raise UsageError(f"the tokenizer has {enc.n_vocab} tokens, the model {model.config.vocab_size}: wrong --tokenizer?")
     return model.eval(), enc
 
 
@@ -161,23 +161,22 @@ def prompt_ids(cfg, enc, block_size):
         try:
             text = open(text[1:], encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"cannot read the prompt file {text[1:]} ({type(e).__name__})") from None
+            raise UsageError(f"cannot read the prompt file {text[1:]} ({type(e).__name__})") from None
     ids = enc.encode(text, allowed_special={data.EOT}) if text else [enc.eot_token]
     if len(ids) >= block_size:
-        raise SampleError(f"the prompt is {len(ids)} tokens, too long for the model's context (block_size {block_size})")
+        raise UsageError(f"the prompt is {len(ids)} tokens, too long for the model's context (block_size {block_size})")
     return text, ids
 
 
 # ----------------------------------------------------------------------------- command line
 
 def parse_flags(argv):
-    cfg = dataclass_flags(SampleConfig, __doc__, argv, SampleError)
-    problems = [msg for bad, msg in [(min(cfg.num_samples, cfg.max_new_tokens) < 1, "--num_samples and --max_new_tokens must be >= 1"),
-                                     (min(cfg.temperature, cfg.top_k) < 0, "--temperature and --top_k must be >= 0"),
-                                     (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
-                                     (cfg.dtype not in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")] if bad]
-    if problems:
-        raise SampleError("; ".join(problems))
+    """The flags, every range checked before anything is loaded."""
+    cfg = cli.dataclass_flags(SampleConfig, __doc__, argv)
+    cli.check([(min(cfg.num_samples, cfg.max_new_tokens) < 1, "--num_samples and --max_new_tokens must be >= 1"),
+               (min(cfg.temperature, cfg.top_k) < 0, "--temperature and --top_k must be >= 0"),
+               (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
+               (cfg.dtype not in cli.DTYPES, f"--dtype must be one of {', '.join(cli.DTYPES)}")])
     return cfg
 
 
@@ -194,10 +193,10 @@ def bench(model, ids, n, where):
           f"{speeds[1]:,.1f} tokens/s, ratio {speeds[0] / speeds[1]:.1f}x; same tokens: {outputs[0] == outputs[1]}")
 
 
-def run(cfg):
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    auto = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    dtype = auto if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+def run(argv):
+    cfg = parse_flags(argv)
+    device = cli.pick_device(cfg.device)
+    dtype = cli.pick_dtype(cfg.dtype, device)   # here the weights' dtype: no autocast when sampling
     where = f"{device}, {str(dtype).removeprefix('torch.')}"
     model, enc = load(cfg, device, dtype)
     block_size = model.config.block_size
@@ -226,12 +225,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    try:
-        run(parse_flags(sys.argv[1:] if argv is None else argv))
-    except (SampleError, TrainError, data.DataError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main("sample.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -209,10 +209,36 @@ def test_split_is_by_document_hash_about_one_percent_and_stable(tmp_path):
     assert not (train_before & val_after)
 
 
+def test_validation_never_holds_a_document_that_is_also_in_train(tmp_path):
+    """The split is keyed by content: copies of one text under other names (the stdlib ships some
+    files several times) land on the same side, so no validation document is trained on."""
+    texts = make_corpus(tmp_path / "corpus", 300)
+    for rel, text in texts.items():    # every document twice more, under other paths
+        for copy in ("copy_a", "copy_b"):
+            (tmp_path / "corpus" / copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "corpus" / copy / rel).write_text(text)
+    out = data.prepare(str(tmp_path / "corpus"), "byte", data_dir=str(tmp_path), quiet=True, workers=1)
+    train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
+    assert val and not set(val) & set(train)
+    assert all(val.count(v) == 3 for v in val)          # each validation text with its copies
+    expected = {t for t in texts.values() if data.key_hash(t) < 0.01}   # the ~1% of lowest content hash
+    assert set(val) == expected
+
+
+def test_eval_windows_are_the_whole_split_or_spread_evenly(byte_dataset):
+    ids = data.open_tokens(byte_dataset / "val.bin")
+    whole = data.eval_windows(byte_dataset / "val.bin", 16, 0)
+    n = (len(ids) - 1) // 16
+    assert whole.shape == (n, 17) and whole[:, :-1].flatten().tolist() == ids[:n * 16].tolist()
+    some = data.eval_windows(byte_dataset / "val.bin", 16, 64)       # 4 windows, first and last at the ends
+    assert some.shape == (4, 17) and some[0].tolist() == ids[:17].tolist()
+    assert some[-1].tolist() == ids[len(ids) - 17:].tolist()
+
+
 def test_small_corpus_still_gets_one_validation_document(tmp_path):
     texts = make_corpus(tmp_path / "corpus", 4)
-    assert not any(data.key_hash(k) < 0.01 for k in texts)  # so hashing alone gives no validation
-    lowest = min(texts, key=data.key_hash)
+    assert not any(data.key_hash(t) < 0.01 for t in texts.values())  # so hashing alone gives no validation
+    lowest = min(texts, key=lambda k: data.key_hash(texts[k]))
     out = data.prepare(str(tmp_path / "corpus"), "byte", data_dir=str(tmp_path), quiet=True, workers=1)
     assert decoded_documents(out, "val") == [texts[lowest]]
     assert len(decoded_documents(out, "train")) == 3
@@ -359,7 +385,7 @@ def test_empty_sources_are_errors(tmp_path):
 
 def test_large_corpus_with_no_validation_document_is_an_error(tmp_path, monkeypatch):
     texts = make_corpus(tmp_path / "corpus", 4)
-    assert not any(data.key_hash(k) < 0.01 for k in texts)
+    assert not any(data.key_hash(t) < 0.01 for t in texts.values())
     monkeypatch.setattr(data, "SMALL_CORPUS_BYTES", 0)  # as if the corpus were too large to read twice
     with pytest.raises(data.DataError, match="none of the 4 documents.*validation"):
         data.prepare(str(tmp_path / "corpus"), "byte", data_dir=str(tmp_path), quiet=True, workers=1)

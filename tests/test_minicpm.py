@@ -1,5 +1,5 @@
 """Tests of minicpm.py against independent references: the paper's parameter counts, a float64
-re-implementation of the released MiniCPM forward pass written here from SPEC §1-2, a naive
+re-implementation of the released MiniCPM forward pass written here from §2, Table 2-2, a naive
 causality check, cache decoding, a muP coordinate check, and the Hugging Face layout."""
 import json
 import math
@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from conftest import small_config
+import checkpoint
+import plan
+from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig, PRESETS, get_config
 
 
@@ -17,7 +20,7 @@ from minicpm import MiniCPM, MiniCPMConfig, PRESETS, get_config
 def reference_logits(state, hf, ids):
     """The released MiniCPM forward pass in float64, from a state dict with the released names and
     a released-style config.json dict. Written independently of minicpm.py: explicit einsum
-    attention, its own RoPE tables, every scaling spelled out (SPEC §1-2)."""
+    attention, its own RoPE tables, every scaling spelled out (§2, Table 2-2)."""
     w = {k: v.double() for k, v in state.items()}
     d, L = hf["hidden_size"], hf["num_hidden_layers"]
     nq, nkv = hf["num_attention_heads"], hf["num_key_value_heads"]
@@ -61,7 +64,7 @@ def reference_logits(state, hf, ids):
 
 
 def spec_names_and_shapes(cfg):
-    """SPEC §8's weight names with [out_features, in_features] shapes."""
+    """the released config.json's weight names with [out_features, in_features] shapes."""
     d, hd, f = cfg.n_embd, cfg.head_dim, cfg.ffn_dim
     out = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,),
            "lm_head.weight": (cfg.vocab_size, d)}
@@ -91,7 +94,7 @@ def perturbed(model, seed=1):
 # ----------------------------------------------------------------------------- tests
 
 def test_paper_non_embedding_parameter_counts():
-    def spec_formula(c):  # SPEC §1
+    def spec_formula(c):  # §2, Table 2
         h = c.head_dim
         return c.n_layer * (2 * c.n_embd * c.n_head * h + 2 * c.n_embd * c.n_kv_head * h + 3 * c.n_embd * c.ffn_dim
                             + 2 * c.n_embd) + c.n_embd
@@ -117,8 +120,8 @@ def test_wind_tunnel_presets_match_table_8():
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 def test_logits_equal_float64_reference(n_kv_head, attn_impl):
     torch.manual_seed(0)
-    cfg = small_config(n_kv_head=n_kv_head, attn_impl=attn_impl)
-    model = perturbed(MiniCPM(cfg)).double()
+    cfg = small_config(n_kv_head=n_kv_head)
+    model = perturbed(MiniCPM(cfg, attn_impl=attn_impl)).double()
     ids = random_ids(cfg)
     logits, _ = model(ids)
     expected = reference_logits(model.state_dict(), model.hf_config(), ids)
@@ -161,8 +164,8 @@ def test_causality():
 def test_kv_cache_decoding_matches_full_forward(attn_impl, n_kv_head):
     torch.manual_seed(0)
     # m = 1 here: with d 64 below d_base 256 the head would multiply fp32 rounding by 4
-    cfg = small_config(n_kv_head=n_kv_head, attn_impl=attn_impl, dim_model_base=64)
-    model = MiniCPM(cfg).eval()
+    cfg = small_config(n_kv_head=n_kv_head, dim_model_base=64)
+    model = MiniCPM(cfg, attn_impl=attn_impl).eval()
     ids = random_ids(cfg, B=2, T=30)
     full, _ = model(ids)
     cache = model.new_cache(batch_size=2, max_len=40)
@@ -261,7 +264,7 @@ def test_save_hf_then_from_hf(tmp_path):
     torch.manual_seed(0)
     cfg = small_config()
     model = perturbed(MiniCPM(cfg))
-    model.save_hf(tmp_path)
+    checkpoint.save_hf(model, tmp_path)
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     expected = spec_names_and_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
@@ -271,7 +274,7 @@ def test_save_hf_then_from_hf(tmp_path):
                 "scale_emb", "dim_model_base", "scale_depth"]:
         assert key in hf, key
     assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"]) == (12.0, 1.4, 256)
-    loaded = MiniCPM.from_hf(tmp_path)
+    loaded = checkpoint.load_hf(tmp_path)
     ids = random_ids(cfg)
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -301,7 +304,7 @@ def released_style_checkpoint(path, cfg, seed=0):
 def test_loads_released_checkpoint_layout(tmp_path, n_kv_head):
     cfg = small_config(n_kv_head=n_kv_head)
     state, hf = released_style_checkpoint(tmp_path, cfg)
-    model = MiniCPM.from_hf(tmp_path)
+    model = checkpoint.load_hf(tmp_path)
     assert "rope_theta" not in hf and model.config.rope_theta == 10000.0      # absent means 10000
     ids = random_ids(cfg)
     expected = reference_logits(state, hf, ids)
@@ -317,31 +320,31 @@ def test_safetensors_checkpoint_needs_the_package(tmp_path):
         from safetensors.torch import save_file
     except ImportError:
         (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
-        with pytest.raises(ImportError, match="pip install safetensors"):
-            MiniCPM.from_hf(tmp_path)
+        with pytest.raises(UsageError, match="pip install safetensors"):
+            checkpoint.load_hf(tmp_path)
     else:
         save_file(state, str(tmp_path / "model.safetensors"))
         ids = random_ids(cfg)
         ref = reference_logits(state, json.loads((tmp_path / "config.json").read_text()), ids)
-        torch.testing.assert_close(MiniCPM.from_hf(tmp_path)(ids)[0].double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(checkpoint.load_hf(tmp_path)(ids)[0].double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
     cfg = small_config()
-    MiniCPM(cfg).save_hf(tmp_path / "ok")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        MiniCPM.from_hf(tmp_path)
+    checkpoint.save_hf(MiniCPM(cfg), tmp_path / "ok")
+    with pytest.raises(UsageError, match="no config.json"):
+        checkpoint.load_hf(tmp_path)
     # config says 3 layers, weights have 2
     hf = json.loads((tmp_path / "ok" / "config.json").read_text())
     hf["num_hidden_layers"] = 3
     (tmp_path / "ok" / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match="does not fit its config.json"):
-        MiniCPM.from_hf(tmp_path / "ok")
+    with pytest.raises(UsageError, match="does not fit its config.json"):
+        checkpoint.load_hf(tmp_path / "ok")
     hf["num_hidden_layers"] = 2
     (tmp_path / "ok" / "config.json").write_text(json.dumps(hf))
     (tmp_path / "ok" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt"):
-        MiniCPM.from_hf(tmp_path / "ok")
+    with pytest.raises(UsageError, match="corrupt"):
+        checkpoint.load_hf(tmp_path / "ok")
 
 
 def test_bad_configs_are_clear_errors():
@@ -351,8 +354,8 @@ def test_bad_configs_are_clear_errors():
         small_config(n_kv_head=3)
     with pytest.raises(ValueError, match="unknown preset 'minicpm-7b'.*tiny.*minicpm-2.4b"):
         get_config("minicpm-7b")
-    with pytest.raises(ValueError, match="attn_impl"):
-        small_config(attn_impl="flash")
+    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+        MiniCPM(small_config(), attn_impl="flash")
     model = MiniCPM(small_config())
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
         model(torch.tensor([[1, 2, 97]]))
@@ -371,16 +374,16 @@ def test_train_memory_counts_weights_grads_and_adam():
     with torch.device("meta"):
         model = MiniCPM(get_config("minicpm-2.4b"))
     n = model.num_params(non_embedding=False)
-    mem = model.train_memory(seq_len=4096)
+    mem = plan.train_memory(model, seq_len=4096)
     assert (mem["weights"], mem["grads"], mem["adam"]) == (4 * n, 4 * n, 8 * n)
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
-    assert model.train_memory(seq_len=4096, grad_ckpt=True)["activations"] < mem["activations"] / 2
+    assert plan.train_memory(model, seq_len=4096, grad_ckpt=True)["activations"] < mem["activations"] / 2
     assert 40 * 2**30 < mem["total"] < 80 * 2**30        # fits one 80 GB GPU, as the paper trained it
 
 
 def test_preset_table_runs(repo_root):
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "minicpm.py"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "plan.py"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "2,442,057,984" in out.stdout and "1,247,442,432" in out.stdout

@@ -1,7 +1,7 @@
 """Tests of moe.py against independent references: a naive per-token MoE written here (forward and
 gradients, float64), the dense model for upcycling, the load-balancing loss computed by hand on
 hand-made router outputs, the model loss recomputed from captured layer inputs, the checkpoint
-layout, and the paper's MiniCPM-MoE parameter counts (SPEC §5)."""
+layout, and the paper's MiniCPM-MoE parameter counts (§7.3)."""
 import json
 import os
 
@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_config
+import checkpoint
 from minicpm import MiniCPM, get_config
 from moe import MoE, upcycle
+
+
+def make_moe(cfg):
+    return MoE(cfg.n_embd, cfg.ffn_dim, cfg.n_experts, cfg.top_k)
 
 
 def moe_config(**overrides):
@@ -20,7 +25,7 @@ def moe_config(**overrides):
 
 def random_moe(cfg, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    layer = MoE(cfg).to(dtype)
+    layer = make_moe(cfg).to(dtype)
     for p in layer.parameters():            # O(1) router logits, so top-k is a real choice
         torch.nn.init.normal_(p, std=cfg.n_embd ** -0.5)
     return layer
@@ -29,7 +34,7 @@ def random_moe(cfg, seed=0, dtype=torch.float64):
 # ----------------------------------------------------------------------------- references
 
 def naive_moe(layer, x):
-    """The MoE layer one token at a time, from SPEC §5: softmax over the experts, keep the top_k,
+    """The MoE layer one token at a time, from §7.3: softmax over the experts, keep the top_k,
     renormalise them, sum the chosen experts' SwiGLU outputs. Also the Switch load-balancing loss
     with its counts kept in plain Python. Reads only the weight tensors of `layer`."""
     E, k = layer.n_experts, layer.top_k
@@ -105,7 +110,7 @@ def test_layer_equals_naive_per_token_reference(n_experts, top_k, n_tokens):
 
 
 def test_layer_state_dict_names():
-    layer = MoE(moe_config())
+    layer = make_moe(moe_config())
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
     expected = {"gate.weight": (4, 64)}
     for j in range(4):
@@ -126,7 +131,7 @@ HAND_AUX = 4 * (1 / 8 * .175 + 3 / 8 * .375 + 2 / 8 * .225 + 2 / 8 * .225)   # =
 
 def test_balancing_loss_hand_computed():
     assert HAND_AUX == pytest.approx(1.1)
-    layer = MoE(moe_config()).double()
+    layer = make_moe(moe_config()).double()
     set_identity_router(layer)
     x = tokens_with_probs(HAND_PROBS, 64).view(2, 2, 64).requires_grad_()   # a [B, T, d] batch
     layer(x)
@@ -143,7 +148,7 @@ def test_balancing_loss_hand_computed():
 
 
 def test_balancing_loss_is_one_when_balanced():
-    layer = MoE(moe_config()).double()
+    layer = make_moe(moe_config()).double()
     # every expert chosen by exactly 2 of the 8 assignments (f uniform), P not uniform
     set_identity_router(layer)
     balanced = [[.4, .3, .2, .1], [.1, .1, .4, .4], [.1, .6, .2, .1], [.5, .1, .1, .3]]
@@ -181,7 +186,7 @@ def test_model_loss_is_cross_entropy_plus_mean_aux_and_router_learns():
     assert len(aux) == 2 and all(a > 0.5 for a in aux)
     expected = ce + 0.01 * sum(aux) / len(aux)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert model.aux_loss.item() == pytest.approx((sum(aux) / 2).item(), rel=1e-5)
+    assert model.moe_stats["aux_loss"].item() == pytest.approx((sum(aux) / 2).item(), rel=1e-5)
     loss.backward()
     for layer in model.model.layers:   # the router learns: from the top-k weights and the aux loss
         assert layer.mlp.gate.weight.grad is not None and layer.mlp.gate.weight.grad.abs().sum() > 0
@@ -261,7 +266,7 @@ def test_upcycle_copies_weights_and_inits_router():
 def test_save_hf_then_from_hf(tmp_path):
     torch.manual_seed(0)
     model = MiniCPM(moe_config())
-    model.save_hf(tmp_path)
+    checkpoint.save_hf(model, tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     assert hf["num_experts"] == 4 and hf["num_experts_per_tok"] == 2
     state = torch.load(os.path.join(tmp_path, "pytorch_model.bin"), weights_only=True)
@@ -274,7 +279,7 @@ def test_save_hf_then_from_hf(tmp_path):
             assert state[f"{p}experts.{j}.w2.weight"].shape == (64, 160)
         assert not any(k.startswith(p + "gate_proj") or k.startswith(p + "up_proj") for k in state)
     assert len([k for k in state if ".mlp." in k]) == 2 * (1 + 4 * 3)
-    loaded = MiniCPM.from_hf(tmp_path)
+    loaded = checkpoint.load_hf(tmp_path)
     assert loaded.config.n_experts == 4 and loaded.config.top_k == 2
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -284,7 +289,7 @@ def test_save_hf_then_from_hf(tmp_path):
 # ----------------------------------------------------------------------------- parameter counts
 
 def test_minicpm_moe_parameter_counts():
-    """SPEC §5: 13.6B non-embedding parameters, about 4B activated per token."""
+    """§7.3: 13.6B non-embedding parameters, about 4B activated per token."""
     cfg = get_config("minicpm-2.4b", n_experts=8, top_k=2)
     with torch.device("meta"):
         model = MiniCPM(cfg)

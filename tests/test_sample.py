@@ -1,6 +1,6 @@
 """Tests of sample.py: KV-cache decoding against recomputing the whole sequence, the sampling filters
 (top-k, top-p) on hand-made distributions, seeds, the end-of-text stop, streaming of multi-byte
-characters, and the command line (checkpoints from train.save_checkpoint, HF folders from save_hf)."""
+characters, and the command line (checkpoints from checkpoint.save, HF folders from checkpoint.save_hf)."""
 import collections
 import itertools
 import json
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import data
+import checkpoint
 import sample
-import train
 from conftest import ROOT, small_config
 from minicpm import MiniCPM
 
@@ -154,16 +154,15 @@ def ckpt_dir(tmp_path_factory):
     vocab, _ = data.learn_bpe(collections.Counter(data.split_chunks(TEXT)), 299)
     data.write_rank_file(folder / "tokenizer.tiktoken", vocab)
     model = random_model(vocab_size=300, block_size=64)
-    train.save_checkpoint(train.TrainConfig(), model, torch.optim.AdamW(model.parameters()),
-                          torch.amp.GradScaler("cpu", enabled=False), 0, 0,
-                          dict(spec="bpe:300", rank_file="tokenizer.tiktoken", eot_id=299, vocab_size=300), folder)
+    checkpoint.save(folder, "pretrain", model, step=0, tokenizer=dict(spec="bpe:300", rank_file="tokenizer.tiktoken",
+                                                                      eot_id=299, vocab_size=300))
     return folder
 
 
 @pytest.fixture(scope="module")
 def hf_dir(ckpt_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    train.model_from_checkpoint(train.load_checkpoint(str(ckpt_dir))).save_hf(folder)
+    checkpoint.save_hf(checkpoint.build_model(checkpoint.load(str(ckpt_dir))), folder)
     shutil.copy(ckpt_dir / "tokenizer.tiktoken", folder / "ranks.tiktoken")
     (folder / "tokenizer_record.json").write_text(json.dumps({"spec": "bpe:300", "rank_file": "ranks.tiktoken"}))
     return folder
@@ -263,3 +262,15 @@ def test_bench_compares_cache_and_recompute(ckpt_dir, capsys):
     out = capsys.readouterr().out
     assert re.search(r"bench: 63 new tokens, greedy, cpu, float32: KV cache [\d,.]+ tokens/s, no cache [\d,.]+ "
                      r"tokens/s, ratio [\d.]+x; same tokens: True", out), out
+
+
+def test_checkpoint_trained_with_triton_attention_samples_on_a_cpu(ckpt_dir, tmp_path, capsys):
+    """The attention implementation is the running script's choice: an old checkpoint that saved
+    attn_impl "triton" in its model config samples on a CPU (with sdpa), as does a dpo.py one."""
+    ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
+    ckpt["model_config"]["attn_impl"] = "triton"
+    ckpt["kind"] = "dpo"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    shutil.copy(ckpt_dir / "tokenizer.tiktoken", tmp_path / "tokenizer.tiktoken")
+    assert sample.main(["--ckpt", str(tmp_path), "--prompt", "def ", "--max_new_tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("def ")

@@ -11,14 +11,15 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import train
+from checkpoint import atomic_save
 from conftest import SMALL_MODEL, metrics
-from minicpm import atomic_save
 
 
 def flags(corpus, out_dir, *extra):
     return ["--source", corpus["source"], "--tokenizer", "byte", "--data_dir", corpus["data_dir"],
-            "--out_dir", str(out_dir), *SMALL_MODEL, "--eval_batches", "2", *map(str, extra)]
+            "--out_dir", str(out_dir), *SMALL_MODEL, "--eval_tokens", "512", *map(str, extra)]
 
 
 def run_cli(args, timeout=300, **kw):
@@ -42,13 +43,13 @@ def test_loss_falls_and_outputs_are_written(corpus, tmp_path):
         if "val_loss" in r:
             assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) * tokens_per_byte, rel=1e-9)
     assert open(tmp_path / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    ckpt = train.load_checkpoint(str(tmp_path))
+    ckpt = checkpoint.load(str(tmp_path))
     assert ckpt["step"] == 20 and ckpt["tokens"] == 20 * 4 * 32
     assert ckpt["tokenizer"]["spec"] == "bpe:300" and ckpt["tokenizer"]["vocab_size"] == 300
     import data
     enc = data.load_tokenizer("bpe:300", str(tmp_path / ckpt["tokenizer"]["rank_file"]))
     assert enc.decode(enc.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
-    model = train.model_from_checkpoint(ckpt)
+    model = checkpoint.build_model(ckpt)
     assert model.config.n_layer == 2 and model.config.vocab_size == 300
 
 
@@ -65,7 +66,7 @@ def test_resume_is_bitwise_exact(corpus, tmp_path):
     common = ("--max_steps", 12, "--eval_interval", 6, "--log_interval", 1, "--ckpt_interval", 100)
     assert train.main(flags(corpus, tmp_path / "whole", *common)) == 0
     assert train.main(flags(corpus, tmp_path / "parts", *common, "--stop_at", 5)) == 0
-    assert train.load_checkpoint(str(tmp_path / "parts"))["step"] == 5
+    assert checkpoint.load(str(tmp_path / "parts"))["step"] == 5
     assert train.main(["--resume", str(tmp_path / "parts"), "--stop_at", "9"]) == 0     # in two more pieces
     assert train.main(["--resume", str(tmp_path / "parts")]) == 0
     whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
@@ -83,7 +84,7 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
             raise RuntimeError("simulated crash in the middle of writing")
     with pytest.raises(RuntimeError, match="simulated crash"):
         atomic_save({"model": {"w": torch.zeros(1000)}, "boom": ExplodesWhilePickled()}, path)
-    assert train.load_checkpoint(path)["step"] == 7
+    assert checkpoint.load(path)["step"] == 7
     assert os.listdir(tmp_path) == ["ckpt.pt"]                       # no temporary file left behind
 
 
@@ -125,13 +126,23 @@ def test_resume_with_different_config_lists_the_fields(corpus, tmp_path):
     assert "lr: checkpoint has 0.01, given 0.5" in out.stderr and "n_layer: checkpoint has 2, given 3" in out.stderr
 
 
-def test_nan_loss_stops_and_names_the_last_checkpoint(corpus, tmp_path, capsys):
-    code = train.main(flags(corpus, tmp_path, "--max_steps", 10, "--ckpt_interval", 2, "--eval_interval", 0,
-                            "--inject_nan_at", 5))
+def test_nan_loss_stops_and_names_the_last_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    # the model's 6th training forward (step 5) returns a NaN loss: the guard must stop before the update
+    forward, calls = train.MiniCPM.forward, []
+
+    def nan_at_step_5(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 6:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(train.MiniCPM, "forward", nan_at_step_5)
+    code = train.main(flags(corpus, tmp_path, "--max_steps", 10, "--ckpt_interval", 2, "--eval_interval", 0))
     assert code == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and str(tmp_path / "ckpt.pt") in err
-    assert train.load_checkpoint(str(tmp_path))["step"] == 4      # the last good one, untouched
+    assert checkpoint.load(str(tmp_path))["step"] == 4      # the last good one, untouched
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(corpus, tmp_path):
@@ -145,7 +156,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(corpus, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    step = train.load_checkpoint(str(tmp_path))["step"]
+    step = checkpoint.load(str(tmp_path))["step"]
     assert step >= 1 and f"stopped by signal at step {step}" in out
 
 
@@ -172,3 +183,80 @@ def test_bench_reports_throughput(corpus, tmp_path):
     out = run_cli(flags(corpus, tmp_path, "--bench", "--max_steps", 6))
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stdout and "% of" in out.stdout
+
+
+def test_branched_decay_with_default_flags_equals_the_planned_run(corpus, tmp_path):
+    """§4.3: a stable trunk (constant lr) resumed with a WSD decay is bitwise the run planned with that
+    decay from the start, with every schedule default in play (warmup, decay length, final lr)."""
+    assert train.main(flags(corpus, tmp_path / "planned", "--max_steps", 24, "--eval_interval", 12,
+                            "--log_interval", 1)) == 0
+    assert train.main(flags(corpus, tmp_path / "trunk", "--schedule", "constant", "--max_steps", 22,
+                            "--eval_interval", 12, "--log_interval", 1)) == 0
+    # the default decay of a 24-step run is its last 10%: from step 22; branch a copy of the trunk there
+    import shutil
+    shutil.copytree(tmp_path / "trunk", tmp_path / "branch")
+    assert train.main(["--resume", str(tmp_path / "branch"), "--schedule", "wsd", "--max_steps", "24"]) == 0
+    planned, branch = metrics(tmp_path / "planned"), metrics(tmp_path / "branch")
+    keys = ("step", "lr", "train_loss", "grad_norm")   # (the trunk also evaluated at its own end, step 22)
+    assert [[r.get(k) for k in keys] for r in branch] == [[r.get(k) for k in keys] for r in planned]
+    assert branch[-1]["val_loss"] == planned[-1]["val_loss"]
+    assert planned[-1]["lr"] < 0.01 and planned[16]["lr"] == 0.01   # (row 0 is the evaluation at step 0)
+
+
+def test_a_new_run_never_replaces_an_existing_one(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path / "a", "--max_steps", 2, "--eval_interval", 0)) == 0
+    before = {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")}
+    out = run_cli(flags(corpus, tmp_path / "a", "--max_steps", 3, "--eval_interval", 0))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "already holds a run" in out.stderr and "--resume" in out.stderr and "--overwrite" in out.stderr
+    assert {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")} == before
+    assert train.main(flags(corpus, tmp_path / "a", "--max_steps", 3, "--eval_interval", 0, "--overwrite")) == 0
+    assert checkpoint.load(str(tmp_path / "a"))["step"] == 3
+
+
+def test_resume_into_another_folder_keeps_both_histories(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path / "a", "--max_steps", 6, "--stop_at", 3, "--eval_interval", 0,
+                            "--log_interval", 1)) == 0
+    a_metrics = (tmp_path / "a" / "metrics.jsonl").read_bytes()
+    assert train.main(["--resume", str(tmp_path / "a"), "--out_dir", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == a_metrics          # A untouched
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]       # B: A's history, then on
+    assert checkpoint.load(str(tmp_path / "a"))["step"] == 3 and checkpoint.load(str(tmp_path / "b"))["step"] == 6
+
+
+def test_validation_covers_the_whole_split_when_asked(corpus, tmp_path):
+    """--eval_tokens 0: the loss over every consecutive window of val.bin, recomputed here by hand
+    with plain cross-entropy on the saved model."""
+    assert train.main(flags(corpus, tmp_path, "--max_steps", 2, "--eval_interval", 2, "--eval_tokens", 0,
+                            "--batch_size", 64)) == 0
+    ckpt = checkpoint.load(str(tmp_path))
+    model = checkpoint.build_model(ckpt).eval()
+    import numpy as np
+    import data
+    val_bin = os.path.join(corpus["data_dir"], data.default_name(corpus["source"], "byte"), "val.bin")
+    ids = np.fromfile(val_bin, dtype=np.uint16).astype(np.int64)
+    n = (len(ids) - 1) // 32
+    windows = torch.from_numpy(np.stack([ids[i * 32:i * 32 + 33] for i in range(n)]))   # consecutive, all of it
+    with torch.no_grad():
+        logits = torch.cat([model(w[:, :-1])[0] for w in windows.split(512)])
+    total = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+    assert metrics(tmp_path)[-1]["val_loss"] == pytest.approx((total / (n * 32)).item(), rel=1e-5)
+    assert data.eval_windows(val_bin, 32, 0).shape == (n, 33)
+
+
+def test_checkpoints_from_older_versions_with_attn_impl_still_load(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path / "old", "--max_steps", 2, "--eval_interval", 0)) == 0
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    ckpt["model_config"]["attn_impl"] = "triton"            # as runs with --attn triton used to save
+    ckpt["train_config"] = ckpt.pop("config")               # and the old name of the flags
+    del ckpt["kind"]
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    assert train.main(["--resume", str(tmp_path / "old"), "--max_steps", "3"]) == 0
+    assert train.main(flags(corpus, tmp_path / "new", "--init_from", tmp_path / "old", "--max_steps", 1,
+                            "--eval_interval", 0)) == 0
+
+
+def test_triton_attention_on_a_cpu_is_one_line(corpus, tmp_path):
+    out = run_cli(flags(corpus, tmp_path, "--attn", "triton", "--device", "cpu", "--max_steps", 2))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "--attn triton needs a CUDA GPU" in out.stderr and not os.listdir(tmp_path)
