@@ -115,6 +115,30 @@ def build_model(ckpt, device="cpu", **runtime):
     return model.to(device)
 
 
+# ----------------------------------------------------------------------------- a run's folder
+
+def check_run_folder(out_dir, resumed_path=None, overwrite=False):
+    """A new run never replaces an existing one by accident. Continuing a run in its own folder is
+    fine; continuing it into another folder must not land on a third run either (it starts that
+    folder's history from the resumed run's, so nothing there is silently cut)."""
+    same = resumed_path and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resumed_path))
+    taken = [n for n in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]
+    if taken and not same and not overwrite:
+        raise UsageError(f"{out_dir} already holds a run ({', '.join(taken)}): continue it with --resume "
+                         f"{out_dir}, or replace it with --overwrite (or choose another --out_dir)")
+
+
+def start_run_folder(out_dir, rank_file=None, record=None):
+    """Create out_dir, clear a crashed writer's leftovers, and put the tokenizer's rank file beside
+    the checkpoint (as record["rank_file"]), so the folder is self-contained."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temps(out_dir)
+    if rank_file and record and record.get("rank_file"):
+        with open(rank_file, "rb") as f:
+            ranks = f.read()
+        atomic_write(os.path.join(out_dir, record["rank_file"]), lambda f: f.write(ranks))
+
+
 # ----------------------------------------------------------------------------- tokenizer record
 
 def tokenizer_record(meta):

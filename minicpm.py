@@ -59,7 +59,7 @@ class MiniCPMConfig:
     top_k: int = 2                # experts per token
     aux_loss_coef: float = 0.01   # load-balancing loss weight
 
-    def __post_init__(self):
+    def __post_init__(self):   # every field checked at once: one error lists every problem
         sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size")
         problems = [f"{name} must be positive (got {getattr(self, name)})" for name in sizes if getattr(self, name) <= 0]
         if not problems:
@@ -90,6 +90,18 @@ class MiniCPMConfig:
     @property
     def residual_mult(self):
         return self.scale_depth / math.sqrt(self.n_layer) if self.mup else 1.0
+
+
+# One line of help per field, for the scripts that expose the config as flags (train.py).
+CONFIG_HELP = dict(
+    vocab_size="vocabulary size (train.py: the dataset's)", n_layer="decoder layers", n_embd="model width d",
+    n_head="query heads", n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",
+    block_size="longest sequence the model accepts", rope_theta="RoPE base", norm_eps="RMSNorm epsilon",
+    mup="muP scalings, init and lr groups (false: standard parameterisation)",
+    scale_emb="muP embedding multiplier (§3.1: 12)", scale_depth="muP residual multiplier (§3.1: 1.4)",
+    dim_model_base="muP base width: m = n_embd / dim_model_base (256)",
+    init_std="init std (matrices: init_std / sqrt(m) under muP)", tie_word_embeddings="share the input embedding and the output head",
+    n_experts="MoE experts per layer (0: dense)", top_k="MoE experts per token", aux_loss_coef="MoE load-balancing loss weight (§7.3: 0.01)")
 
 
 def _preset(n_layer, d, n_head, n_kv_head, vocab, block_size=4096, **kw):

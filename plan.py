@@ -34,9 +34,11 @@ def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False):
     return parts
 
 
-def describe(model, name, batch_size, seq_len, grad_accum, world, max_steps, grad_ckpt, schedule, dtype):
-    """The plan train.py prints before it trains (and --dry_run prints instead of training)."""
-    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt)
+def describe(model, cfg, world, dtype, schedule):
+    """The plan train.py prints before it trains (and --dry_run prints instead of training); cfg is
+    train.py's config (preset, batch_size, seq_len, grad_accum, max_steps, grad_ckpt)."""
+    name, batch_size, seq_len, grad_accum, max_steps = cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.max_steps
+    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=cfg.grad_ckpt)
     fpt = model.flops_per_token(seq_len)
     tokens_per_step = batch_size * seq_len * grad_accum * world
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -52,14 +54,19 @@ def describe(model, name, batch_size, seq_len, grad_accum, world, max_steps, gra
     ])
 
 
+def known_peak(device):
+    """The datasheet peak FLOP/s of this CUDA GPU when it is in PEAK_FLOPS, else None."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def peak_flops(device, dtype):
     """-> (FLOP/s, what it is): the datasheet peak of a known GPU, else this machine's measured
     throughput on 1024 x 1024 matmuls in the training dtype (about one second)."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        known = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        if known:
-            return known, f"{name} bf16 peak"
+    if known_peak(device):
+        return known_peak(device), f"{torch.cuda.get_device_name(device)} bf16 peak"
     n, reps = 1024, 0
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b

@@ -11,7 +11,6 @@ tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 
 loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
 """
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -22,17 +21,16 @@ from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import cli
 import data
 import metrics
+import parallel
 import plan
 import wsd
 from cli import UsageError, flag
-from minicpm import ATTN_IMPLS, MUP_BASE_LR, PRESETS, MiniCPM, MiniCPMConfig, get_config
+from minicpm import ATTN_IMPLS, CONFIG_HELP, MUP_BASE_LR, PRESETS, MiniCPM, MiniCPMConfig, get_config
 
 
 @dataclass
@@ -92,17 +90,8 @@ class TrainConfig:
 RESUME_MAY_CHANGE = {"out_dir", "overwrite", "resume", "stop_at", "device", "dtype", "compile", "attn", "grad_ckpt",
                      "dry_run", "dry_run_gpus", "bench", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
                      "schedule", "max_steps", "decay_steps", "decay_start", "decay_shape", "final_lr_frac", "decay_half_life"}
-MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name != "vocab_size"]   # the vocabulary is the data's
-MODEL_HELP = dict(n_layer="decoder layers", n_embd="model width d", n_head="query heads",
-                  n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",
-                  block_size="longest sequence the model accepts", rope_theta="RoPE base",
-                  norm_eps="RMSNorm epsilon", mup="muP scalings, init and lr groups (false: standard parameterisation)",
-                  scale_emb="muP embedding multiplier (§3.1: 12)", scale_depth="muP residual multiplier (§3.1: 1.4)",
-                  dim_model_base="muP base width: m = n_embd / dim_model_base (256)",
-                  init_std="init std (matrices: init_std / sqrt(m) under muP)",
-                  tie_word_embeddings="share the input embedding and the output head",
-                  n_experts="MoE experts per layer (0: dense)", top_k="MoE experts per token",
-                  aux_loss_coef="MoE load-balancing loss weight (§7.3: 0.01)")
+# Model flags override the preset's fields (--n_layer 8); the vocabulary is always the data's.
+MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name != "vocab_size"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -112,8 +101,9 @@ def parse_flags(argv):
     out of the parse, so a resume can tell what the user asked to change from what they left alone."""
     p = cli.parser(__doc__)
     cli.add_flags(p, TrainConfig, suppress=True)
-    cli.add_flags(p.add_argument_group("model overrides (default: the preset's value; see minicpm.py)"),
-                  dataclasses.make_dataclass("M", [(f.name, f.type, f) for f in MODEL_FLAGS]), MODEL_HELP, suppress=True)
+    # the model's fields as a second group of flags, with their help from minicpm.py
+    model_fields = dataclasses.make_dataclass("ModelFlags", [(f.name, f.type, f) for f in MODEL_FLAGS])
+    cli.add_flags(p.add_argument_group("model overrides (default: the preset's value)"), model_fields, CONFIG_HELP, suppress=True)
     given = cli.parse(p, argv)
     overrides = {k: v for k, v in given.items() if k in {f.name for f in MODEL_FLAGS}}
     explicit = {k: v for k, v in given.items() if k not in overrides}
@@ -186,37 +176,6 @@ def model_config(cfg, overrides, resumed, source, meta):
     return mcfg
 
 
-def check_out_dir(cfg, resumed):
-    """A new run never replaces an existing one by accident; a resume into another folder copies
-    nothing there silently and truncates nothing (its metrics start from the resumed run's)."""
-    same = resumed and os.path.abspath(cfg.out_dir) == os.path.dirname(os.path.abspath(resumed["path"]))
-    taken = [n for n in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, n))]
-    if taken and not same and not cfg.overwrite:
-        raise UsageError(f"{cfg.out_dir} already holds a run ({', '.join(taken)}): continue it with --resume "
-                         f"{cfg.out_dir}, or replace it with --overwrite (or choose another --out_dir)")
-
-
-# ----------------------------------------------------------------------------- the machine
-
-def setup_distributed(cfg):
-    """-> SimpleNamespace(rank, world, local, device). DDP when started by torchrun (RANK is set)."""
-    if "RANK" not in os.environ:
-        return SimpleNamespace(rank=0, world=1, local=0, device=cli.pick_device(cfg.device))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = cli.pick_device(cfg.device)
-    if device.startswith("cuda"):   # one GPU per process
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return SimpleNamespace(rank=rank, world=world, local=local, device=device)
-
-
-def check_attention(cfg, device):
-    """The Triton kernel compiles for CUDA only (on CPU it runs only in the test interpreter)."""
-    if cfg.attn == "triton" and not device.startswith("cuda"):
-        raise UsageError(f"--attn triton needs a CUDA GPU and this run is on {device}: use --attn sdpa")
-
-
 # ----------------------------------------------------------------------------- building the run
 
 def build_data(cfg, ddp):
@@ -225,8 +184,7 @@ def build_data(cfg, ddp):
         return None, None   # a plan needs no data: the preset's vocabulary stands in
     if ddp.rank == 0:
         data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)
-    if ddp.world > 1:
-        dist.barrier()
+    parallel.barrier(ddp)   # the other ranks wait, then only read what rank 0 wrote
     folder = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
     return folder, data.load_meta(folder)
 
@@ -259,12 +217,6 @@ def build_optimizer(cfg, model, device):
                              eps=cfg.adam_eps, fused=device.startswith("cuda"))
 
 
-def evaluation_windows(folder, cfg):
-    """The fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin
-    (all of it when 0), the same at every evaluation and for every run on the same data."""
-    return data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens)
-
-
 def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg):
     """Everything the loop needs, in one namespace: model (DDP-wrapped when distributed) and raw
     model, optimizer, grad scaler, data, position (step, tokens, data offset) and the metrics log."""
@@ -279,15 +231,15 @@ def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, 
             scaler.load_state_dict(resumed["scaler"])
         torch.set_rng_state(resumed["rng"])
         step, tokens = resumed["step"], resumed["tokens"]
-    wrapped = torch.compile(model) if cfg.compile else model
-    if ddp.world > 1:   # an MoE expert no token chose gets no gradient: DDP must allow for that
-        wrapped = DDP(wrapped, device_ids=[ddp.local] if device_type == "cuda" else None,
-                      find_unused_parameters=bool(mcfg.n_experts))
+    wrapped = parallel.wrap(torch.compile(model) if cfg.compile else model, ddp, allow_unused=bool(mcfg.n_experts))
+    # The fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin (all
+    # of it when 0), the same at every evaluation and for every run on the same data.
+    val_windows = data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens)
     return SimpleNamespace(
         cfg=cfg, ddp=ddp, model=wrapped, raw=model, optimizer=optimizer, scaler=scaler, lr_at=lr_at, dtype=dtype,
         autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
         step=step, tokens=tokens, data_offset=offset, folder=folder, meta=meta,
-        train_bin=os.path.join(folder, "train.bin"), val_windows=evaluation_windows(folder, cfg),
+        train_bin=os.path.join(folder, "train.bin"), val_windows=val_windows,
         tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world,
         bytes_per_token=meta["val"]["bytes"] / meta["val"]["tokens"],
         log=metrics.MetricsLog(cfg.out_dir, enabled=ddp.rank == 0 and not cfg.bench),
@@ -300,11 +252,8 @@ def prepare_out_dir(run, resumed):
     cfg = run.cfg
     if run.ddp.rank != 0 or cfg.bench:   # (a benchmark leaves the output folder alone)
         return
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint.remove_stale_temps(cfg.out_dir)
-    if run.meta["rank_file"]:
-        src = os.path.join(run.folder, run.meta["rank_file"])
-        checkpoint.atomic_write(os.path.join(cfg.out_dir, run.tokenizer["rank_file"]), lambda f: f.write(open(src, "rb").read()))
+    checkpoint.start_run_folder(cfg.out_dir, run.meta["rank_file"] and os.path.join(run.folder, run.meta["rank_file"]),
+                                run.tokenizer)
     checkpoint.atomic_write_text(json.dumps(run.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
     source = resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl")
     run.log.start(resumed["step"] if resumed else None, source)
@@ -335,40 +284,38 @@ def evaluate(run):
         if model.moe_stats:
             loss = loss - model.config.aux_loss_coef * model.moe_stats["aux_loss"].float()
         total += torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
-    if run.ddp.world > 1:
-        dist.all_reduce(total)
+    parallel.total(total, run.ddp)
     model.train()
     val = (total[0] / total[1]).item()
-    return val, val / math.log(2) / run.bytes_per_token    # bits/byte = nats/token / ln 2 / bytes per token
+    # bits per byte = nats/token / ln 2 / (bytes per token): comparable across tokenizers (§4.5)
+    return dict(val_loss=val, val_bpb=val / math.log(2) / run.bytes_per_token)
 
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, MoE aux loss), all
-    averaged over micro-batches and ranks. A non-finite loss returns before the update (grad norm
-    None), so the weights and the last checkpoint stay good."""
+    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, MoE aux loss), averaged
+    over micro-batches and ranks. A non-finite loss returns before the update (grad norm None), so
+    the weights and the last checkpoint stay good."""
     cfg, ddp = run.cfg, run.ddp
     for group in run.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]              # muP: matrices lr / m
-    loss_sum = torch.zeros((), device=ddp.device)
-    aux_sum = torch.zeros((), device=ddp.device)
+        group["lr"] = lr * group["lr_scale"]              # muP: matrices get lr / m (Table 7)
+    loss_sum, aux_sum = torch.zeros((), device=ddp.device), torch.zeros((), device=ddp.device)
     for micro in range(cfg.grad_accum):
-        # windows are keyed by the global micro-batch index, so any split of the global batch over
-        # processes and accumulation steps reads the same data (and ranks read different windows)
+        # Windows are keyed by the global micro-batch index: any split of the global batch over
+        # processes and accumulation steps reads the same data, and each rank reads its own part.
         x, y = data.get_batch(run.train_bin, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                               step=run.data_offset + run.step, micro_step=ddp.rank * cfg.grad_accum + micro)
         sync = micro == cfg.grad_accum - 1 or ddp.world == 1   # DDP all-reduces on the last micro-batch only
         with (nullcontext() if sync else run.model.no_sync()), run.autocast:
-            _, loss = run.model(x.to(ddp.device), y.to(ddp.device))
-        run.scaler.scale(loss / cfg.grad_accum).backward()
+            _, loss = run.model(x.to(ddp.device), y.to(ddp.device))    # [B, T] -> mean loss (+ MoE aux)
+        run.scaler.scale(loss / cfg.grad_accum).backward()              # the mean over micro-batches
         loss_sum += loss.detach().float() / cfg.grad_accum
         if run.raw.moe_stats:
             aux_sum += run.raw.moe_stats["aux_loss"].detach().float() / cfg.grad_accum
-    if ddp.world > 1:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    parallel.average(loss_sum, ddp)   # every rank sees the same loss, so all stop together on a NaN
     if not torch.isfinite(loss_sum):
         run.optimizer.zero_grad(set_to_none=True)
         return loss_sum, None, aux_sum
-    run.scaler.unscale_(run.optimizer)
+    run.scaler.unscale_(run.optimizer)   # clip the true gradient, not the fp16-scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -378,74 +325,65 @@ def train_step(run, lr):
 
 def train(run):
     """The loop: step, log, evaluate, checkpoint, until max_steps (or --stop_at, or a signal). -> exit code."""
+    from tqdm import tqdm
     cfg, master = run.cfg, run.ddp.rank == 0
+    say = print if master else (lambda *a, **k: None)
     last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
-    peak = next((v for k, v in plan.PEAK_FLOPS.items() if run.ddp.device.startswith("cuda")
-                 and k in torch.cuda.get_device_name(run.ddp.device)), None)
+    peak = plan.known_peak(run.ddp.device)            # MFU is logged on GPUs whose peak we know
     flops_per_token = run.raw.flops_per_token(cfg.seq_len)
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=last, initial=run.step, desc="training", unit="step", dynamic_ncols=True)
-    if run.step == 0 and cfg.eval_interval:   # the loss at initialisation
-        val_loss, val_bpb = evaluate(run)
-        run.log(dict(step=0, tokens=0, val_loss=val_loss, val_bpb=val_bpb))
-    with cli.StopSignals() as stop:
+    if run.step == 0 and cfg.eval_interval:           # the loss at initialisation
+        run.log(dict(step=0, tokens=0, **evaluate(run)))
+    with cli.StopSignals() as stop, tqdm(total=last, initial=run.step, desc="training", unit="step",
+                                         dynamic_ncols=True, disable=not master) as bar:
         t0 = time.time()
         while run.step < last:
-            lr = run.lr_at(run.step)
+            lr = run.lr_at(run.step)                   # the schedule is a pure function of the step
             loss, grad_norm, aux = train_step(run, lr)
             if grad_norm is None:
-                if bar:
-                    bar.close()
-                print(f"train.py: loss is {loss.item()} at step {run.step}; stopping. Last good checkpoint: "
-                      f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
-                      file=sys.stderr)
+                say(f"train.py: loss is {loss.item()} at step {run.step}; stopping. Last good checkpoint: "
+                    f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
+                    file=sys.stderr)
                 return 1
             run.step, run.tokens = run.step + 1, run.tokens + run.tokens_per_step
             if run.ddp.device.startswith("cuda") and run.step % cfg.log_interval == 0:
-                torch.cuda.synchronize()   # so the step time below is the GPU's, not the launch's
+                torch.cuda.synchronize()               # so the step time is the GPU's, not the launch's
             dt, t0 = time.time() - t0, time.time()
+            # a row per step that measured something; lr is the one the step used
             row = dict(step=run.step, tokens=run.tokens, lr=lr)
             if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
                 row.update(train_loss=loss.item(), grad_norm=grad_norm.item(), tokens_per_s=run.tokens_per_step / dt)
-                if run.raw.moe_stats:   # logged apart, with each expert's share of the routed tokens
+                if run.raw.moe_stats:                  # each expert's share of the routed tokens
                     row.update(aux_loss=aux.item(), expert_load=run.raw.moe_stats["expert_load"].tolist())
                 if peak:
                     row["mfu"] = row["tokens_per_s"] * flops_per_token / run.ddp.world / peak
             if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps):
-                row["val_loss"], row["val_bpb"] = evaluate(run)
-                if bar:
+                row.update(evaluate(run))
+                if master:
                     bar.write(f"step {run.step}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte")
-            if bar:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
             if len(row) > 3:
                 run.log(row)
                 if master and "val_loss" in row:
                     plot(run)
-            stopping = torch.tensor(float(stop.signal is not None), device=run.ddp.device)
-            if run.ddp.world > 1:   # every rank stops at the same step
-                dist.all_reduce(stopping)
+            # a signal to any rank stops every rank at this same step, with a checkpoint
+            stopping = parallel.total(torch.tensor(float(stop.signal is not None), device=run.ddp.device), run.ddp)
             if run.step % cfg.ckpt_interval == 0 or run.step == last or stopping.item():
                 save(run)
             if stopping.item():
-                if bar:
-                    bar.close()
-                print(f"\nstopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
-                      f"Continue with --resume {cfg.out_dir}")
+                bar.close()
+                say(f"stopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
+                    f"Continue with --resume {cfg.out_dir}")
                 return stop.exit_code or 130
             t0 = time.time()
-    if bar:
-        bar.close()
     if master:
         plot(run)
-        print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}")
+        say(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}")
     return 0
 
 
 def plot(run):
-    """loss.png: train and validation loss against tokens, and the lr, beside each other."""
+    """loss.png: train and validation loss against tokens, and the lr, side by side."""
     metrics.plot(run.log.rows(), os.path.join(run.cfg.out_dir, "loss.png"), x="tokens",
                  title=f"{run.cfg.preset}: {run.lr_at.describe}",
                  panels=[("loss (nats/token)", [("train_loss", "train loss"), ("val_loss", "validation loss")]),
@@ -453,16 +391,6 @@ def plot(run):
 
 
 # ----------------------------------------------------------------------------- beside the loop
-
-def dry_run(cfg, mcfg, ddp, dtype, lr_at):
-    """The plan of the run, for this or --dry_run_gpus processes, with nothing allocated (meta device)."""
-    with torch.device("meta"):
-        model = MiniCPM(mcfg)
-    world = max(ddp.world, cfg.dry_run_gpus)
-    print(plan.describe(model, cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, world, cfg.max_steps,
-                        cfg.grad_ckpt, lr_at.describe, dtype))
-    return 0
-
 
 def bench(run, steps=30):
     """tokens/s of real training steps after warm-up, and model FLOP/s against the GPU's peak or, on
@@ -485,36 +413,35 @@ def bench(run, steps=30):
 
 
 def run(argv):
+    """Flags -> config -> (checks) -> data -> model -> the loop, or --dry_run / --bench beside it."""
     cfg, overrides, explicit = parse_flags(argv)
     cfg, resumed, source = resolve(cfg, overrides, explicit)
-    ddp = setup_distributed(cfg)
+    ddp = parallel.setup(cfg.device)
     try:
-        check_attention(cfg, ddp.device)
+        if cfg.attn == "triton" and not ddp.device.startswith("cuda"):   # the kernel compiles for CUDA only
+            raise UsageError(f"--attn triton needs a CUDA GPU and this run is on {ddp.device}: use --attn sdpa")
         dtype = cli.pick_dtype(cfg.dtype, ddp.device)
         lr_at = wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=cfg.max_steps, warmup=cfg.warmup_steps,
                             decay_steps=cfg.decay_steps, decay_start=cfg.decay_start, shape=cfg.decay_shape,
                             final_frac=cfg.final_lr_frac, half_life=cfg.decay_half_life)
-        if not (cfg.dry_run or cfg.bench):
-            check_out_dir(cfg, resumed)
+        if not (cfg.dry_run or cfg.bench):   # refused before any file is touched, data preparation included
+            checkpoint.check_run_folder(cfg.out_dir, resumed and resumed["path"], cfg.overwrite)
         folder, meta = build_data(cfg, ddp)
         mcfg = model_config(cfg, overrides, resumed, source, meta)
-        if cfg.dry_run:
-            return dry_run(cfg, mcfg, ddp, dtype, lr_at)
+        if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
+            with torch.device("meta"):
+                model = MiniCPM(mcfg)
+            return print(plan.describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
         if ddp.rank == 0:
-            print(plan.describe(state.raw, cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, ddp.world,
-                                cfg.max_steps, cfg.grad_ckpt, lr_at.describe, dtype))
+            print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
         if cfg.bench:
             return bench(state)
         prepare_out_dir(state, resumed)
         return train(state)
     finally:
-        # Tear DDP down cleanly: collect the wrapped model before destroying the process group;
-        # without this about 1 gloo run in 10 aborted at exit on our CPU machine.
-        state = None
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        state = None   # drop the DDP-wrapped model before the process group goes (parallel.teardown)
+        parallel.teardown()
 
 
 def main(argv=None):
