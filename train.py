@@ -73,6 +73,7 @@ class TrainConfig:
     init_from: str = flag("", "start a new run from the weights of this checkpoint (file or folder)")
     decay_only: bool = flag(False, "with --init_from: run only the WSD decay, decay_steps long (§4.3)")
     upcycle_from: str = flag("", "start from a dense checkpoint upcycled to MoE (moe.py; set --n_experts)")
+    upcycle_fresh_adam: bool = flag(False, "with --upcycle_from: restart Adam (default: every expert gets the dense MLP's moments)")
     stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of max_steps")
     # system
     device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
@@ -384,13 +385,21 @@ def train(cfg, overrides, explicit):
             raise TrainError(f"the weights in {source['path']} do not fit a model with these flags: "
                              "drop the model flags that change its shape") from None
         data_offset = source["step"] + source.get("data_offset", 0)
+    # ---- sparse upcycling (moe.py, §7.3): experts copied from the dense MLP, and (unless
+    # --upcycle_fresh_adam) the dense run's Adam moments and step carried into every expert copy;
+    # the router starts fresh.
     if source and cfg.upcycle_from:
         import moe
-        model = moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
+        dense_model = model
+        model = moe.upcycle(dense_model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
         model_cfg = model.config
     model.to(device)
     model.grad_ckpt = cfg.grad_ckpt
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    if source and cfg.upcycle_from and not cfg.upcycle_fresh_adam:
+        moe.upcycle_optimizer_state(dense_model, source["optimizer"], model, optimizer)
+        del dense_model
+    # ---- end of sparse upcycling
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step, tokens = 0, 0
     if resume_ckpt:

@@ -31,6 +31,24 @@ def test_upcycled_run_starts_at_the_dense_checkpoints_validation_loss(corpus, tm
     assert "model.layers.0.mlp.experts.3.w1.weight" in ckpt["model"]
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_upcycle_from_carries_the_dense_adam_state_unless_told_not_to(corpus, tmp_path, fresh):
+    """The dense run takes 4 steps; the upcycled run 1 more. Carried over, every expert (and the
+    rest of the model) has Adam step 4 + 1 = 5 and only the 2 routers step 1; with
+    --upcycle_fresh_adam every parameter has step 1."""
+    common = [*data_flags(corpus), *SMALL_MODEL, "--eval_interval", "0"]
+    assert train.main([*common, "--out_dir", str(tmp_path / "dense"), "--max_steps", "4",
+                       "--schedule", "constant", "--warmup_steps", "1"]) == 0
+    assert train.main([*common, "--out_dir", str(tmp_path / "moe"), "--upcycle_from", str(tmp_path / "dense"),
+                       "--n_experts", "4", "--top_k", "2", "--max_steps", "1", "--warmup_steps", "0",
+                       "--upcycle_fresh_adam", str(fresh).lower()]) == 0
+    ckpt = train.load_checkpoint(str(tmp_path / "moe"))
+    steps = sorted(float(s["step"]) for s in ckpt["optimizer"]["state"].values())
+    n_params = len([k for k in ckpt["model"] if k != "lm_head.weight"])       # tied to the embedding
+    assert len(steps) == n_params
+    assert steps == ([1.0] * n_params if fresh else [1.0] * 2 + [5.0] * (n_params - 2))
+
+
 def test_quick_experiment_writes_png_and_csv_with_both_continuations(corpus, tmp_path, repo_root):
     sys.path.insert(0, os.path.join(repo_root, "experiments"))
     import moe_upcycling
