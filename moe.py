@@ -184,6 +184,9 @@ def upcycle_optimizer_state(dense_model, dense_optimizer_state, moe_model, moe_o
     weights under Adam). Only its initial std stays the paper's fixed 0.1 (see upcycle).
 
     Returns {"carried": number of parameters given dense state, "fresh": names left without}."""
+    if not dense_optimizer_state or "state" not in dense_optimizer_state:
+        raise ValueError("the dense checkpoint has no optimizer state to carry over "
+                         "(train.py: pass --upcycle_fresh_adam to start Adam afresh)")
     dense_state = _state_by_name(dense_model, dense_optimizer_state, dense_model.param_groups(0.0, 0.0))
     names = {id(p): n for n, p in moe_model.named_parameters()}
     new_state, fresh, index = {}, [], 0

@@ -397,7 +397,7 @@ def train(cfg, overrides, explicit):
     model.grad_ckpt = cfg.grad_ckpt
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     if source and cfg.upcycle_from and not cfg.upcycle_fresh_adam:
-        moe.upcycle_optimizer_state(dense_model, source["optimizer"], model, optimizer)
+        moe.upcycle_optimizer_state(dense_model, source.get("optimizer"), model, optimizer)
         del dense_model
     # ---- end of sparse upcycling
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)

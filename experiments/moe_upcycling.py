@@ -36,7 +36,7 @@ import time
 from common import ROOT, RunFailed, fail, read_metrics, run_parallel
 
 # Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
-# model trains at ~34K tokens/s, the 4-expert MoE at ~23K (routing and 2x the MLP FLOPs).
+# model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
 # trunk = S steps, cont = C steps after the branch, decay = D steps (10% of the dense run's S + C).
 SCALES = {
     "cpu": dict(model=dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160, block_size=128),
@@ -45,9 +45,9 @@ SCALES = {
     "quick": dict(model=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=80, block_size=32),
                   batch_size=4, seq_len=32, trunk=24, cont=24, decay=6, warmup=2,
                   eval_batches=2, eval_interval=6, log_interval=2, seeds=2),
-    # one GPU (not run here: no GPU was available): a 20M-parameter dense model, 64K tokens a step,
-    # ~0.5B tokens (24 per parameter) to the branch; the runs take the GPU in turn (--workers 1).
-    # By FLOPs ~1-1.5 hours on an H100/H200 (an estimate: no GPU was available to run it).
+    # one GPU: a 22M-parameter dense model, 64K tokens a step, ~0.5B tokens (24 per parameter) to
+    # the branch; the runs take the GPU in turn (--workers 1). By FLOPs ~1-1.5 hours on an H100/H200:
+    # an estimate, as no GPU was available to run it.
     "gpu": dict(model=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4, ffn_dim=1280, block_size=512),
                 batch_size=128, seq_len=512, trunk=8000, cont=8000, decay=1600, warmup=400,
                 eval_batches=4, eval_interval=500, log_interval=50, seeds=2),
@@ -96,8 +96,8 @@ def flops_per_token(setup, vocab_size, n_experts=0):
 
 
 def plan(args, setup, runs_dir, ratio):
-    """-> (trunk jobs, continuation jobs, {run: (seed, folder)}). ratio = dense / MoE FLOPs per token
-    fixes where the equal-FLOPs MoE decays: its S + k + D steps cost what the dense run's S + C do."""
+    """-> (trunk jobs, continuation jobs, {(run, seed): folder}, k). ratio = dense / MoE FLOPs per
+    token fixes where the equal-FLOPs MoE decays: its k + D steps cost what the dense run's C do."""
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
     k = max(0, round(ratio * C) - D)       # the equal-FLOPs branch leaves the MoE's stable phase at k
     model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]
@@ -105,7 +105,9 @@ def plan(args, setup, runs_dir, ratio):
               "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
               "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9, *eval_flags(setup)]
     observe = ["--eval_interval", setup["eval_interval"], "--log_interval", setup["log_interval"], *eval_flags(setup)]
-    # the MoE runs are new runs (step 0 at the branch); their decay ends where the dense run's does
+    # The MoE runs are new runs (step 0 at the branch); their decay ends where the dense run's does.
+    # No re-warmup: the lr goes on at the trunk's peak (He et al. 2024: resetting to the peak lr beats
+    # a low constant one), and with the Adam state carried over there is nothing to warm up.
     moe_schedule = ["--schedule", "wsd", "--max_steps", C, "--decay_start", C - D, "--decay_steps", D]
     trunks, conts, runs = [], [], {}
     for i in range(setup["seeds"]):
@@ -131,7 +133,9 @@ def plan(args, setup, runs_dir, ratio):
             conts.append(steps)
         else:   # a continuation too short for an earlier decay: no equal-FLOPs run
             conts.append([([*moe, *moe_schedule, "--warmup_steps", 0, "--out_dir", d["upcycled"]], d["upcycled"])])
-        if not args.no_fresh_adam:   # (d) the control: Adam restarted, with a re-warmup
+        # (d) the control: Adam restarted. Its first updates are sign-like and full size (a one-sample
+        # second moment), on weights that are already trained: the usual remedy is a re-warmup.
+        if not args.no_fresh_adam:
             conts.append([([*moe, *moe_schedule, "--warmup_steps", max(1, round(0.05 * C)), "--upcycle_fresh_adam",
                             "true", "--out_dir", d["upcycled_fresh_adam"]], d["upcycled_fresh_adam"])])
         runs.update({(name, seed): path for name, path in d.items()})
@@ -141,7 +145,7 @@ def plan(args, setup, runs_dir, ratio):
 
 
 def run_all(args, setup, runs_dir):
-    """Train every run; -> (rows for the CSV, {(run, seed): metrics rows}, k, FLOPs per token)."""
+    """Train every run; -> (rows for the CSV, k, {"dense", "moe": FLOPs per token})."""
     shutil.rmtree(runs_dir, ignore_errors=True)   # every run a fresh folder
     # prepare the data once, here, before parallel runs would each try to; its vocabulary sets the FLOPs
     import data
@@ -149,6 +153,7 @@ def run_all(args, setup, runs_dir):
     fpt = {"dense": flops_per_token(setup, vocab), "moe": flops_per_token(setup, vocab, N_EXPERTS)}
     trunks, conts, runs, k = plan(args, setup, runs_dir, fpt["dense"] / fpt["moe"])
     workers = args.workers or (1 if args.scale == "gpu" and not args.quick else None)
+    # two phases: every continuation branches from its seed's finished trunk checkpoint
     run_parallel(trunks, workers)     # the seeds' trunks side by side
     run_parallel(conts, workers)      # then every continuation
     metrics = {key: read_metrics(path) for key, path in runs.items() if (path / "metrics.jsonl").exists()}
@@ -192,6 +197,8 @@ def verdict(rows, setup):
     seeds = sorted({r["seed"] for r in rows})
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
     out = []
+    # Differences are taken within a seed: same batches and same validation windows (keyed by the
+    # seed), so the gap compares like with like even where the seeds' losses differ.
     for seed in seeds:
         def val(run, step):   # the last evaluation at or before `step`
             return max((r for r in rows if r["run"] == run and r["seed"] == seed and r["step"] <= step),
@@ -296,7 +303,8 @@ def main(argv=None):
                 f"after the decay: dense {v['dense']:.4f}, upcycled {v['upcycled']:.4f} "
                 f"(equal tokens: {v['gap_tokens']:+.4f})")
         if "gap_flops" in v:
-            line += f", upcycled at equal FLOPs {v['eqflops']:.4f} ({v['gap_flops']:+.4f})"
+            line += (f", upcycled at equal FLOPs ({v['flops_ratio']:.3f}x the dense run's) {v['eqflops']:.4f} "
+                     f"({v['gap_flops']:+.4f})")
         if "fresh" in v:
             line += f", fresh Adam {v['fresh']:.4f} ({v['fresh_minus_carried']:+.4f} vs carried)"
         print(line)

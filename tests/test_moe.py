@@ -391,6 +391,8 @@ def test_carry_over_refuses_an_optimizer_state_of_another_model():
     other = MiniCPM(small_config(mup=False, tie_word_embeddings=False)).double()
     with pytest.raises(ValueError, match="parameter groups"):
         upcycle_optimizer_state(other, dense_opt.state_dict(), moe_model, adamw(moe_model))
+    with pytest.raises(ValueError, match="no optimizer state"):
+        upcycle_optimizer_state(dense, None, moe_model, adamw(moe_model))
 
 
 # ----------------------------------------------------------------------------- checkpoint layout
