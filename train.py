@@ -72,6 +72,7 @@ class TrainConfig:
     init_from: str = flag("", "start a new run from the weights of this checkpoint (file or folder)")
     decay_only: bool = flag(False, "with --init_from: run only the WSD decay, decay_steps long (§4.3)")
     upcycle_from: str = flag("", "start from a dense checkpoint upcycled to MoE (moe.py; set --n_experts)")
+    upcycle_fresh_adam: bool = flag(False, "with --upcycle_from: restart Adam (default: experts get the dense MLP's moments)")
     stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of max_steps")
     # the machine: runtime choices, never part of a checkpoint's architecture
     device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
@@ -190,8 +191,9 @@ def build_data(cfg, ddp):
 
 
 def build_model(cfg, mcfg, overrides, resumed, source, device):
-    """-> (model, data offset). A run started from another's weights reads on from where that run
-    stopped in the data; an upcycled run (§7.3) becomes an MoE whose experts copy the dense MLP."""
+    """-> (model, data offset, the dense model when upcycled). A run started from another's weights
+    reads on from where that run stopped in the data; an upcycled run (§7.3) becomes an MoE whose
+    experts copy the dense MLP."""
     torch.manual_seed(cfg.seed)
     model = MiniCPM(mcfg, attn_impl=cfg.attn, grad_ckpt=cfg.grad_ckpt)
     offset = 0
@@ -202,13 +204,14 @@ def build_model(cfg, mcfg, overrides, resumed, source, device):
             raise UsageError(f"the weights in {source['path']} do not fit a model with these flags: "
                              "drop the model flags that change its shape") from None
         offset = source["step"] + source.get("data_offset", 0)
+    dense = None
     if cfg.upcycle_from:
         import moe
-        model = moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
+        dense, model = model, moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
     if resumed:
         model.load_state_dict(resumed["model"])
         offset = resumed.get("data_offset", 0)
-    return model.to(device), offset
+    return model.to(device), offset, dense
 
 
 def build_optimizer(cfg, model, device):
@@ -220,8 +223,11 @@ def build_optimizer(cfg, model, device):
 def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg):
     """Everything the loop needs, in one namespace: model (DDP-wrapped when distributed) and raw
     model, optimizer, grad scaler, data, position (step, tokens, data offset) and the metrics log."""
-    model, offset = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
+    model, offset, dense = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
     optimizer = build_optimizer(cfg, model, ddp.device)
+    if dense is not None and not cfg.upcycle_fresh_adam:   # §7.3: the optimizer carries on with the weights
+        import moe
+        moe.upcycle_optimizer_state(dense, source.get("optimizer"), model, optimizer)
     device_type = ddp.device.split(":")[0]
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only: bf16 needs none
     step = tokens = 0

@@ -1,110 +1,275 @@
-"""Sparse upcycling at tiny scale: MiniCPM-MoE's recipe (MiniCPM, Hu et al. 2024, §7.3; SPEC §5).
+"""Sparse upcycling at small scale: does an MoE upcycled from a trained dense model beat the dense
+model trained on? (MiniCPM, Hu et al. 2024, §7.3: MiniCPM-MoE was upcycled from the dense 2.4B.)
 
-MiniCPM-MoE was not trained from scratch: the dense 2.4B was "sparse-upcycled" (every expert a copy
-of the dense MLP, the router N(0, 0.1); moe.upcycle) and training went on as an MoE. Here a dense
-tiny model is trained through WSD's stable phase (warmup, then constant lr) to a checkpoint, and
-that checkpoint is continued twice, under identical conditions:
-  (a) dense:     train.py --init_from   stable   (the same dense model)
-  (b) upcycled:  train.py --upcycle_from stable --n_experts 8 --top_k 2
-Both are new runs from the same weights, with a fresh optimizer, the same schedule (a short
-re-warmup, stable, and WSD's decay over the last 10%), the same seed and so the same batches in
-the same order, and the same number of steps and tokens. Because upcycling preserves the dense
-function, (b) starts at exactly the loss of (a); whether it then ends lower is the experiment.
+The design, per seed:
+  1. trunk:     a dense model trained at WSD's constant peak lr for S steps, long enough that its
+                loss flattens (tens of tokens per parameter), byte tokenizer so the embedding is small;
+  2. branch at S, both continued for C >= S more steps with the same peak lr, the same batches in
+     the same order, and the same WSD decay over their last D steps:
+     (a) dense:            the trunk resumed (its own Adam state, the schedule extended);
+     (b) upcycled:         train.py --upcycle_from trunk --n_experts 4 --top_k 2: every expert a copy
+                           of the dense MLP (the function is preserved at the branch), every copy
+                           starting with the dense MLP's Adam moments (moe.upcycle_optimizer_state);
+     (c) upcycled, equal FLOPs: the same MoE run decayed earlier, so that its training FLOPs equal
+                           (a)'s at the end (top-2 of experts as large as the dense MLP doubles the
+                           MLP's FLOPs per token: the MoE's active FLOPs per token are higher);
+     (d) fresh Adam:       as (b) but --upcycle_fresh_adam, with a 5% re-warmup (a restarted
+                           Adam needs one), to show what the carry-over is worth.
+Verdict: the loss gaps (b) - (a) at equal tokens and (c) - (a) at equal FLOPs, after the decay,
+per seed. Runs are independent processes, one torch thread each, both cores busy (run_parallel).
 
-Both continuations read on from where the stable run stopped in the data (train.py offsets the
-data position of a run started from another's weights), and the validation set, keyed by the seed,
-stays the same, which is what lets the curves join.
+    python experiments/moe_upcycling.py               # 4 layers x d 64, 2 seeds: ~10 min on 2 idle cores
+    python experiments/moe_upcycling.py --quick       # a 2-layer d-32 model: the smoke test, < 1 min
+    python experiments/moe_upcycling.py --scale gpu   # d 512, 8 layers, 64K-token batches, one GPU (untested)
 
-    python experiments/moe_upcycling.py            # tiny preset, 8 experts top-2, ~5-10 min on 2 idle cores
-    python experiments/moe_upcycling.py --quick    # a 2-layer model, 4 experts: the smoke test
-    python experiments/moe_upcycling.py --quick --source my.txt --tokenizer byte --data_dir /tmp/data
-
-Writes to --out (default experiments/out): moe_upcycling.png (validation loss against tokens: the
-stable dense phase, then both continuations), moe_upcycling.csv (run, step, tokens, val_loss,
-val_bpb, aux_loss; tokens count from the start of the stable phase; aux_loss is empty where
-train.py logs none) and runs/moe_upcycling/<run>/ (each run's checkpoint, metrics.jsonl, log).
+Writes to --out (default experiments/out): moe_upcycling.png (validation loss against tokens and
+against training FLOPs), moe_upcycling.csv (run, seed, step, tokens, flops, lr, val_loss, val_bpb,
+aux_loss; tokens and FLOPs count from the start of the trunk) and runs/moe_upcycling/<run>/.
 """
 import argparse
 import csv
 import pathlib
+import shutil
 import sys
 import time
 
-from common import ROOT, read_metrics, run_train
+from common import ROOT, RunFailed, fail, read_metrics, run_parallel
 
-FULL = dict(stable=400, cont=400, experts=8, top_k=2, eval_interval=25, eval_batches=8, log_interval=5,
-            model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"])
-QUICK = dict(stable=30, cont=20, experts=4, top_k=2, eval_interval=10, eval_batches=2, log_interval=1,
-             model=["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--ffn_dim", "160",
-                    "--block_size", "64", "--batch_size", "4", "--seq_len", "32"])
+# Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
+# model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
+# trunk = S steps, cont = C steps after the branch, decay = D steps (10% of the dense run's S + C).
+SCALES = {
+    "cpu": dict(model=dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160, block_size=128),
+                batch_size=16, seq_len=128, trunk=1600, cont=1600, decay=320, warmup=100,
+                eval_tokens=65536, eval_interval=100, log_interval=20, seeds=2),
+    "quick": dict(model=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=80, block_size=32),
+                  batch_size=4, seq_len=32, trunk=24, cont=24, decay=6, warmup=2,
+                  eval_tokens=256, eval_interval=6, log_interval=2, seeds=2),
+    # one GPU: a 22M-parameter dense model, 64K tokens a step, ~0.5B tokens (24 per parameter) to
+    # the branch; the runs take the GPU in turn (--workers 1). By FLOPs ~1-1.5 hours on an H100/H200:
+    # an estimate, as no GPU was available to run it.
+    "gpu": dict(model=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4, ffn_dim=1280, block_size=512),
+                batch_size=128, seq_len=512, trunk=8000, cont=8000, decay=1600, warmup=400,
+                eval_tokens=262144, eval_interval=500, log_interval=50, seeds=2),
+}
+LR = 0.01          # the peak lr of every run (§3.3: muP's ~0.01; matrices get lr / m)
+N_EXPERTS, TOP_K = 4, 2
+
+
+def eval_flags(setup):
+    """The fixed validation set: eval_tokens (65,536 by default) spread evenly over the validation
+    split, the same windows at every evaluation and for every run and seed."""
+    return ["--eval_tokens", setup["eval_tokens"]]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a 2-layer model and few steps (the smoke test)")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (the smoke test)")
+    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="model size and batch (see SCALES)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
-    p.add_argument("--stable_steps", type=int, help="steps of the dense stable phase (default 400; quick 30)")
-    p.add_argument("--cont_steps", type=int, help="steps of each continuation (default 400; quick 20)")
-    p.add_argument("--n_experts", type=int, help="experts of the upcycled model (default 8; quick 4)")
-    p.add_argument("--top_k", type=int, help="experts per token (default 2)")
+    p.add_argument("--trunk_steps", type=int, help="dense steps before the branch (default: the scale's)")
+    p.add_argument("--cont_steps", type=int, help="steps of each continuation (default: the scale's)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default 2)")
+    p.add_argument("--no_fresh_adam", action="store_true", help="skip the fresh-Adam control run")
+    p.add_argument("--workers", type=int, default=0,
+                   help="parallel runs (default: one per CPU core; 1 with --scale gpu, the runs take the GPU in turn)")
     p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="bpe:4096", help="tokenizer, passed to train.py")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (small vocabulary)")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
-    p.add_argument("--seed", type=int, default=1337)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=1337, help="first seed; the others follow it")
+    args = p.parse_args(argv)
+    for name in ("trunk_steps", "cont_steps", "seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.exit(2, f"moe_upcycling.py: --{name} must be at least 1\n")
+    return args
+
+
+def flops_per_token(setup, vocab_size, n_experts=0):
+    """Training FLOPs per token of the model (minicpm's count: 6 per active matrix parameter plus
+    attention), on the meta device: nothing is allocated."""
+    import torch
+    from minicpm import MiniCPM, MiniCPMConfig
+    with torch.device("meta"):
+        model = MiniCPM(MiniCPMConfig(**setup["model"], vocab_size=vocab_size, n_experts=n_experts, top_k=TOP_K))
+    return model.flops_per_token(setup["seq_len"])
+
+
+def plan(args, setup, runs_dir, ratio):
+    """-> (trunk jobs, continuation jobs, {(run, seed): folder}, k). ratio = dense / MoE FLOPs per
+    token fixes where the equal-FLOPs MoE decays: its k + D steps cost what the dense run's C do."""
+    S, C, D = setup["trunk"], setup["cont"], setup["decay"]
+    k = max(0, round(ratio * C) - D)       # the equal-FLOPs branch leaves the MoE's stable phase at k
+    model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]
+    common = [*model, "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--lr", LR,
+              "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
+              "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9, *eval_flags(setup)]
+    observe = ["--eval_interval", setup["eval_interval"], "--log_interval", setup["log_interval"], *eval_flags(setup)]
+    # The MoE runs are new runs (step 0 at the branch); their decay ends where the dense run's does.
+    # No re-warmup: the lr goes on at the trunk's peak (He et al. 2024: resetting to the peak lr beats
+    # a low constant one), and with the Adam state carried over there is nothing to warm up.
+    moe_schedule = ["--schedule", "wsd", "--max_steps", C, "--decay_start", C - D, "--decay_steps", D]
+    trunks, conts, runs = [], [], {}
+    for i in range(setup["seeds"]):
+        seed = args.seed + i
+        d = {name: runs_dir / f"{name}_s{seed}" for name in ("trunk", "dense", "upcycled", "upcycled_eqflops",
+                                                             "upcycled_fresh_adam")}
+        # A WSD run whose decay lies beyond its horizon: constant lr after warmup, and resumable
+        # into a decay later (the schedule's name must stay "wsd" across a resume).
+        trunks.append([([*common, "--seed", seed, "--schedule", "wsd", "--max_steps", S, "--warmup_steps",
+                         setup["warmup"], "--decay_start", 10**9, "--decay_steps", D, "--eval_interval",
+                         setup["eval_interval"], "--out_dir", d["trunk"]], d["trunk"])])
+        # (a) the dense run goes on exactly (Adam state, data position), into its own folder
+        conts.append([(["--resume", d["trunk"], "--out_dir", d["dense"], "--max_steps", S + C,
+                        "--decay_start", S + C - D, "--decay_steps", D, *observe], d["dense"])])
+        moe = [*common, "--seed", seed, "--upcycle_from", d["trunk"], "--n_experts", N_EXPERTS, "--top_k", TOP_K,
+               "--eval_interval", setup["eval_interval"]]
+        # (b) and (c): one MoE run stopped at k, (c) branched off it into the decay, then (b) resumed
+        steps = [([*moe, *moe_schedule, "--warmup_steps", 0, "--stop_at", k, "--out_dir", d["upcycled"]], d["upcycled"]),
+                 (["--resume", d["upcycled"], "--out_dir", d["upcycled_eqflops"], "--max_steps", k + D,
+                   "--decay_start", k, *observe], d["upcycled_eqflops"]),
+                 (["--resume", d["upcycled"], *observe], d["upcycled"])]
+        if 0 < k < C - D:
+            conts.append(steps)
+        else:   # a continuation too short for an earlier decay: no equal-FLOPs run
+            conts.append([([*moe, *moe_schedule, "--warmup_steps", 0, "--out_dir", d["upcycled"]], d["upcycled"])])
+        # (d) the control: Adam restarted. Its first updates are sign-like and full size (a one-sample
+        # second moment), on weights that are already trained: the usual remedy is a re-warmup.
+        if not args.no_fresh_adam:
+            conts.append([([*moe, *moe_schedule, "--warmup_steps", max(1, round(0.05 * C)), "--upcycle_fresh_adam",
+                            "true", "--out_dir", d["upcycled_fresh_adam"]], d["upcycled_fresh_adam"])])
+        runs.update({(name, seed): path for name, path in d.items()})
+    # longest jobs first, so that two workers end close together
+    conts.sort(key=lambda job: -len(job) - ("--upcycle_from" in map(str, job[0][0])))
+    return trunks, conts, runs, k
 
 
 def run_all(args, setup, runs_dir):
-    """-> {run name: metrics rows}: the stable phase, then the dense and the upcycled continuation."""
-    S, C = setup["stable"], setup["cont"]
-    common = [*setup["model"], "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
-              "--seed", args.seed, "--eval_interval", setup["eval_interval"], "--eval_batches", setup["eval_batches"],
-              "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9]   # one checkpoint, at the end
-    # WSD's stable phase: warmup, then the constant peak lr (no decay, as a checkpoint mid-pre-training)
-    stable = runs_dir / "stable"
-    run_train([*common, "--out_dir", stable, "--schedule", "constant", "--max_steps", S,
-               "--warmup_steps", max(1, round(0.05 * S))], stable)
-    # both continuations: the same WSD schedule (fresh AdamW, so a short re-warmup; decay over the last 10%)
-    cont = [*common, "--schedule", "wsd", "--max_steps", C, "--warmup_steps", max(1, round(0.05 * C))]
-    dense, moe = runs_dir / "dense", runs_dir / "upcycled"
-    run_train([*cont, "--out_dir", dense, "--init_from", stable], dense)
-    run_train([*cont, "--out_dir", moe, "--upcycle_from", stable, "--n_experts", setup["experts"],
-               "--top_k", setup["top_k"]], moe)
-    return {"stable": read_metrics(stable), "dense": read_metrics(dense), "upcycled": read_metrics(moe)}
-
-
-def table(runs):
-    """CSV rows of every validation point, tokens counted from the start of the stable phase."""
-    offset = {"stable": 0, "dense": runs["stable"][-1]["tokens"], "upcycled": runs["stable"][-1]["tokens"]}
-    return [dict(run=name, step=r["step"], tokens=offset[name] + r["tokens"], val_loss=r["val_loss"],
-                 val_bpb=r["val_bpb"], aux_loss=r.get("aux_loss", ""))
-            for name, rows in runs.items() for r in rows if "val_loss" in r]
+    """Train every run; -> (rows for the CSV, k, {"dense", "moe": FLOPs per token})."""
+    shutil.rmtree(runs_dir, ignore_errors=True)   # every run a fresh folder
+    # prepare the data once, here, before parallel runs would each try to; its vocabulary sets the FLOPs
+    import data
+    vocab = data.load_meta(data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True))["vocab_size"]
+    fpt = {"dense": flops_per_token(setup, vocab), "moe": flops_per_token(setup, vocab, N_EXPERTS)}
+    trunks, conts, runs, k = plan(args, setup, runs_dir, fpt["dense"] / fpt["moe"])
+    workers = args.workers or (1 if args.scale == "gpu" and not args.quick else None)
+    # two phases: every continuation branches from its seed's finished trunk checkpoint
+    run_parallel(trunks, workers)     # the seeds' trunks side by side
+    run_parallel(conts, workers)      # then every continuation
+    metrics = {key: read_metrics(path) for key, path in runs.items() if (path / "metrics.jsonl").exists()}
+    branch_tokens = setup["trunk"] * setup["batch_size"] * setup["seq_len"]
+    rows = []
+    for (name, seed), ms in metrics.items():
+        moe = name.startswith("upcycled")
+        for r in ms:
+            if "val_loss" not in r:
+                continue
+            # tokens and FLOPs from the start of the trunk: a new MoE run counts from the branch
+            tokens = r["tokens"] + (branch_tokens if moe else 0)
+            flops = tokens * fpt["dense"] if not moe else branch_tokens * fpt["dense"] + r["tokens"] * fpt["moe"]
+            rows.append(dict(run=name, seed=seed, step=r["step"] + (setup["trunk"] if moe else 0), tokens=tokens,
+                             flops=flops, lr=r.get("lr", ""), val_loss=r["val_loss"], val_bpb=r["val_bpb"],
+                             aux_loss=r.get("aux_loss", "")))
+    return rows, k, fpt
 
 
 def write_csv(rows, path):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["run", "step", "tokens", "val_loss", "val_bpb", "aux_loss"])
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
 
 
-def plot(rows, setup, path):
+def finals(rows):
+    """{(run, seed): the last validation row}: after the decay for every continuation."""
+    out = {}
+    for r in rows:
+        key = (r["run"], r["seed"])
+        if key not in out or r["step"] > out[key]["step"]:
+            out[key] = r
+    return out
+
+
+def verdict(rows, setup):
+    """Per seed: the gaps (b) - (a) at equal tokens and (c) - (a) at equal FLOPs, after the decay,
+    and the control (d) - (b); and how flat the dense run was before its decay."""
+    last = finals(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    S, C, D = setup["trunk"], setup["cont"], setup["decay"]
+    out = []
+    # Differences are taken within a seed: same batches and same validation windows (keyed by the
+    # seed), so the gap compares like with like even where the seeds' losses differ.
+    for seed in seeds:
+        def val(run, step):   # the last evaluation at or before `step`
+            return max((r for r in rows if r["run"] == run and r["seed"] == seed and r["step"] <= step),
+                       key=lambda r: r["step"])["val_loss"]
+        v = dict(seed=seed, trunk=last["trunk", seed]["val_loss"], dense=last["dense", seed]["val_loss"],
+                 upcycled=last["upcycled", seed]["val_loss"])
+        # the dense run's constant-lr improvement over the continuation, before its decay starts
+        v["dense_stable_drop"] = v["trunk"] - val("dense", S + C - D)
+        v["gap_tokens"] = v["upcycled"] - v["dense"]
+        if ("upcycled_eqflops", seed) in last:
+            v["eqflops"] = last["upcycled_eqflops", seed]["val_loss"]
+            v["gap_flops"] = v["eqflops"] - v["dense"]
+            v["flops_ratio"] = last["upcycled_eqflops", seed]["flops"] / last["dense", seed]["flops"]
+        if ("upcycled_fresh_adam", seed) in last:
+            v["fresh"] = last["upcycled_fresh_adam", seed]["val_loss"]
+            v["fresh_minus_carried"] = v["fresh"] - v["upcycled"]
+        out.append(v)
+    return out
+
+
+def curve(rows, name, seed, x):
+    """(x, val_loss) points of one run, joined to the point it branched from (trunk or MoE run)."""
+    own = sorted((r["step"], r[x], r["val_loss"]) for r in rows if r["run"] == name and r["seed"] == seed)
+    parent = {"dense": "trunk", "upcycled_eqflops": "upcycled"}.get(name)
+    if own and parent:
+        before = [(r["step"], r[x], r["val_loss"]) for r in rows
+                  if r["run"] == parent and r["seed"] == seed and r["step"] < own[0][0]]
+        own = [max(before)] + own if before else own
+    return [(a, b) for _, a, b in own]
+
+
+def plot(rows, path, title):
+    """Validation loss against tokens and against FLOPs, and the paired gap upcycled - dense."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = {"stable": ("k", "dense, stable phase (constant lr)"), "dense": ("C0", "(a) dense continuation"),
-              "upcycled": ("C3", f"(b) upcycled: {setup['experts']} experts, top-{setup['top_k']}")}
-    for name, (color, label) in styles.items():
-        pts = [(r["tokens"], r["val_loss"]) for r in rows if r["run"] == name]
-        ax.plot(*zip(*pts), "o-", ms=3, color=color, label=label)
-    branch = max(r["tokens"] for r in rows if r["run"] == "stable")
-    ax.axvline(branch, color="gray", ls=":", lw=1)
-    tail = [r["val_loss"] for r in rows if r["tokens"] >= branch]   # zoom on the continuations
-    ax.set_ylim(min(tail) - 0.1 * (max(tail) - min(tail) + 0.05), max(tail) + 0.5 * (max(tail) - min(tail) + 0.05))
-    ax.set(xlabel="tokens", ylabel="validation loss (nats/token)",
-           title="Sparse upcycling (MiniCPM §7.3): continuing a dense checkpoint dense or as an MoE")
-    ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    styles = {"trunk": ("k", "dense trunk (constant lr)"), "dense": ("C0", "(a) dense, continued"),
+              "upcycled": ("C3", f"(b) upcycled, {N_EXPERTS} experts top-{TOP_K}, Adam carried over"),
+              "upcycled_eqflops": ("C1", "(c) = (b) decayed at (a)'s final FLOPs"),
+              "upcycled_fresh_adam": ("C2", "(d) = (b) with a fresh Adam + re-warmup")}
+    seeds = sorted({r["seed"] for r in rows})
+    dashes = ["-", "--", ":", "-."]
+    branch = {x: max(r[x] for r in rows if r["run"] == "trunk") for x in ("tokens", "flops")}
+    for ax, x in zip(axes, ("tokens", "flops")):
+        for name, (color, label) in styles.items():
+            for i, seed in enumerate(seeds):
+                pts = curve(rows, name, seed, x)
+                if pts:
+                    ax.plot(*zip(*pts), dashes[i % 4], color=color, marker="o", ms=2, lw=1.2,
+                            label=f"{label}, seed {seed}" if x == "tokens" else None)
+        ax.axvline(branch[x], color="gray", ls=":", lw=1)
+        ax.set(xlabel="training tokens" if x == "tokens" else "training FLOPs (6 x active params + attention)",
+               ylabel="validation loss (nats/token)")
+        ax.set_xlim(left=0.5 * branch[x])
+    tail = [r["val_loss"] for r in rows if r["tokens"] >= 0.5 * branch["tokens"]]
+    lo, hi = min(tail), max(tail)
+    for ax in axes[:2]:     # zoom on the continuations
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+    axes[0].legend(fontsize=7)
+    # the paired gap at equal tokens: same seed, same batches, same validation windows
+    for i, seed in enumerate(seeds):
+        dense = dict(curve(rows, "dense", seed, "tokens"))
+        for name in ("upcycled", "upcycled_fresh_adam"):
+            pts = [(t, v - dense[t]) for t, v in curve(rows, name, seed, "tokens") if t in dense]
+            if pts:
+                axes[2].plot(*zip(*pts), dashes[i % 4], color=styles[name][0], marker="o", ms=2,
+                             label=f"{name.replace('_', ' ')} - dense, seed {seed}")
+    axes[2].axhline(0, color="k", lw=0.8)
+    axes[2].set(xlabel="training tokens", ylabel="loss gap at equal tokens (nats/token; < 0: MoE ahead)")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -112,28 +277,44 @@ def plot(rows, setup, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = dict(QUICK if args.quick else FULL)
-    for key, value in (("stable", args.stable_steps), ("cont", args.cont_steps), ("experts", args.n_experts),
-                       ("top_k", args.top_k)):
+    setup = dict(SCALES["quick" if args.quick else args.scale])
+    for key, value in (("trunk", args.trunk_steps), ("cont", args.cont_steps), ("seeds", args.seeds)):
         if value is not None:
             setup[key] = value
+    # the decay: 10% of the dense run's S + C steps (§4), at least one step and inside the continuation
+    if args.trunk_steps or args.cont_steps:
+        setup["decay"] = max(1, min(setup["cont"] - 1, round(0.1 * (setup["trunk"] + setup["cont"]))))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    runs = run_all(args, setup, out / "runs" / "moe_upcycling")
-    rows = table(runs)
+    try:
+        rows, k, fpt = run_all(args, setup, out / "runs" / "moe_upcycling")
+    except RunFailed as e:
+        fail(str(e))
     write_csv(rows, out / "moe_upcycling.csv")
-    plot(rows, setup, out / "moe_upcycling.png")
-    last = {name: [r for r in rows if r["run"] == name][-1] for name in runs}
-    first_moe = next(r for r in rows if r["run"] == "upcycled")
-    print(f"stable dense phase: {setup['stable']} steps, val loss {last['stable']['val_loss']:.4f}; "
-          f"upcycled model at its step 0: {first_moe['val_loss']:.4f} (upcycling keeps the function)")
-    for name in ("dense", "upcycled"):
-        print(f"{name:9s} after {setup['cont']} more steps: val loss {last[name]['val_loss']:.4f} nats/token, "
-              f"{last[name]['val_bpb']:.4f} bits/byte")
-    diff = last["upcycled"]["val_loss"] - last["dense"]["val_loss"]
-    print(f"upcycled - dense: {diff:+.4f} nats/token ({'upcycled' if diff < 0 else 'dense'} lower); "
-          f"{time.time() - t0:.0f} s; wrote {out / 'moe_upcycling.png'} and {out / 'moe_upcycling.csv'}")
+    results = verdict(rows, setup)
+    S, C, D, tpb = setup["trunk"], setup["cont"], setup["decay"], setup["batch_size"] * setup["seq_len"]
+    print(f"dense: {fpt['dense'] / 1e6:.3f} MFLOP/token; MoE {N_EXPERTS}x top-{TOP_K}: {fpt['moe'] / 1e6:.3f} "
+          f"MFLOP/token ({fpt['moe'] / fpt['dense']:.2f}x). Trunk {S} steps ({S * tpb:,} tokens), "
+          f"continuations {C} steps, decay {D}; equal-FLOPs MoE decays from its step {k}")
+    for v in results:
+        line = (f"seed {v['seed']}: trunk {v['trunk']:.4f}, dense stable drop {v['dense_stable_drop']:.4f}; "
+                f"after the decay: dense {v['dense']:.4f}, upcycled {v['upcycled']:.4f} "
+                f"(equal tokens: {v['gap_tokens']:+.4f})")
+        if "gap_flops" in v:
+            line += (f", upcycled at equal FLOPs ({v['flops_ratio']:.3f}x the dense run's) {v['eqflops']:.4f} "
+                     f"({v['gap_flops']:+.4f})")
+        if "fresh" in v:
+            line += f", fresh Adam {v['fresh']:.4f} ({v['fresh_minus_carried']:+.4f} vs carried)"
+        print(line)
+    gaps = [v["gap_tokens"] for v in results]
+    gaps_f = [v["gap_flops"] for v in results if "gap_flops" in v]
+    summary = f"upcycled - dense after the decay: equal tokens {' '.join(f'{g:+.3f}' for g in gaps)}"
+    if gaps_f:
+        summary += f"; equal FLOPs {' '.join(f'{g:+.3f}' for g in gaps_f)} nats (per seed)"
+    plot(rows, out / "moe_upcycling.png",
+         f"Sparse upcycling (MiniCPM §7.3), {len(results)} seeds: {summary}")
+    print(f"{summary}; {time.time() - t0:.0f} s; wrote {out / 'moe_upcycling.png'} and {out / 'moe_upcycling.csv'}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Tests of moe.py against independent references: a naive per-token MoE written here (forward and
 gradients, float64), the dense model for upcycling, the load-balancing loss computed by hand on
 hand-made router outputs, the model loss recomputed from captured layer inputs, the checkpoint
-layout, and the paper's MiniCPM-MoE parameter counts (§7.3)."""
+layout, the paper's MiniCPM-MoE parameter counts (§7.3), and the Adam state carried over by
+upcycling against a hand-written AdamW step (float64)."""
 import json
 import os
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from conftest import small_config
 import checkpoint
 from minicpm import MiniCPM, get_config
-from moe import MoE, upcycle
+from moe import MoE, upcycle, upcycle_optimizer_state
 
 
 def make_moe(cfg):
@@ -259,6 +260,144 @@ def test_upcycle_copies_weights_and_inits_router():
     # training the upcycled model leaves the dense one alone
     moe_model.model.layers[0].mlp.experts[0].w1.weight.data.add_(1.0)
     assert torch.equal(dense.model.layers[0].mlp.gate_proj.weight, d_state["model.layers.0.mlp.gate_proj.weight"])
+
+
+# ----------------------------------------------------------------------------- upcycling: Adam state
+
+LR, WD, BETAS, EPS = 0.01, 0.1, (0.9, 0.95), 1e-8
+PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}   # expert name -> dense MLP name
+
+
+def adamw(model):
+    return torch.optim.AdamW(model.param_groups(LR, WD), lr=LR, betas=BETAS, eps=EPS)
+
+
+def trained_dense_and_optimizer(steps=3):
+    """A float64 dense model after a few AdamW steps on random tokens: non-trivial moments, step 3."""
+    torch.manual_seed(0)
+    dense = MiniCPM(small_config()).double()        # n_embd 64: muP width multiplier m = 64 / 256
+    opt = adamw(dense)
+    for _ in range(steps):
+        idx = torch.randint(0, 97, (2, 16))
+        dense(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return dense, opt
+
+
+def carried_over(n_experts=4):
+    dense, dense_opt = trained_dense_and_optimizer()
+    moe_model = upcycle(dense, n_experts=n_experts, top_k=2, generator=torch.Generator().manual_seed(1))
+    moe_opt = adamw(moe_model)
+    # through a state_dict, as train.py reads it from the checkpoint
+    info = upcycle_optimizer_state(dense, dense_opt.state_dict(), moe_model, moe_opt)
+    return dense, dense_opt, moe_model, moe_opt, info
+
+
+def expert_params(moe_model, n_experts=4):
+    """(dense parameter name, expert j, expert parameter) for every expert weight."""
+    params = dict(moe_model.named_parameters())
+    return [(f"model.layers.{i}.mlp.{dense_name}.weight", j, params[f"model.layers.{i}.mlp.experts.{j}.{w}.weight"])
+            for i in range(2) for j in range(n_experts) for w, dense_name in PROJ.items()]
+
+
+def test_every_expert_copy_starts_with_the_dense_mlps_adam_state_and_the_router_fresh():
+    dense, dense_opt, moe_model, moe_opt, info = carried_over()
+    dense_params = dict(dense.named_parameters())
+    seen = set()
+    for dense_name, j, p in expert_params(moe_model):
+        ref, got = dense_opt.state[dense_params[dense_name]], moe_opt.state[p]
+        assert set(got) == {"step", "exp_avg", "exp_avg_sq"}
+        assert float(got["step"]) == 3.0                       # the dense run's 3 steps
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[key], ref[key])             # exactly equal, for every copy j
+            assert got[key].abs().sum() > 0
+            assert got[key].data_ptr() not in seen and got[key].data_ptr() != ref[key].data_ptr()
+            seen.add(got[key].data_ptr())                      # each copy its own storage
+    moe_params = dict(moe_model.named_parameters())
+    routers = [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    for name in routers:                                      # the router: no state, Adam starts at step 0
+        assert len(moe_opt.state[moe_params[name]]) == 0
+    for name, p in dense_params.items():                      # embedding, attention, norms: kept
+        if ".mlp." not in name:
+            assert torch.equal(moe_opt.state[moe_params[name]]["exp_avg_sq"], dense_opt.state[p]["exp_avg_sq"])
+            assert float(moe_opt.state[moe_params[name]]["step"]) == 3.0
+    assert info["fresh"] == routers and info["carried"] == len(moe_params) - 2
+
+
+def test_lr_groups_follow_mup_for_the_upcycled_tensors():
+    _, _, moe_model, moe_opt, _ = carried_over()
+    group_of = {id(p): g for g in moe_opt.param_groups for p in g["params"]}
+    params = dict(moe_model.named_parameters())
+    # by hand: m = 64 / 256 = 1/4, so matrices (experts, router, attention) get lr / m = 0.04
+    for _, _, p in expert_params(moe_model):
+        assert group_of[id(p)]["lr"] == pytest.approx(0.04) and group_of[id(p)]["weight_decay"] == WD
+    for i in range(2):
+        router = group_of[id(params[f"model.layers.{i}.mlp.gate.weight"])]
+        assert router["lr"] == pytest.approx(0.04) and router["weight_decay"] == WD
+        assert group_of[id(params[f"model.layers.{i}.self_attn.q_proj.weight"])]["lr"] == pytest.approx(0.04)
+    assert group_of[id(params["model.embed_tokens.weight"])]["lr"] == pytest.approx(0.01)
+    norm = group_of[id(params["model.layers.0.input_layernorm.weight"])]
+    assert norm["lr"] == pytest.approx(0.01) and norm["weight_decay"] == 0.0
+
+
+def hand_adamw_step(p, g, m, v, step, lr, wd):
+    """One AdamW update written out (Loshchilov & Hutter; torch's bias-corrected form), float64."""
+    t = step + 1
+    m = BETAS[0] * m + (1 - BETAS[0]) * g
+    v = BETAS[1] * v + (1 - BETAS[1]) * g * g
+    m_hat, v_hat = m / (1 - BETAS[0] ** t), v / (1 - BETAS[1] ** t)
+    return p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + EPS)
+
+
+def test_one_step_after_carry_over_moves_every_expert_as_the_dense_mlp_would():
+    """Give every expert copy the dense MLP's gradient: after one AdamW step each copy equals the
+    dense MLP stepped by the dense optimizer, and the hand-written AdamW update of the dense
+    moments. A fresh Adam (the contrast) moves it differently."""
+    dense, dense_opt, moe_model, moe_opt, _ = carried_over()
+    dense_params, moe_params = dict(dense.named_parameters()), dict(moe_model.named_parameters())
+    before = {n: p.detach().clone() for n, p in dense_params.items()}
+    moments = {n: {k: v.clone() for k, v in dense_opt.state[p].items()} for n, p in dense_params.items()}
+    torch.manual_seed(2)
+    grads = {n: torch.randn_like(p) for n, p in dense_params.items()}
+    for n, p in dense_params.items():
+        p.grad = grads[n].clone()
+    for n, p in moe_params.items():          # the router: any gradient (it has no dense twin)
+        p.grad = torch.randn_like(p) if ".mlp.gate." in n else None
+    for dense_name, _, p in expert_params(moe_model):
+        p.grad = grads[dense_name].clone()
+    for n, p in moe_params.items():
+        if ".mlp." not in n:
+            p.grad = grads[n].clone()
+    fresh_model = upcycle(dense, n_experts=4, top_k=2)     # the contrast: same weights, fresh Adam
+    fresh_opt = adamw(fresh_model)
+    for (_, _, p), (_, _, q) in zip(expert_params(moe_model), expert_params(fresh_model)):
+        q.grad = p.grad.clone()
+    dense_opt.step()
+    moe_opt.step()
+    fresh_opt.step()
+    for (dense_name, _, p), (_, _, q) in zip(expert_params(moe_model), expert_params(fresh_model)):
+        s = moments[dense_name]
+        hand = hand_adamw_step(before[dense_name], grads[dense_name], s["exp_avg"], s["exp_avg_sq"],
+                               float(s["step"]), LR / 0.25, WD)
+        torch.testing.assert_close(p.detach(), dense_params[dense_name].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(p.detach(), hand, rtol=1e-12, atol=1e-15)
+        assert (q - hand).abs().max() > 1e-4          # fresh Adam: a different first step
+    for n, p in dense_params.items():
+        if ".mlp." not in n:
+            torch.testing.assert_close(moe_params[n].detach(), p.detach(), rtol=0, atol=0)
+    for i in range(2):       # the router took a fresh Adam's first step: bias-corrected, step 1
+        assert float(moe_opt.state[moe_params[f"model.layers.{i}.mlp.gate.weight"]]["step"]) == 1.0
+
+
+def test_carry_over_refuses_an_optimizer_state_of_another_model():
+    dense, dense_opt = trained_dense_and_optimizer(steps=1)
+    moe_model = upcycle(dense, n_experts=4, top_k=2)
+    other = MiniCPM(small_config(mup=False, tie_word_embeddings=False)).double()
+    with pytest.raises(ValueError, match="parameter groups"):
+        upcycle_optimizer_state(other, dense_opt.state_dict(), moe_model, adamw(moe_model))
+    with pytest.raises(ValueError, match="no optimizer state"):
+        upcycle_optimizer_state(dense, None, moe_model, adamw(moe_model))
 
 
 # ----------------------------------------------------------------------------- checkpoint layout
