@@ -167,7 +167,7 @@ def model_config(cfg, overrides, resumed, source, meta):
     else:
         get_config(cfg.preset)   # an unknown preset: the error lists the valid ones
         kw = {**PRESETS[cfg.preset], **overrides}
-    if cfg.upcycle_from:
+    if source and cfg.upcycle_from:
         kw["n_experts"] = 0   # the dense source model; moe.upcycle makes the experts
     if meta and (resumed or source) and meta["vocab_size"] != kw["vocab_size"]:
         raise UsageError(f"the checkpoint's vocabulary ({kw['vocab_size']}) is not the data's ({meta['vocab_size']}): "
@@ -205,7 +205,7 @@ def build_model(cfg, mcfg, overrides, resumed, source, device):
                              "drop the model flags that change its shape") from None
         offset = source["step"] + source.get("data_offset", 0)
     dense = None
-    if cfg.upcycle_from:
+    if source and cfg.upcycle_from:   # (a resumed MoE run is an MoE already)
         import moe
         dense, model = model, moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
     if resumed:
