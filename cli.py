@@ -64,7 +64,7 @@ def add_flags(group, dataclass, help=None, suppress=False):
 
 def parse(p, argv):
     """The given flags as a dict; an unknown flag is one line naming the closest valid one."""
-    # parse_known_args, not parse_args: argparse's own message for a typo is the full usage dump
+    # parse_known_args: an unknown flag comes back to us, so the message can name the closest valid one
     given, unknown = p.parse_known_args(argv)
     if unknown:
         bad = unknown[0].split("=")[0]   # "--lr=3e-3" -> "--lr": suggest a name, not a value
