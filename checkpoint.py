@@ -22,7 +22,7 @@ import torch
 from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig, config_from_hf
 
-KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}
+KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}   # kind -> the script that writes (and resumes) it
 # Keys older checkpoints saved in model_config that are runtime choices, not architecture.
 RUNTIME_KEYS = ("attn_impl",)
 
@@ -30,22 +30,24 @@ RUNTIME_KEYS = ("attn_impl",)
 # ----------------------------------------------------------------------------- atomic writes
 
 def atomic_write(path, write):
-    """write(file) into a temporary file in the same folder, then rename over path: a crash (even
-    kill -9) at any moment leaves either the old file or the new one, never a torn one."""
+    """write(file) into a temporary file in the same folder, then rename over path."""
+    # a crash (even kill -9) at any moment leaves either the old file or the new one, never a torn one;
+    # the same folder, because a rename is atomic only within one file system
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())   # on disk before the rename, or a power cut could keep a renamed empty file
         os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)   # atomic on POSIX and Windows, even over an existing file
+    except BaseException:   # KeyboardInterrupt too: never leave a .tmp- file behind on purpose
         os.unlink(tmp)
         raise
 
 
 def current_umask():
+    # the only way to read the umask is to set it: set it, then straight back
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -60,8 +62,8 @@ def atomic_write_text(text, path):
 
 
 def remove_stale_temps(folder):
-    """Delete the temporary files a killed writer left (atomic_write's .tmp-*): they are never
-    anything but half-written copies, and a checkpoint's can be large."""
+    """Delete the temporary files a killed writer left (atomic_write's .tmp-*)."""
+    # they are never anything but half-written copies, and a checkpoint's can be gigabytes
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.startswith(".tmp-"):
@@ -71,31 +73,33 @@ def remove_stale_temps(folder):
 # ----------------------------------------------------------------------------- ckpt.pt
 
 def ckpt_path(path):
+    # a run folder or the file itself: users pass either to --resume, --init_from and --ckpt
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
 def save(folder, kind, model, **state):
     """Write folder/ckpt.pt atomically; state holds the writing script's resume information."""
-    assert kind in KINDS
+    assert kind in KINDS   # a programming error, not user input
     atomic_save(dict(kind=kind, model=model.state_dict(), model_config=asdict(model.config), **state), os.path.join(folder, "ckpt.pt"))
     return os.path.join(folder, "ckpt.pt")
 
 
 def load(path, kind=None, device="cpu"):
-    """A checkpoint (ckpt.pt or the folder holding it) as a dict, with "path" added. kind: the kind
-    the caller can resume; another kind is one line saying which script wrote it."""
+    """A checkpoint (ckpt.pt or the folder holding it) as a dict, with "path" added."""
+    # kind: the kind the caller can resume; another kind is one line saying which script wrote it
     path = ckpt_path(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train one with python train.py, or give the right folder")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        ckpt["model"], ckpt["model_config"], ckpt["step"]
+        ckpt["model"], ckpt["model_config"], ckpt["step"]   # a KeyError here: a .pt file, but not ours
     except Exception as e:
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, or not written by this project") from None
     ckpt.setdefault("kind", "pretrain")                     # written before kinds existed
     ckpt.setdefault("config", ckpt.pop("train_config", {}))
     for key in RUNTIME_KEYS:                                # old checkpoints saved these: ignore them
         ckpt["model_config"].pop(key, None)
+    # resuming a DPO run with train.py (or the reverse) would misread its optimizer and config
     if kind and ckpt["kind"] != kind:
         raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {KINDS[ckpt['kind']]}, not a {kind} "
                          f"one: resume it with {KINDS[ckpt['kind']]}, or start a new run from its weights "
@@ -111,17 +115,18 @@ def build_model(ckpt, device="cpu", **runtime):
     except TypeError as e:
         raise UsageError(f"{ckpt['path']}: its model_config does not fit this version of minicpm.py ({e})") from None
     model = MiniCPM(config, **runtime)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])   # strict: every key and shape must match the config
     return model.to(device)
 
 
 # ----------------------------------------------------------------------------- a run's folder
 
 def check_run_folder(out_dir, resumed_path=None, overwrite=False):
-    """A new run never replaces an existing one by accident. Continuing a run in its own folder is
-    fine; continuing it into another folder must not land on a third run either (it starts that
-    folder's history from the resumed run's, so nothing there is silently cut)."""
+    """A new run never replaces an existing one by accident (--overwrite says it is meant)."""
+    # continuing a run in its own folder is fine; continuing it into another folder must not land on
+    # a third run either (it starts that folder's history from the resumed run's, cutting the third's)
     same = resumed_path and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resumed_path))
+    # either file marks a run: a crash before the first checkpoint still leaves metrics worth keeping
     taken = [n for n in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]
     if taken and not same and not overwrite:
         raise UsageError(f"{out_dir} already holds a run ({', '.join(taken)}): continue it with --resume "
@@ -129,8 +134,9 @@ def check_run_folder(out_dir, resumed_path=None, overwrite=False):
 
 
 def start_run_folder(out_dir, rank_file=None, record=None):
-    """Create out_dir, clear a crashed writer's leftovers, and put the tokenizer's rank file beside
-    the checkpoint (as record["rank_file"]), so the folder is self-contained."""
+    """Create out_dir, clear a crashed writer's leftovers, and copy the tokenizer's rank file into it."""
+    # beside the checkpoint, as record["rank_file"]: the folder is self-contained, so sample.py works
+    # even after the data folder is deleted or re-prepared
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temps(out_dir)
     if rank_file and record and record.get("rank_file"):
@@ -143,6 +149,7 @@ def start_run_folder(out_dir, rank_file=None, record=None):
 
 def tokenizer_record(meta):
     """What a checkpoint says of its tokenizer, from a data.py meta.json."""
+    # rank_file is relative to the checkpoint folder, so a copied or moved folder still finds it
     return dict(spec=meta["tokenizer"], rank_file="tokenizer.tiktoken" if meta["rank_file"] else None,
                 eot_id=meta["eot_id"], vocab_size=meta["vocab_size"])
 
@@ -156,9 +163,10 @@ def rank_file_path(ckpt):
 # ----------------------------------------------------------------------------- Hugging Face layout
 
 def save_hf(model, out_dir, tokenizer_record=None):
-    """config.json + pytorch_model.bin with the released names, keys and shapes, written atomically;
-    with a tokenizer record, tokenizer_record.json too (sample.py --hf reads it)."""
+    """config.json + pytorch_model.bin with the released names, keys and shapes, written atomically."""
+    # with a tokenizer record, tokenizer_record.json too (sample.py --hf reads it)
     os.makedirs(out_dir, exist_ok=True)
+    # on the CPU and contiguous: loadable on a machine without a GPU, and no views of bigger storages
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save(state, os.path.join(out_dir, "pytorch_model.bin"))
     atomic_write_text(json.dumps(model.hf_config(), indent=2) + "\n", os.path.join(out_dir, "config.json"))
@@ -167,8 +175,8 @@ def save_hf(model, out_dir, tokenizer_record=None):
 
 
 def load_hf(ckpt_dir, device="cpu", dtype=torch.float32, **runtime):
-    """A model in the released layout: ours, or MiniCPM's own (pytorch_model.bin, sharded .bin with an
-    index, or *.safetensors when the safetensors package is installed)."""
+    """A model in the released layout: ours, or MiniCPM's own."""
+    # MiniCPM's own: pytorch_model.bin, sharded .bin with an index, or *.safetensors (needs that package)
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isdir(ckpt_dir):
         raise UsageError(f"{ckpt_dir} is not a folder: give a Hugging Face checkpoint folder (config.json + weights)")
@@ -180,31 +188,33 @@ def load_hf(ckpt_dir, device="cpu", dtype=torch.float32, **runtime):
         config = config_from_hf(hf)
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is not a usable config.json ({type(e).__name__}: {e})") from None
-    with torch.device("meta"):
+    with torch.device("meta"):   # no memory and no random init for weights about to be replaced (GBs for the 2.4B)
         model = MiniCPM(config, **runtime)
     state = read_hf_weights(ckpt_dir)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)    # tied: the embedding is the head
     expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    # every mismatch checked before loading, reported as one line: load_state_dict's error is a page long
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
              if k in state and state[k].shape != s]
     if missing or unexpected or wrong:
         raise UsageError(f"checkpoint {ckpt_dir} does not fit its config.json: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
-    model = model.to_empty(device=device).to(dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model = model.to_empty(device=device).to(dtype)   # allocated, uninitialised: load_state_dict fills it
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)   # strict=False: the tied head
     if config.tie_word_embeddings:   # to_empty untied them
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
 def read_hf_weights(ckpt_dir):
+    """Every weight file of the folder merged into one state dict (shards hold disjoint keys)."""
     names = sorted(os.listdir(ckpt_dir))
     bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
     safetensors = [n for n in names if n.endswith(".safetensors")]
     state = {}
-    if bins:
+    if bins:   # preferred when both exist: torch can always read them
         for n in bins:
             try:
                 state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
@@ -212,7 +222,7 @@ def read_hf_weights(ckpt_dir):
                 raise UsageError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from None
     elif safetensors:
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file   # optional: only released checkpoints need it
         except ImportError:
             raise UsageError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
                              "package: pip install safetensors") from None

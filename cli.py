@@ -21,10 +21,12 @@ class UsageError(Exception):
 
 def flag(default, help):
     """A dataclass field that is also a --flag, with its help text."""
+    # the help lives next to the default, so a config dataclass documents its own --help
     return field(default=default, metadata={"help": help})
 
 
 def str2bool(text):
+    # argparse's type=bool would turn "false" into True (any non-empty string is truthy)
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -36,20 +38,25 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad value is one line (argparse would print the whole usage, ~30 lines)."""
 
     def error(self, message):
+        # raised, not printed: cli.main turns it into one line and exit 2, and train.main(argv)
+        # callers (experiments) get an exception instead of argparse's sys.exit in their process
         raise UsageError(message.replace("argument ", "") + "; see --help")
 
 
 def parser(doc):
     """A parser whose --help is the script's docstring: its first paragraph above the flags, the rest below."""
     head, _, tail = doc.partition("\n\n")
+    # allow_abbrev=False: a prefix like --warm must not silently mean --warmup_steps; Raw keeps the layout
     return Parser(description=head, epilog=tail, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_flags(group, dataclass, help=None, suppress=False):
-    """One --name per field. bool fields take true/false (or nothing, for true). suppress=True leaves
-    a flag that was not given out of the result, so the caller can tell given from default."""
+    """One --name per field, typed like its default."""
+    # bool fields take true/false, or nothing for true (`--compile` == `--compile true`)
+    # suppress=True leaves a flag that was not given out of the result, so the caller can tell
+    # given from default (a resume keeps the checkpoint's value unless the flag was given)
     for f in fields(dataclass):
-        text = (help or {}).get(f.name) or f.metadata.get("help", "")
+        text = (help or {}).get(f.name) or f.metadata.get("help", "")  # a caller's help overrides the field's
         kw = dict(type=str2bool, nargs="?", const=True) if f.type in (bool, "bool") else dict(type=type(f.default))
         default = argparse.SUPPRESS if suppress else f.default
         group.add_argument(f"--{f.name}", default=default, help=f"{text} (default: {f.default!r})", **kw)
@@ -57,9 +64,10 @@ def add_flags(group, dataclass, help=None, suppress=False):
 
 def parse(p, argv):
     """The given flags as a dict; an unknown flag is one line naming the closest valid one."""
+    # parse_known_args: an unknown flag comes back to us, so the message can name the closest valid one
     given, unknown = p.parse_known_args(argv)
     if unknown:
-        bad = unknown[0].split("=")[0]
+        bad = unknown[0].split("=")[0]   # "--lr=3e-3" -> "--lr": suggest a name, not a value
         names = [o for a in p._actions for o in a.option_strings]
         close = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
         raise UsageError(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
@@ -75,6 +83,7 @@ def dataclass_flags(dataclass, doc, argv):
 
 def check(problems):
     """Raise one UsageError listing every (condition, message) pair whose condition holds."""
+    # every problem at once: a user fixing flags one error per run would need as many runs
     bad = [message for failed, message in problems if failed]
     if bad:
         raise UsageError("; ".join(bad))
@@ -86,7 +95,9 @@ def pick_device(name):
     """"auto": cuda, else mps, else cpu. An explicit device must exist on this machine."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = name.split(":")[0]
+    # checked here, not left to torch: its error for a missing GPU comes deep in a traceback, after
+    # the run folder was already created
+    kind = name.split(":")[0]   # "cuda:1" -> "cuda"
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
     if kind == "mps" and not torch.backends.mps.is_available():
@@ -100,11 +111,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_dtype(name, device):
-    """The compute dtype. auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 elsewhere: on CPUs
-    without native bf16, bf16 matmuls ran 8x slower than fp32 on our 2-core test machine."""
+    """The compute dtype for autocast; the weights themselves stay float32."""
     if name not in DTYPES:
         raise UsageError(f"--dtype {name} is not one of {', '.join(DTYPES)}")
     if name == "auto":
+        # bf16 on CUDA (fp16 on GPUs without bf16, e.g. V100/T4), fp32 elsewhere: on CPUs without
+        # native bf16, bf16 matmuls ran 8x slower than fp32 on our 2-core test machine
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
@@ -117,8 +129,10 @@ def pick_dtype(name, device):
 # ----------------------------------------------------------------------------- stopping and exiting
 
 class StopSignals:
-    """Inside `with StopSignals() as stop:` Ctrl-C and SIGTERM only set `stop.signal`, so the loop
-    can finish its step, save a checkpoint and exit with 128 + the signal's number (130, 143)."""
+    """Inside `with StopSignals() as stop:` Ctrl-C and SIGTERM only set `stop.signal`."""
+    # the loop then finishes its step, saves a checkpoint and exits with 128 + the signal's number
+    # (130, 143), the shell's convention; a KeyboardInterrupt mid-step could leave a half-written
+    # optimizer state, and SIGTERM (a cluster's preemption) would otherwise kill without saving
 
     def __enter__(self):
         self.signal = None
@@ -129,6 +143,7 @@ class StopSignals:
         self.signal = signum
 
     def __exit__(self, *exc):
+        # restore the old handlers: train.main called from an experiment must leave Ctrl-C working
         for s, handler in self.old.items():
             signal.signal(s, handler)
 
@@ -138,13 +153,15 @@ class StopSignals:
 
 
 def main(script, run, argv):
-    """run(argv) -> exit code, with every expected failure one line on stderr: bad input exits 2,
-    an operating-system error (disk full, permission, missing folder) names its path and exits 1."""
+    """run(argv) -> exit code, with every expected failure one line on stderr."""
     try:
         return run(sys.argv[1:] if argv is None else argv) or 0
+    # bad input exits 2 with no traceback; ValueError too, since float("3e-3x") and friends are
+    # user input; any other exception is a bug and keeps its traceback
     except (UsageError, ValueError) as e:
         print(f"{script}: {e}", file=sys.stderr)
         return 2
+    # an operating-system error (disk full, permission, missing folder) names its path and exits 1
     except OSError as e:   # names the file; the last good checkpoint was never touched (atomic writes)
         where = f" {e.filename}" if e.filename else ""
         print(f"{script}: cannot use{where}: {e.strerror or e}", file=sys.stderr)

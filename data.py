@@ -7,23 +7,8 @@
 Writes data/<name>/{train.bin, val.bin, meta.json} (+ tokenizer.tiktoken for bpe:N), each document followed
 by <|endoftext|>. Sources, tokenizers and the validation split are described in the README.
 """
-import argparse
-import base64
-import collections
-import glob
-import hashlib
-import heapq
-import inspect
-import json
-import multiprocessing
-import os
-import pathlib
-import platform
-import re
-import sys
-import sysconfig
-import time
-import urllib.request
+import argparse, base64, collections, glob, hashlib, heapq, inspect, json, multiprocessing, os, pathlib, platform, re
+import sys, sysconfig, time, urllib.request
 
 import numpy as np
 import regex
@@ -37,9 +22,9 @@ EOT = "<|endoftext|>"
 GPT4_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
-TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
-VAL_FRACTION = 0.01
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")   # text we know how to cut into documents; binaries are skipped
+TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")   # tiktoken's own encodings, downloaded on first use
+VAL_FRACTION = 0.01   # 1% of the documents (~300 KB of the stdlib): room for a 64K-token eval set
 SPLIT_RULE = "content-sha256"  # recorded in meta.json: data prepared under an older rule is prepared again
 SMALL_CORPUS_BYTES = 64e6  # up to this size, the validation fallback (below) may read every file twice
 
@@ -54,14 +39,15 @@ def list_files(source: str, data_dir: str, log) -> tuple[pathlib.Path, list[path
     """The source's files in sorted order, and the root folder that document keys are relative to."""
     path, root = pathlib.Path(source), None
     if source == "stdlib":
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        root = pathlib.Path(sysconfig.get_paths()["stdlib"])   # on every machine, no download: the default corpus
+        # installed packages differ between machines; the standard library of one Python version does not
         files = [p for p in root.rglob("*.py")
                  if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
     elif source == "shakespeare":
         files = [download(SHAKESPEARE_URL, pathlib.Path(data_dir) / "downloads" / "tinyshakespeare.txt", log)]
     elif glob.has_magic(source):
-        files = [pathlib.Path(p) for p in glob.glob(source, recursive=True)]
-        files = [p for p in files if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        files = [p for p in map(pathlib.Path, glob.glob(source, recursive=True)) if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        # the files' common folder: they are sorted, and named, by their path inside it, wherever it lives
         root = pathlib.Path(os.path.commonpath([p.parent.resolve() for p in files])) if files else None
         files = [p.resolve() for p in files]
     elif path.is_dir():
@@ -74,11 +60,12 @@ def list_files(source: str, data_dir: str, log) -> tuple[pathlib.Path, list[path
     if not files:
         raise DataError(f"source {source!r} has no {'/'.join(TEXT_SUFFIXES)} files: point --source at some text")
     root = root or files[0].parent  # a single file's folder
+    # sorted by relative path, not by rglob's (file-system) order: the same files give the same train.bin
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def download(url: str, path: pathlib.Path, log) -> pathlib.Path:
-    if path.exists():
+    if path.exists():   # downloaded once, then reused offline
         return path
     log(f"downloading {url}")
     try:
@@ -87,13 +74,14 @@ def download(url: str, path: pathlib.Path, log) -> pathlib.Path:
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}): this machine seems offline; "
                         f"fetch input.txt elsewhere and pass it with --source path/to/input.txt") from None
-    write_atomic(path, body)
+    write_atomic(path, body)   # a cut connection must not leave a half file that the check above would accept
     return path
 
 
 def read_documents(path: pathlib.Path, root: pathlib.Path, single_file: bool) -> list[tuple[str, str]]:
-    """A file's (key, text) documents: the whole file, each .jsonl line, or, for a .txt/.md file given on its
-    own, each paragraph. The key names the document for the train/val split."""
+    """A file's (key, text) documents: the whole file, each .jsonl line, or each paragraph of a lone .txt/.md."""
+    # a lone text file (shakespeare) as one document would leave nothing for validation; the key names
+    # the document: its file, and its line or paragraph
     rel = path.relative_to(root).as_posix()
     text = path.read_bytes().decode("utf-8", errors="replace")  # a few stdlib test files are not UTF-8
     if path.suffix == ".jsonl":
@@ -112,31 +100,30 @@ def read_documents(path: pathlib.Path, root: pathlib.Path, single_file: bool) ->
         docs = [(f"{rel}#{i}", para) for i, para in enumerate(re.split(r"\n\s*\n", text))]
     else:
         docs = [(rel, text)]
-    return [(key, doc) for key, doc in docs if doc.strip()]
+    return [(key, doc) for key, doc in docs if doc.strip()]   # empty documents would only add EOTs
 
 
 def key_hash(key: str) -> float:
     """A string's place in [0, 1), the same on every machine and Python run."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # not hash(): salted per process
 
 
 def is_val(text: str, forced_val: float | None) -> bool:
-    """The ~1% of documents whose *content* hashes lowest. Keyed by content, not by path, so the
-    split never depends on the order or number of other documents, and copies of one text (the
-    stdlib holds one 58-byte file 8 times) always fall on the same side: validation never holds a
-    document that is also in train."""
-    h = key_hash(text)
-    return h == forced_val or h < VAL_FRACTION
+    """The ~1% of documents whose *content* hashes lowest."""
+    # keyed by content, not by path, so the split never depends on the order or number of other
+    # documents, and copies of one text (the stdlib holds one 58-byte file 8 times) always fall on the
+    # same side: validation never holds a document that is also in train
+    return (h := key_hash(text)) == forced_val or h < VAL_FRACTION
 
 
 def fallback_val_key(root, files) -> float | None:
     """The lowest content hash, when hashing alone would leave validation empty (small corpora only)."""
+    # a corpus of a few documents (one short .jsonl) may have none under VAL_FRACTION: the lowest joins validation
     if sum(p.stat().st_size for p in files) > SMALL_CORPUS_BYTES:
         return None
     hashes = [key_hash(text) for p in files for _, text in read_documents(p, root, len(files) == 1)]
-    if len(set(hashes)) < 2 or min(hashes) < VAL_FRACTION:
-        return None
-    return min(hashes)
+    # None when all texts are one (nothing would be left to train on) or hashing already found one
+    return None if len(set(hashes)) < 2 or min(hashes) < VAL_FRACTION else min(hashes)
 
 
 # ----------------------------------------------------------------------------- byte-level BPE
@@ -148,32 +135,29 @@ def merge_pair(tokens: list[int], a: int, b: int, new: int) -> list[int]:
     """Replace each (a, b) by new, left to right, without overlaps ("aaa" with (a, a) -> [aa, a])."""
     out, i = [], 0
     while i < len(tokens):
-        merge = tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b
+        merge = tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b   # a plain loop: chunks are short
         out.append(new if merge else tokens[i])
         i += 2 if merge else 1
     return out
 
 
 def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
-    """Merge until there are n_tokens tokens (bpe:N adds EOT); returns (token bytes by rank, merged pairs).
-
-    Each step merges the most frequent adjacent pair (ties: the smallest pair of ids). Work is done once
-    per unique chunk, weighted by its count; after a merge only the chunks holding the pair are re-counted,
-    and a lazy max-heap finds the next pair: each changed count is pushed anew, and stale entries skipped."""
-    vocab = [bytes([b]) for b in range(256)]
+    """Merge until there are n_tokens tokens (bpe:N adds EOT); returns (token bytes by rank, merged pairs)."""
+    # Each step merges the most frequent adjacent pair (ties: the smallest pair of ids). Work is done once
+    # per unique chunk, weighted by its count; after a merge only the chunks holding the pair are re-counted,
+    # and a lazy max-heap finds the next pair: each changed count is pushed anew, and stale entries skipped.
+    vocab = [bytes([b]) for b in range(256)]   # byte-level: the 256 bytes first, so any text is encodable
     rank = {token: i for i, token in enumerate(vocab)}
-    chunks = [list(chunk.encode()) for chunk in chunk_counts]
-    weights = list(chunk_counts.values())
+    chunks, weights = [list(chunk.encode()) for chunk in chunk_counts], list(chunk_counts.values())
     pair_counts = collections.defaultdict(int)
     chunks_with = collections.defaultdict(set)  # pair -> chunks that hold (or once held) it
     for i, tokens in enumerate(chunks):
         for pair in zip(tokens, tokens[1:]):
             pair_counts[pair] += weights[i]
             chunks_with[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heap = [(-count, pair) for pair, count in pair_counts.items()]   # heapq is a min-heap: counts negated
     heapq.heapify(heap)
-    merges = []
-    bar = tqdm(total=n_tokens - len(vocab), desc="learning BPE", unit="merge", disable=quiet)
+    merges, bar = [], tqdm(total=n_tokens - len(vocab), desc="learning BPE", unit="merge", disable=quiet)
     while len(vocab) < n_tokens and heap:
         neg_count, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg_count:  # stale: a newer entry holds its current count
@@ -199,7 +183,7 @@ def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
                 chunks_with[p].add(i)
                 changed.add(p)
             chunks[i] = new_tokens
-        del pair_counts[pair]
+        del pair_counts[pair]   # merged everywhere: it cannot occur again
         for p in changed:
             if pair_counts.get(p, 0) > 0:
                 heapq.heappush(heap, (-pair_counts[p], p))
@@ -212,15 +196,15 @@ def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
 
 def write_rank_file(path: pathlib.Path, vocab: list[bytes]) -> None:
     """tiktoken's rank-file format: one 'base64(token bytes) rank' line per token."""
-    lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(vocab))
-    write_atomic(path, lines.encode())
+    # tiktoken re-derives the merges from the ranks: a pair's merge is the rank of their concatenation
+    write_atomic(path, "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(vocab)).encode())
 
 
 def parse_tokenizer(spec: str) -> int | None:
     """Validate a tokenizer spec; returns N for bpe:N, else None."""
     if spec.startswith("bpe:"):
         n = spec[4:]
-        if not n.isdigit() or not 257 <= int(n) <= 2**31:
+        if not n.isdigit() or not 257 <= int(n) <= 2**31:   # 256 bytes + EOT at least
             raise DataError(f"tokenizer {spec!r}: N in bpe:N must be an integer from 257 up, e.g. bpe:4096")
         return int(n)
     if spec == "byte" or spec in TIKTOKEN_NAMES:
@@ -238,15 +222,13 @@ def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding
             raise DataError(f"could not load tiktoken's {spec!r} ({type(e).__name__}): it is downloaded on first "
                             f"use, so connect once or set TIKTOKEN_CACHE_DIR to a cache holding it; "
                             f"offline, use bpe:4096 or byte") from None
-    if spec == "byte":
-        ranks = {bytes([b]): b for b in range(256)}
-    else:
-        if rank_file is None or not os.path.isfile(rank_file):
-            raise DataError(f"tokenizer {spec!r} needs its rank file, and {rank_file!r} is not a file: "
-                            f"prepare the data again or pass the tokenizer.tiktoken saved beside it")
-        ranks = tiktoken.load.load_tiktoken_bpe(str(rank_file))
-        if len(ranks) != n - 1:
-            raise DataError(f"{rank_file} holds {len(ranks)} tokens, but {spec} needs {n - 1} (+ EOT)")
+    if spec != "byte" and (rank_file is None or not os.path.isfile(rank_file)):
+        raise DataError(f"tokenizer {spec!r} needs its rank file, and {rank_file!r} is not a file: "
+                        f"prepare the data again or pass the tokenizer.tiktoken saved beside it")
+    ranks = {bytes([b]): b for b in range(256)} if spec == "byte" else tiktoken.load.load_tiktoken_bpe(str(rank_file))
+    if n and len(ranks) != n - 1:   # n is None for byte
+        raise DataError(f"{rank_file} holds {len(ranks)} tokens, but {spec} needs {n - 1} (+ EOT)")
+    # EOT gets the id after the last rank, so vocab_size = ranks + 1
     return tiktoken.Encoding(spec.replace(":", ""), pat_str=GPT4_SPLIT, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
 
@@ -262,6 +244,7 @@ def _init_worker(spec, rank_file):
 
 def _count_train_chunks(jobs) -> collections.Counter:
     """Chunk counts of the training documents of a group of files (groups keep the merging cheap)."""
+    # training documents only: a tokenizer learned on validation text would flatter the validation loss
     counts = collections.Counter()
     for path, root, single_file, forced_val in jobs:
         for key, text in read_documents(path, root, single_file):
@@ -274,14 +257,14 @@ def _tokenize_file(job) -> dict:
     """A file's token ids per split, each document followed by EOT, with document and byte counts."""
     path, root, single_file, forced_val = job
     enc = _worker_encoding
-    dtype = token_dtype(enc.n_vocab)
+    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32   # 2 bytes per token while the vocabulary fits
     out = {split: {"ids": [], "documents": 0, "bytes": 0} for split in ("train", "val")}
     for key, text in read_documents(path, root, single_file):
         split = out["val" if is_val(text, forced_val) else "train"]
         # an array per document: a large shard's ids never sit in one Python list (28 bytes per int)
         split["ids"].append(np.array(enc.encode_ordinary(text) + [enc.eot_token], dtype=dtype))
         split["documents"] += 1
-        split["bytes"] += len(text.encode())
+        split["bytes"] += len(text.encode())   # UTF-8 bytes: the denominator of bits per byte
     for split in out.values():
         split["ids"] = np.concatenate(split["ids"]) if split["ids"] else np.zeros(0, dtype)
     return out
@@ -289,16 +272,13 @@ def _tokenize_file(job) -> dict:
 
 def run_jobs(fn, jobs, workers: int, spec=None, rank_file=None):
     """fn over jobs in order, in worker processes when workers > 1."""
-    if workers <= 1:
+    if workers <= 1:   # in this process: no pickling, and a debugger or profiler sees the work
         _init_worker(spec, rank_file)
         yield from map(fn, jobs)
         return
+    # imap, not map: results stream back in order while later files are still being tokenized
     with multiprocessing.Pool(workers, _init_worker, (spec, rank_file)) as pool:
         yield from pool.imap(fn, jobs, chunksize=2)
-
-
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
 def default_name(source: str, tokenizer: str) -> str:
@@ -310,6 +290,7 @@ def default_name(source: str, tokenizer: str) -> str:
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
+    # whole file or none: a reader (or a second preparation) never sees a half-written meta.json
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -327,10 +308,10 @@ def learn_tokenizer(jobs, n_tokens: int, workers: int, sample_mb: float, log, qu
         groups[-1].append(job)
         size += job[0].stat().st_size
     log(f"learning bpe:{n_tokens} on the training documents of {sum(map(len, groups))} files ({size / 1e6:.1f} MB)")
-    counts = collections.Counter()
+    counts = collections.Counter()   # chunk -> count: BPE works on unique chunks, weighted
     for group_counts in run_jobs(_count_train_chunks, groups, workers):
         counts.update(group_counts)
-    vocab, _ = learn_bpe(counts, n_tokens - 1, quiet)
+    vocab, _ = learn_bpe(counts, n_tokens - 1, quiet)   # - 1: EOT is the N-th token
     log(f"learned {len(vocab) - 256} merges in {time.time() - started:.1f} s")
     return vocab
 
@@ -339,65 +320,59 @@ def tokenize_files(jobs, out, tokenizer: str, rank_file: str | None, workers: in
     """Write out/train.bin.tmp and val.bin.tmp; returns documents, bytes and tokens per split."""
     stats = {split: {"documents": 0, "bytes": 0, "tokens": 0} for split in ("train", "val")}
     sizes = [job[0].stat().st_size for job in jobs]
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=quiet)
-    with open(out / "train.bin.tmp", "wb") as train_f, open(out / "val.bin.tmp", "wb") as val_f:
+    # streamed to disk file by file: a corpus larger than memory still prepares
+    with (tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=quiet) as bar,
+          open(out / "train.bin.tmp", "wb") as train_f, open(out / "val.bin.tmp", "wb") as val_f):
         for size, result in zip(sizes, run_jobs(_tokenize_file, jobs, workers, tokenizer, rank_file)):
             for split, f in (("train", train_f), ("val", val_f)):
-                f.write(result[split]["ids"].tobytes())
+                f.write(result[split]["ids"].tobytes())   # raw ids, no header: np.memmap reads them back
                 stats[split]["tokens"] += len(result[split]["ids"])
-                stats[split]["documents"] += result[split]["documents"]
-                stats[split]["bytes"] += result[split]["bytes"]
+                for k in ("documents", "bytes"): stats[split][k] += result[split][k]
             bar.update(size)
-    bar.close()
     return stats
 
 
-def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str = "data",
-            name: str | None = None, quiet: bool = False, *, workers: int = 0,
-            bpe_sample_mb: float = 64.0, force: bool = False) -> pathlib.Path:
+def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str = "data", name: str | None = None,
+            quiet: bool = False, *, workers: int = 0, bpe_sample_mb: float = 64.0, force: bool = False) -> pathlib.Path:
     """Prepare data_dir/name/ and return it; at once if it is already prepared from this source and tokenizer."""
     started = time.time()
-    log = (lambda *a: None) if quiet else print
+    log = (lambda *a: None) if quiet else print   # quiet: train.py's other ranks, and tests
     n_bpe = parse_tokenizer(tokenizer)
     if not n_bpe:
         load_tokenizer(tokenizer)  # a named tiktoken encoding fails here, offline, before any work
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer))
     if (out / "meta.json").exists() and not force:
         meta = load_meta(out)
-        if (meta["source"], meta["tokenizer"]) == (source, tokenizer) and meta.get("split") == SPLIT_RULE:
+        if (meta["source"], meta["tokenizer"]) != (source, tokenizer):   # never overwrite other data silently
+            raise DataError(f"{out} holds {meta['source']} with {meta['tokenizer']}, not {source} with {tokenizer}: "
+                            f"pass another --name, or --force to overwrite it")
+        if meta.get("split") == SPLIT_RULE:   # prepared already: every run after the first starts at once
             return out
-        if (meta["source"], meta["tokenizer"]) == (source, tokenizer):   # made by an older data.py
-            log(f"{out} was split by an older rule: preparing it again")
-            force = True
-    if (out / "meta.json").exists() and not force:
-        raise DataError(f"{out} holds {meta['source']} with {meta['tokenizer']}, not {source} with {tokenizer}: "
-                        f"pass another --name, or --force to overwrite it")
-    workers = workers or os.cpu_count() or 1
+        log(f"{out} was split by an older rule: preparing it again")   # made by an older data.py
+    workers = workers or os.cpu_count() or 1   # cpu_count() may be None
     root, files = list_files(source, data_dir, log)
     forced_val = fallback_val_key(root, files)
     jobs = [(p, root, len(files) == 1, forced_val) for p in files]
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # meta.json marks a finished preparation: written last
-
     rank_file = "tokenizer.tiktoken" if n_bpe else None  # meta.json names it relative to the folder
     rank_path = str(out / rank_file) if rank_file else None
     if n_bpe:
         write_rank_file(out / rank_file, learn_tokenizer(jobs, n_bpe, workers, bpe_sample_mb, log, quiet))
     enc = load_tokenizer(tokenizer, rank_path)
-    tokenize_started = time.time()
+    tokenize_started = time.time()   # the speed reported below is the tokenizer's, without BPE learning
     stats = tokenize_files(jobs, out, tokenizer, rank_path, workers, quiet)
     tokenize_seconds = time.time() - tokenize_started
     documents = stats["train"]["documents"] + stats["val"]["documents"]
     if documents < 2:
-        raise DataError(f"source {source!r} has {documents} non-empty document(s): it needs at least 2, "
-                        f"one for validation")
+        raise DataError(f"source {source!r} has {documents} non-empty document(s): it needs at least 2, one for validation")
     if stats["val"]["documents"] == 0:
         raise DataError(f"none of the {documents} documents of {source!r} fell in the 1% validation split: "
                         f"cut the text into more, smaller documents (e.g. one per .jsonl line)")
-    for split in ("train", "val"):
+    for split in ("train", "val"):   # only now, with both splits checked, do the .bin files appear
         os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
     meta = {"source": source, "tokenizer": tokenizer, "rank_file": rank_file, "vocab_size": enc.n_vocab,
-            "eot_id": enc.eot_token, "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
+            "eot_id": enc.eot_token, "dtype": "uint16" if enc.n_vocab <= 2**16 else "uint32",
             "split_pattern": GPT4_SPLIT, "split": SPLIT_RULE, **stats}
     if source == "stdlib":
         meta["python"] = platform.python_version()  # the corpus changes with the Python version
@@ -425,16 +400,18 @@ def load_meta(dataset_dir) -> dict:
         complete = False
     if not complete:
         raise DataError(f"{path} is not a complete data.py meta.json: prepare the data again with --force")
+    # a vocabulary that outgrew its dtype would have wrapped token ids around silently
     if meta["dtype"] not in ("uint16", "uint32") or meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
         raise DataError(f"{path}: dtype {meta['dtype']!r} cannot hold {meta['vocab_size']} token ids")
     return meta
 
 
-_open_tokens = {}  # (path, size, mtime) -> memmap: opened and checked once
+_open_tokens = {}  # (path, size, mtime) -> memmap: opened and checked once; a re-prepared file is opened anew
 
 
 def open_tokens(bin_path) -> np.ndarray:
     """A checked, read-only memory map of a prepared train.bin or val.bin (never read whole)."""
+    # the checks make a truncated or stale file one clear error instead of garbage batches
     path = pathlib.Path(bin_path).resolve()
     if not path.is_file():
         raise DataError(f"{path} does not exist: prepare the data first with python data.py")
@@ -461,27 +438,28 @@ def open_tokens(bin_path) -> np.ndarray:
 
 def get_batch(bin_path, batch_size: int, seq_len: int, *, seed: int, step: int, rank: int = 0,
               world_size: int = 1, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows x and targets y = x shifted by one, int64 [batch_size, seq_len]: a pure function of its
-    arguments, so resuming at a step gives the same batches and each (rank, micro_step) has its own stream."""
+    """Random windows x and targets y = x shifted by one, int64 [batch_size, seq_len]."""
+    # a pure function of its arguments, no loader state: resuming at a step gives the same batches,
+    # and each (rank, micro_step) has its own stream
     ids = open_tokens(bin_path)
     if len(ids) < seq_len + 1:
         raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = "
                         f"{seq_len + 1}: use a shorter sequence length or more data")
     rng = np.random.default_rng([seed, step, micro_step, rank, world_size])
-    starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
+    starts = rng.integers(0, len(ids) - seq_len, size=batch_size)   # windows may cross documents (EOT between)
     windows = torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
 
 
 def eval_windows(bin_path, seq_len: int, n_tokens: int = 0) -> torch.Tensor:
-    """The fixed validation set, int64 [n, seq_len + 1] (inputs and targets shifted by one): the
-    whole split cut into consecutive windows (n_tokens 0), or ceil(n_tokens / seq_len) windows
-    spread evenly over it, so a sample of the split still sees every part of it."""
+    """The fixed validation set, int64 [n, seq_len + 1] (inputs and targets shifted by one)."""
+    # the whole split cut into consecutive windows (n_tokens 0), or ceil(n_tokens / seq_len) windows
+    # spread evenly over it, so a sample of the split still sees every part of it
     ids = open_tokens(bin_path)
     most = (len(ids) - 1) // seq_len
     if most < 1:
         raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-    n = most if n_tokens <= 0 else min(most, -(-n_tokens // seq_len))
+    n = most if n_tokens <= 0 else min(most, -(-n_tokens // seq_len))   # -(-a // b): ceil in integers
     starts = np.arange(n) * seq_len if n == most else np.linspace(0, len(ids) - seq_len - 1, n).round().astype(np.int64)
     return torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
 
@@ -495,18 +473,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 FLAG_HELP = {  # one flag per prepare() argument, with prepare()'s default
     "source": "stdlib (this Python's library), shakespeare, or a local file, folder or glob of .txt/.md/.py/.jsonl",
     "tokenizer": "bpe:N (N-token BPE learned on the corpus), byte, gpt2, cl100k_base or o200k_base",
-    "data_dir": "prepared data goes to DATA_DIR/NAME/",
-    "name": "dataset folder name; None: made from source and tokenizer, e.g. stdlib-bpe4096",
-    "quiet": "print nothing",
-    "workers": "processes for reading and tokenizing (0: all cores)",
+    "name": "dataset folder name; None: made from source and tokenizer, e.g. stdlib-bpe4096", "quiet": "print nothing",
+    "data_dir": "prepared data goes to DATA_DIR/NAME/", "workers": "processes for reading and tokenizing (0: all cores)",
     "bpe_sample_mb": "learn bpe:N on at most this many MB of training files (the first ones in path order)",
-    "force": "prepare again even if NAME is already prepared",
-}
+    "force": "prepare again even if NAME is already prepared"}
 
 
 def parse_args(argv=None) -> dict:
     """prepare()'s arguments from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # the flags are prepare()'s arguments, so the command line and the function cannot drift apart
     for name, param in inspect.signature(prepare).parameters.items():
         if param.default is False:
             parser.add_argument("--" + name, action="store_true", help=FLAG_HELP[name])
@@ -521,4 +497,4 @@ if __name__ == "__main__":
         prepare(**parse_args())
     except DataError as e:
         print(f"data.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2)   # bad input: one line, no traceback

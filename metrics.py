@@ -12,33 +12,35 @@ from cli import UsageError
 
 def read(path):
     """The rows of a metrics.jsonl; a corrupt line is one error naming the file and the line."""
-    rows = []
+    rows = []   # read whole: a run's metrics are a few thousand short lines at most
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             try:
                 rows.append(json.loads(line))
-            except ValueError:
+            except ValueError:   # e.g. a line cut short by a full disk: say where, not a JSON traceback
                 raise UsageError(f"{path}:{lineno} is not a JSON line: fix or delete that line") from None
     return rows
 
 
 class MetricsLog:
-    """Appends rows to out_dir/metrics.jsonl. start(step) begins the history: empty for a new run,
-    the old rows up to `step` for a resumed one (rewritten atomically, never left half-cut)."""
+    """Appends rows to out_dir/metrics.jsonl; enabled=False (other ranks, benchmarks): no-ops."""
 
     def __init__(self, out_dir, enabled=True):
         self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
 
     def start(self, resumed_step=None, source=None):
+        # the history begins empty for a new run, with the old rows up to `step` for a resumed one:
+        # rows past the checkpoint were logged by steps the resume repeats, and would appear twice
         if not self.enabled:
             return
         kept, source = [], source or self.path   # a resume into another folder starts from the old history
         if resumed_step is not None and os.path.exists(source):
             kept = [r for r in read(source) if r["step"] <= resumed_step]
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)   # never left half-cut
 
     def __call__(self, row):
         if self.enabled:
+            # opened per row, not kept open: each row is on disk at once, for a reader plotting a live run
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -47,20 +49,21 @@ class MetricsLog:
 
 
 def plot(rows, png_path, panels, x="step", title=""):
-    """One subplot per panel: panels = [(y label, [(key, label), ...]), ...]; a series with few
-    points (evaluations) gets markers. Legends sit outside the axes, so they never hide a curve."""
-    import matplotlib
-    matplotlib.use("Agg")
+    """One subplot per panel: panels = [(y label, [(key, label), ...]), ...]."""
+    import matplotlib   # imported here: a run without plots (tests, --bench) never pays for it
+    matplotlib.use("Agg")   # no display needed: runs on servers and in tests
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels):
         for key, label in series:
-            pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+            pts = [(r[x], r[key]) for r in rows if key in r and x in r]   # rows log only what they measured
+            # a series with few points (evaluations) gets markers, so a 3-point curve is not mistaken for a line
             if pts:
                 ax.plot(*zip(*pts), "o-" if len(pts) < 0.2 * len(rows) else "-", ms=3, label=label,
                         alpha=1.0 if len(pts) < 0.2 * len(rows) else 0.7)
         ax.set(xlabel=x, ylabel=ylabel)
         ax.grid(alpha=0.3)
+        # the legend below the axes, outside them: it never hides a curve
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()

@@ -137,8 +137,9 @@ def get_config(preset: str, **overrides) -> MiniCPMConfig:
 
 
 def config_from_hf(hf: dict) -> MiniCPMConfig:
-    """A released config.json (as a dict) -> MiniCPMConfig. Absent multipliers mean a plain Llama
-    (1, and scale_depth = sqrt(L) makes the residual factor 1); absent rope_theta means 10000."""
+    """A released config.json (as a dict) -> MiniCPMConfig."""
+    # absent multipliers mean a plain Llama (1, and scale_depth = sqrt(L) makes the residual factor 1);
+    # absent rope_theta means 10000, absent num_key_value_heads means no GQA
     dims = {name: hf[key] for key, name in HF_CONFIG_KEYS.items() if hf.get(key) is not None}
     dims = {"scale_emb": 1.0, "scale_depth": math.sqrt(dims["n_layer"]), "dim_model_base": dims["n_embd"],
             "n_kv_head": dims["n_head"], **dims}
@@ -160,8 +161,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, positions, theta, dtype=torch.float32):
-    """cos, sin [T, head_dim] in fp32 (fp64 for a float64 model) for the "rotate half" layout:
-    frequency i is used by dimensions i and i + head_dim/2."""
+    """cos, sin [T, head_dim] in fp32 (fp64 for a float64 model) for the "rotate half" layout."""
+    # frequency i is used by dimensions i and i + head_dim/2, as in the released checkpoints (the
+    # interleaved layout would need q_proj/k_proj's rows permuted to load them)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
     angles = torch.outer(positions.to(dtype), inv_freq)        # [T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)               # [T, head_dim]
@@ -176,14 +178,14 @@ def apply_rope(x, cos, sin):  # x [B, H, T, hd]; rotation done in the tables' pr
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: prefill once, then one token at a
-    time. `pos` is the number of positions already stored (the RoPE position of the next token)."""
+    """Keys and values of every layer for incremental decoding: prefill once, then one token at a time."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
+        # preallocated once: no torch.cat per token; n_kv_head, not n_head, is what GQA saves in memory
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = 0   # positions already stored: the RoPE position of the next token
 
     def update(self, layer, k, v):  # k, v [B, n_kv, T, hd] -> all keys/values so far
         end = self.pos + k.shape[2]
@@ -195,8 +197,8 @@ class KVCache:
 
 
 def attention(q, k, v, impl):
-    """Causal attention, q [B, Hq, Tq, hd], k/v [B, Hkv, Tk, hd] with Tq <= Tk: the queries are the
-    last Tq positions (bottom-right aligned mask, as when decoding with a cache). Scale 1/sqrt(hd)."""
+    """Causal attention, q [B, Hq, Tq, hd], k/v [B, Hkv, Tk, hd] with Tq <= Tk, scale 1/sqrt(hd)."""
+    # the queries are the last Tq positions (bottom-right aligned mask, as when decoding with a cache)
     Tq, Tk = q.shape[2], k.shape[2]
     if impl == "triton":
         import kernels
@@ -210,7 +212,7 @@ def attention(q, k, v, impl):
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     # eager: the textbook computation, softmax in fp32
-    groups = q.shape[1] // k.shape[1]
+    groups = q.shape[1] // k.shape[1]   # GQA: each key/value head serves `groups` query heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))  # [B, Hq, Tq, Tk]
     scores = scores / math.sqrt(q.shape[-1])
@@ -278,14 +280,14 @@ class Decoder(nn.Module):  # the released checkpoints' "model." prefix
 # ----------------------------------------------------------------------------- the model
 
 class MiniCPM(nn.Module):
-    """The model. `config` is the architecture (what a checkpoint saves); attn_impl and grad_ckpt are
-    the running script's choices (plain attributes it may change at any time):
-      attn_impl  "sdpa" (F.scaled_dot_product_attention), "eager" (the textbook softmax), or
-                 "triton" (kernels.py, CUDA only)
-      grad_ckpt  activation checkpointing per layer: recompute each layer in the backward
-    After a forward of an MoE model, `moe_stats` holds what a trainer logs: {"aux_loss": the
-    unweighted load-balancing loss (a tensor with its graph), "expert_load": each expert's share of
-    the routed tokens, averaged over layers}. It is the one place that state is read from."""
+    """The model. `config` is the architecture (what a checkpoint saves); the rest is runtime."""
+    # attn_impl and grad_ckpt are the running script's choices (plain attributes it may change):
+    #   attn_impl  "sdpa" (F.scaled_dot_product_attention), "eager" (the textbook softmax), or
+    #              "triton" (kernels.py, CUDA only)
+    #   grad_ckpt  activation checkpointing per layer: recompute each layer in the backward
+    # After a forward of an MoE model, `moe_stats` holds what a trainer logs: {"aux_loss": the
+    # unweighted load-balancing loss (a tensor with its graph), "expert_load": each expert's share of
+    # the routed tokens, averaged over layers}. It is the one place that state is read from.
 
     def __init__(self, config: MiniCPMConfig, attn_impl="sdpa", grad_ckpt=False):
         super().__init__()
@@ -294,22 +296,24 @@ class MiniCPM(nn.Module):
         self.config, self.attn_impl, self.grad_ckpt = config, attn_impl, grad_ckpt
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:   # one [V, d] matrix, as in every released MiniCPM
             self.lm_head.weight = self.model.embed_tokens.weight
         self.moe_stats = None
+        # on the meta device (plans, loading a released checkpoint) there is nothing to initialise
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     # -- muP initialisation and learning-rate groups (§3.1, Table 7) --
 
     def _is_embedding(self, name):
+        # the head too: tied, it is the embedding; untied, muP treats it like the embedding (init and lr)
         return name in ("model.embed_tokens.weight", "lm_head.weight")
 
     @torch.no_grad()
     def init_weights(self):
-        """muP: every 2-D matrix N(0, init_std / sqrt(m)); the embedding (input-like: the paper leaves
-        its class open, standard muP treats it as a vector) N(0, init_std); norm gains 1.
-        Standard parameterisation (mup=False): every weight N(0, init_std), gains 1."""
+        """muP init: matrices N(0, init_std / sqrt(m)), the embedding N(0, init_std), norm gains 1."""
+        # the embedding is input-like: the paper leaves its class open, standard muP treats it as a vector.
+        # Standard parameterisation (mup=False): every weight N(0, init_std), gains 1.
         cfg = self.config
         for name, p in self.named_parameters():
             if p.dim() == 1:
@@ -320,12 +324,12 @@ class MiniCPM(nn.Module):
                 p.normal_(0.0, cfg.init_std / math.sqrt(cfg.width_mult))
 
     def param_groups(self, lr, weight_decay):
-        """AdamW groups with the muP lr rule: 2-D matrices lr / m, the embedding and the norm gains lr.
-        Weight decay on matrices and the embedding, none on gains (the paper is silent; a common
-        choice). Each group carries `lr_scale`, so a schedule sets group["lr"] = lr(step) * lr_scale."""
-        m = self.config.width_mult
+        """AdamW groups with the muP lr rule: 2-D matrices lr / m, the embedding and the norm gains lr."""
+        # weight decay on matrices and the embedding, none on gains (the paper is silent; a common choice).
+        # Each group carries `lr_scale`, so a schedule sets group["lr"] = lr(step) * lr_scale.
+        m = self.config.width_mult   # 1 under the standard parameterisation: one lr for all
         matrices, embedding, vectors = [], [], []
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():   # a tied head is listed once, with the embedding
             (vectors if p.dim() < 2 else embedding if self._is_embedding(name) else matrices).append(p)
         groups = [("matrices", matrices, 1.0 / m, weight_decay),
                   ("embedding", embedding, 1.0, weight_decay),
@@ -336,13 +340,15 @@ class MiniCPM(nn.Module):
     # -- forward --
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        # on the weights' device and in their dtype unless told otherwise: cached k, v come from them
         w = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size,
                        device or w.device, dtype or w.dtype)
 
     def rope(self, device, start, T):
-        """cos, sin of positions start .. start+T-1: slices of tables made once per device and dtype
-        (fp32, or fp64 for a float64 model), so decoding a token costs no trigonometry."""
+        """cos, sin of positions start .. start+T-1, sliced from tables made once per device and dtype."""
+        # fp32 (fp64 for a float64 model) even under bf16: bf16 angles lose whole radians at position 4000;
+        # made once, so decoding a token costs no trigonometry
         dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
         if getattr(self, "_rope", (None,))[0] != (device, dtype):
             positions = torch.arange(self.config.block_size, device=device)
@@ -351,11 +357,13 @@ class MiniCPM(nn.Module):
         return cos[start:start + T], sin[start:start + T]
 
     def forward(self, idx, targets=None, cache=None):
-        """idx [B, T] token ids -> logits [B, T, V] and the mean cross-entropy against targets
-        (positions with target -100 ignored), or None. With a cache, idx continues the cached text."""
+        """idx [B, T] token ids -> logits [B, T, V] and the mean cross-entropy against targets, or None."""
+        # targets of -100 are ignored (F.cross_entropy's convention for padding); with a cache, idx continues the cached text
         cfg = self.config
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
+        # an out-of-range id would otherwise be a CUDA device-side assert far from its cause; skipped
+        # under torch.compile, where the data-dependent check would break the graph
         if not torch.compiler.is_compiling() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
                              f"max {int(idx.max())}: was the data tokenized for another vocabulary?")
@@ -378,6 +386,7 @@ class MiniCPM(nn.Module):
                                   expert_load=torch.stack([m.expert_load for m in mlps]).mean(0))
         loss = None
         if targets is not None:
+            # in fp32: a bf16 log-softmax over 100K+ tokens loses the small probabilities the loss is about
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if cfg.n_experts:
                 loss = loss + cfg.aux_loss_coef * self.moe_stats["aux_loss"]
@@ -386,23 +395,24 @@ class MiniCPM(nn.Module):
     # -- accounting --
 
     def num_params(self, non_embedding=True, active=False):
-        """Parameters (tied weights once). non_embedding drops the embedding (and an untied head);
-        active counts top_k of the n_experts experts, the parameters one token uses."""
+        """Parameters, tied weights once; non_embedding=True gives the N of the scaling-law fits."""
+        # non_embedding drops the embedding (and an untied head); active counts top_k of the n_experts
+        # experts, the parameters one token uses (the MoE's "active" size, §7.3)
         cfg = self.config
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.model.embed_tokens.weight.numel() * (1 if cfg.tie_word_embeddings else 2)
         if active and cfg.n_experts:
-            n -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.ffn_dim
+            n -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * cfg.ffn_dim   # 3 matrices per expert
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per active matrix parameter (forward 2, backward 4), the tied
-        head's V x d included, plus attention scores and weighted sum, 12 * L * d_attn * T (the PaLM
-        convention: the causal half is not subtracted)."""
+        """Training FLOPs per token: 6 per active matrix parameter plus attention."""
+        # 6 = forward 2 + backward 4, per multiply-add of each matrix; attention scores and weighted sum
+        # add 12 * L * d_attn * T (the PaLM convention: the causal half is not subtracted)
         cfg = self.config
-        matrix_params = self.num_params(non_embedding=True, active=True) - (2 * cfg.n_layer + 1) * cfg.n_embd
-        matrix_params += cfg.vocab_size * cfg.n_embd
+        matrix_params = self.num_params(non_embedding=True, active=True) - (2 * cfg.n_layer + 1) * cfg.n_embd  # minus norm gains
+        matrix_params += cfg.vocab_size * cfg.n_embd   # the head's V x d matmul (the embedding lookup is free)
         return 6 * matrix_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -- the released Hugging Face names (file I/O: checkpoint.py) --
@@ -412,7 +422,7 @@ class MiniCPM(nn.Module):
         hf = {key: getattr(cfg, name) for key, name in HF_CONFIG_KEYS.items()}
         if not cfg.mup:   # multipliers that make the released code's formulas the identity
             hf.update(scale_emb=1.0, scale_depth=math.sqrt(cfg.n_layer), dim_model_base=cfg.n_embd)
-        if not cfg.n_experts:
+        if not cfg.n_experts:   # a dense config.json looks exactly like the released dense ones
             del hf["num_experts"], hf["num_experts_per_tok"]
         return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu", **hf,
                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))

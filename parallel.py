@@ -17,51 +17,55 @@ import cli
 
 
 def setup(device_flag):
-    """-> SimpleNamespace(rank, world, local, device). Distributed when torchrun set RANK; each
-    process then owns the GPU of its local rank."""
+    """-> SimpleNamespace(rank, world, local, device), distributed when torchrun set RANK."""
     device = cli.pick_device(device_flag)
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:   # a plain `python train.py`: one process, no process group at all
         return SimpleNamespace(rank=0, world=1, local=0, device=device)
+    # rank: among all processes; world: their number; local: the index on this machine (its GPU)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
+        device = f"cuda:{local}"   # each process owns the GPU of its local rank
+        torch.cuda.set_device(device)   # before init: NCCL binds its communicator to the current device
+    # NCCL for GPUs (the fast path); gloo lets the same DDP code run, and be tested, on CPUs
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return SimpleNamespace(rank=rank, world=world, local=local, device=device)
 
 
 def wrap(model, ddp, allow_unused=False):
-    """The model DDP-wrapped when there is more than one process: gradients are averaged across
-    ranks in the backward. allow_unused: an MoE expert no token of a micro-batch chose gets no
-    gradient, and DDP must be told to expect that (it costs one extra pass over the graph)."""
+    """The model DDP-wrapped when there is more than one process."""
+    # DDP averages gradients across ranks during the backward, overlapping communication with compute
     if ddp.world == 1:
-        return model
+        return model   # unwrapped: no hooks, no no_sync needed
+    # allow_unused: an MoE expert no token of a micro-batch chose gets no gradient, and DDP must be told
+    # to expect that (it costs one extra pass over the graph, so dense models do not ask for it)
     return DDP(model, device_ids=[ddp.local] if ddp.device.startswith("cuda") else None,
                find_unused_parameters=allow_unused)
 
 
 def average(tensor, ddp):
     """The mean over ranks, in place (a no-op in one process)."""
-    if ddp.world > 1:
+    if ddp.world > 1:   # the training loss: every rank logs, and stops on, the same number
         dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
     return tensor
 
 
 def total(tensor, ddp):
     """The sum over ranks, in place (a no-op in one process)."""
-    if ddp.world > 1:
-        dist.all_reduce(tensor)
+    if ddp.world > 1:   # sums (loss x tokens, token counts), divided afterwards: exact for uneven shards
+        dist.all_reduce(tensor)   # SUM is all_reduce's default op
     return tensor
 
 
 def barrier(ddp):
+    # every rank waits here until all arrive (rank 0 preparing the data, the others waiting for it)
     if ddp.world > 1:
         dist.barrier()
 
 
 def teardown():
-    """Collect the DDP-wrapped model before destroying the process group: without this about 1 gloo
-    run in 10 aborted at exit on our CPU machine (the wrapper's hooks outlived the group)."""
+    """Collect the DDP-wrapped model, then destroy the process group."""
+    # without the collection about 1 gloo run in 10 aborted at exit on our CPU machine: the wrapper's
+    # hooks outlived the group they talk to
     gc.collect()
-    if dist.is_initialized():
+    if dist.is_initialized():   # also safe after a failed setup, or in a single process
         dist.destroy_process_group()

@@ -16,11 +16,7 @@ one instead (SPEC: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is
 Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa here, whatever
 implementation the run trained with (that is the running script's choice, not the model's).
 """
-import codecs
-import json
-import os
-import sys
-import time
+import codecs, json, os, sys, time
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,7 +26,7 @@ import cli
 import data
 from cli import UsageError, flag
 
-BENCH_TOKENS = 512
+BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends over T, a recomputed one T^2
 
 
 @dataclass
@@ -54,49 +50,50 @@ class SampleConfig:
 # ----------------------------------------------------------------------------- sampling and loading
 
 def top_p_filter(probs, p, tol=1e-6):
-    """Keep the smallest set of most likely tokens whose total probability reaches p (within tol,
-    so decimal inputs like 0.5 + 0.3 reach 0.8 despite rounding); zero the rest and renormalise.
-    Ties are ordered by token id (a stable sort), so at the boundary the lower id is kept."""
+    """Keep the smallest set of most likely tokens whose total probability reaches p; renormalise."""
+    # within tol, so decimal inputs like 0.5 + 0.3 reach 0.8 despite rounding
     if p >= 1.0:
         return probs
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    # ties ordered by token id (a stable sort): at the boundary the lower id is kept, reproducibly
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)   # [B, V] each
     mass_before = sorted_probs.cumsum(-1) - sorted_probs        # mass of the more likely tokens
     keep_sorted = mass_before < p - tol                          # the first token is always kept
-    kept = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)   # the mask back in id order
     return kept / kept.sum(-1, keepdim=True)
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits [B, V] -> next token ids [B]: greedy when temperature is 0, else temperature, top-k
-    (exactly k tokens; ties broken by torch.topk) and top-p, then one draw from generator."""
-    logits = logits.float()
+    """logits [B, V] -> next token ids [B]: greedy, or temperature, top-k and top-p, then one draw."""
+    logits = logits.float()   # bf16 logits would round away the differences between the likely tokens
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits / temperature   # before the filters: temperature changes which tokens top-p keeps
+    # exactly k tokens (ties broken by torch.topk); the rest get -inf, i.e. probability 0
     if 0 < top_k < logits.shape[-1]:
         values, ids = logits.topk(top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
     probs = top_p_filter(logits.softmax(-1), top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # own generator: --seed fixes the samples
 
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
              use_cache=True, stop_id=None, on_token=None):
-    """Continue prompt_ids (list of ints) -> the new ids, each also passed to on_token as it is drawn.
-    Stops after max_new_tokens, or when stop_id is drawn (stop_id is neither returned nor passed on)."""
+    """Continue prompt_ids (list of ints) -> the new ids, each also passed to on_token as it is drawn."""
+    # stops after max_new_tokens, or when stop_id is drawn (stop_id is neither returned nor passed on)
     device = next(model.parameters()).device
-    seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # [1, T], one sample at a time
+    # the cache is allocated once for the longest sequence, so no step reallocates it
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
     new = []
     while len(new) < max_new_tokens:
         # with the cache: the whole prompt once (prefill), then only the newest token; without: everything
         logits, _ = model(seq[:, -1:] if use_cache and new else seq, cache=cache)
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)   # [1]: from the last position
         if token.item() == stop_id:
             break
         new.append(token.item())
-        if on_token:
+        if on_token:   # streamed as drawn: a slow CPU sample is readable while it runs
             on_token(new[-1])
         seq = torch.cat([seq, token.view(1, 1)], dim=1)
     return new
@@ -113,7 +110,7 @@ class TextStream:
 
     def write(self, text):
         self.out.write(text)
-        self.out.flush()
+        self.out.flush()   # stdout is block-buffered when piped: flush so each token appears at once
 
     def close(self):  # what is left of an incomplete character becomes U+FFFD
         self.write(self.utf8.decode(b"", final=True))
@@ -123,6 +120,7 @@ def hf_tokenizer(folder):
     """The tokenizer named by an exported folder's tokenizer_record.json (checkpoint.save_hf writes it)."""
     if not os.path.isdir(folder):
         raise UsageError(f"--hf {folder} is not a folder: give a Hugging Face checkpoint folder")
+    # the record names a tokenizer spec and rank file, never the tokenizer's contents: tiktoken builds it
     record = os.path.join(folder, "tokenizer_record.json")
     if os.path.isfile(record):
         try:
@@ -131,6 +129,7 @@ def hf_tokenizer(folder):
         except (ValueError, KeyError, TypeError) as e:
             raise UsageError(f"{record} is not a tokenizer record ({type(e).__name__}): see --help") from None
         return data.load_tokenizer(spec, rank_file and os.path.join(folder, rank_file))
+    # the released MiniCPM folders carry a sentencepiece model; guessing a tiktoken one would give garbage
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         raise UsageError(f"{folder} holds a sentencepiece tokenizer.model, which is not supported here: "
                           "pass --tokenizer SPEC[@RANK_FILE] with a tiktoken tokenizer matching the model")
@@ -138,11 +137,11 @@ def hf_tokenizer(folder):
 
 
 def load(cfg, device, dtype):
-    """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt; the tokenizer is --tokenizer
-    SPEC[@RANK_FILE] when given, else the checkpoint's own record."""
+    """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt."""
     ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
+    # the tokenizer: --tokenizer SPEC[@RANK_FILE] when given, else the checkpoint's own record
     if cfg.tokenizer:
-        spec, _, rank_file = cfg.tokenizer.partition("@")
+        spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"
         enc = data.load_tokenizer(spec, rank_file or None)
     elif cfg.hf:
         enc = hf_tokenizer(cfg.hf)
@@ -150,20 +149,22 @@ def load(cfg, device, dtype):
         enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
     # the model file, then the weights: either layout; sdpa attention runs on every device
     model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
-    if enc.n_vocab != model.config.vocab_size:
+    if enc.n_vocab != model.config.vocab_size:   # a wrong tokenizer would index past the embedding or print noise
         raise UsageError(f"the tokenizer has {enc.n_vocab} tokens, the model {model.config.vocab_size}: wrong --tokenizer?")
     return model.eval(), enc
 
 
 def prompt_ids(cfg, enc, block_size):
+    """-> (the prompt text, its token ids); an empty prompt starts a new document."""
     text = cfg.prompt
     if text.startswith("@"):
         try:
             text = open(text[1:], encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the prompt file {text[1:]} ({type(e).__name__})") from None
+    # end-of-text may be written in the prompt (to separate documents); training data uses the same token
     ids = enc.encode(text, allowed_special={data.EOT}) if text else [enc.eot_token]
-    if len(ids) >= block_size:
+    if len(ids) >= block_size:   # at least one new token must fit: positions beyond block_size were never trained
         raise UsageError(f"the prompt is {len(ids)} tokens, too long for the model's context (block_size {block_size})")
     return text, ids
 
@@ -181,19 +182,20 @@ def parse_flags(argv):
 
 
 def bench(model, ids, n, where):
-    """n greedy new tokens with the cache and without (no end-of-text stop). Each step reads its
-    token with .item(), so the clock includes all the device's work."""
-    generate(model, ids, 8)                                     # warm-up
+    """n greedy new tokens with the cache and without (no end-of-text stop)."""
+    # each step reads its token with .item(), so the clock includes all the device's (async) work
+    generate(model, ids, 8)                                     # warm-up: kernels and allocator caches
     outputs, speeds = [], []
     for use_cache in (True, False):
         t = time.perf_counter()
-        outputs.append(generate(model, ids, n, temperature=0, use_cache=use_cache))
+        outputs.append(generate(model, ids, n, temperature=0, use_cache=use_cache))   # greedy: comparable outputs
         speeds.append(n / (time.perf_counter() - t))
     print(f"bench: {n} new tokens, greedy, {where}: KV cache {speeds[0]:,.1f} tokens/s, no cache "
           f"{speeds[1]:,.1f} tokens/s, ratio {speeds[0] / speeds[1]:.1f}x; same tokens: {outputs[0] == outputs[1]}")
 
 
 def run(argv):
+    """Flags -> model and tokenizer -> prompt -> samples streamed to stdout (or --bench)."""
     cfg = parse_flags(argv)
     device = cli.pick_device(cfg.device)
     dtype = cli.pick_dtype(cfg.dtype, device)   # here the weights' dtype: no autocast when sampling
@@ -202,23 +204,24 @@ def run(argv):
     block_size = model.config.block_size
     text, ids = prompt_ids(cfg, enc, block_size)
     wanted = BENCH_TOKENS if cfg.bench else cfg.max_new_tokens
-    max_new = min(wanted, block_size - len(ids))
-    if max_new < wanted:
+    max_new = min(wanted, block_size - len(ids))   # the model refuses sequences past block_size
+    if max_new < wanted:   # capped, not refused: the user still gets a sample
         print(f"sample.py: note: {max_new} new tokens instead of {wanted}, so that the prompt ({len(ids)} tokens) "
               f"and the new tokens fit block_size {block_size}", file=sys.stderr)
     if cfg.bench:
         return bench(model, ids, max_new, where)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)   # one stream: sample i differs from sample i-1
     n_tokens, t = 0, time.perf_counter()
     for i in range(cfg.num_samples):
         if i:
             sys.stdout.write("\n---------------\n")
         stream = TextStream(enc, sys.stdout)
-        stream.write(text)
+        stream.write(text)   # the prompt first, so each sample reads as one text
         n_tokens += len(generate(model, ids, max_new, cfg.temperature, cfg.top_k, cfg.top_p, generator,
                                  use_cache=not cfg.no_cache, stop_id=enc.eot_token, on_token=stream))
         stream.close()
     sys.stdout.write("\n")
+    # the speed goes to stderr: stdout holds only the samples, so `> out.txt` captures clean text
     seconds = time.perf_counter() - t
     print(f"sample.py: {n_tokens} new tokens in {seconds:.2f} s: {n_tokens / seconds:,.1f} tokens/s "
           f"({'no cache' if cfg.no_cache else 'KV cache'}, {where})", file=sys.stderr)

@@ -10,12 +10,7 @@ Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kin
 tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 1 failed (NaN
 loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
 """
-import dataclasses
-import json
-import math
-import os
-import sys
-import time
+import dataclasses, json, math, os, sys, time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -26,6 +21,7 @@ import checkpoint
 import cli
 import data
 import metrics
+import moe
 import parallel
 import plan
 import wsd
@@ -98,8 +94,8 @@ MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name != "vocab_size"]
 # ----------------------------------------------------------------------------- configuration
 
 def parse_flags(argv):
-    """-> (TrainConfig, model overrides, the TrainConfig flags given explicitly). Defaults are left
-    out of the parse, so a resume can tell what the user asked to change from what they left alone."""
+    """-> (TrainConfig, model overrides, the TrainConfig flags given explicitly)."""
+    # defaults are left out of the parse, so a resume can tell what the user asked to change from what they left alone
     p = cli.parser(__doc__)
     cli.add_flags(p, TrainConfig, suppress=True)
     # the model's fields as a second group of flags, with their help from minicpm.py
@@ -113,6 +109,7 @@ def parse_flags(argv):
 
 def check_flags(cfg):
     """Every flag's range, before anything is read or written."""
+    # checked together (one line naming every bad flag, exit 2): a typo must not cost a prepared dataset
     cli.check([(min(cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.max_steps) < 1,
                 "--batch_size, --seq_len, --grad_accum and --max_steps must be >= 1"),
                (min(cfg.log_interval, cfg.ckpt_interval, cfg.dry_run_gpus) < 1,
@@ -130,11 +127,10 @@ def check_flags(cfg):
 
 
 def resolve(cfg, overrides, explicit):
-    """-> (the run's config, the resumed checkpoint or None, the source checkpoint or None): a new
-    config, the given one untouched. A resume takes the saved flags and changes only RESUME_MAY_CHANGE."""
-    check_flags(cfg)
+    """-> (the run's config, the resumed checkpoint or None, the source checkpoint or None)."""
+    check_flags(cfg)   # a new config is returned, the given one untouched
     resumed = source = None
-    if cfg.resume:
+    if cfg.resume:   # the saved flags, changing only RESUME_MAY_CHANGE: a resume must continue the same run
         resumed = checkpoint.load(cfg.resume, kind="pretrain")
         saved = TrainConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(TrainConfig)}})
         differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
@@ -146,6 +142,7 @@ def resolve(cfg, overrides, explicit):
         one_off = {k: getattr(TrainConfig, k) for k in ("stop_at", "bench", "dry_run", "overwrite")}
         changes = {k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}
         cfg = dataclasses.replace(saved, **{**one_off, **changes, "resume": cfg.resume})
+        # the resumed folder itself unless --out_dir names another (a decay branched into a copy, §4.3)
         cfg = dataclasses.replace(cfg, out_dir=explicit.get("out_dir", os.path.dirname(resumed["path"])))
         if resumed["step"] >= min(cfg.max_steps, cfg.stop_at if cfg.stop_at >= 0 else cfg.max_steps) and not cfg.dry_run:
             raise UsageError(f"{resumed['path']} is at step {resumed['step']}, already past --max_steps {cfg.max_steps} "
@@ -154,14 +151,14 @@ def resolve(cfg, overrides, explicit):
         source = checkpoint.load(cfg.init_from or cfg.upcycle_from)
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.preset))
     if cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint, as a run of its own
-        D = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps
+        D = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps   # no warmup: the weights are already trained
         cfg = dataclasses.replace(cfg, warmup_steps=0, decay_start=0, decay_steps=D, max_steps=D)
     return cfg, resumed, source
 
 
 def model_config(cfg, overrides, resumed, source, meta):
-    """The architecture: the resumed run's, else the source checkpoint's with the model flags on
-    top, else the preset's with the model flags; the vocabulary is the data's."""
+    """The architecture: the resumed run's, else the source's or the preset's with the model flags on top."""
+    # a resume ignores model flags (resolve() refused any that differ); the vocabulary is always the data's
     if resumed or source:
         kw = {**(resumed or source)["model_config"], **({} if resumed else overrides)}
     else:
@@ -172,7 +169,7 @@ def model_config(cfg, overrides, resumed, source, meta):
     if meta and (resumed or source) and meta["vocab_size"] != kw["vocab_size"]:
         raise UsageError(f"the checkpoint's vocabulary ({kw['vocab_size']}) is not the data's ({meta['vocab_size']}): "
                          "pass the --source/--tokenizer it was trained with")
-    mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})
+    mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})   # no meta: a dry run without data
     cli.check([(cfg.seq_len > mcfg.block_size, f"--seq_len {cfg.seq_len} is longer than the model's block_size {mcfg.block_size}")])
     return mcfg
 
@@ -183,7 +180,7 @@ def build_data(cfg, ddp):
     """The dataset folder and its meta.json, prepared on first use by rank 0 only."""
     if cfg.dry_run and not os.path.exists(os.path.join(cfg.data_dir, data.default_name(cfg.source, cfg.tokenizer), "meta.json")):
         return None, None   # a plan needs no data: the preset's vocabulary stands in
-    if ddp.rank == 0:
+    if ddp.rank == 0:   # one writer: 8 ranks tokenizing into the same files would race
         data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)
     parallel.barrier(ddp)   # the other ranks wait, then only read what rank 0 wrote
     folder = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
@@ -191,52 +188,44 @@ def build_data(cfg, ddp):
 
 
 def build_model(cfg, mcfg, overrides, resumed, source, device):
-    """-> (model, data offset, the dense model when upcycled). A run started from another's weights
-    reads on from where that run stopped in the data; an upcycled run (§7.3) becomes an MoE whose
-    experts copy the dense MLP."""
-    torch.manual_seed(cfg.seed)
-    model = MiniCPM(mcfg, attn_impl=cfg.attn, grad_ckpt=cfg.grad_ckpt)
-    offset = 0
+    """-> (model, data offset, the dense model when upcycled), the weights initialised, loaded or upcycled."""
+    torch.manual_seed(cfg.seed)   # the same seed, the same initial weights: runs differ only by their flags
+    model, offset, dense = MiniCPM(mcfg, attn_impl=cfg.attn, grad_ckpt=cfg.grad_ckpt), 0, None
     if source:
         try:
             model.load_state_dict(source["model"])
         except RuntimeError:
             raise UsageError(f"the weights in {source['path']} do not fit a model with these flags: "
                              "drop the model flags that change its shape") from None
+        # reads on from where the source run stopped in the data: a decay must not see its batches again
         offset = source["step"] + source.get("data_offset", 0)
-    dense = None
-    if source and cfg.upcycle_from:   # (a resumed MoE run is an MoE already)
-        import moe
+    if source and cfg.upcycle_from:   # §7.3: an MoE whose experts start as copies of the dense MLP
         dense, model = model, moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
-    if resumed:
+    if resumed:   # a resumed MoE run's checkpoint already holds the experts
         model.load_state_dict(resumed["model"])
         offset = resumed.get("data_offset", 0)
     return model.to(device), offset, dense
 
 
-def build_optimizer(cfg, model, device):
-    """AdamW over the model's muP groups (§3.1, Table 7); each group's lr is lr(step) * lr_scale."""
-    return torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.adam_eps, fused=device.startswith("cuda"))
-
-
 def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg):
-    """Everything the loop needs, in one namespace: model (DDP-wrapped when distributed) and raw
-    model, optimizer, grad scaler, data, position (step, tokens, data offset) and the metrics log."""
+    """Everything the loop needs, in one namespace."""
+    # model (DDP-wrapped when distributed) and raw model, optimizer, grad scaler, data, position and the log
     model, offset, dense = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
-    optimizer = build_optimizer(cfg, model, ddp.device)
+    # AdamW over the model's muP groups (§3.1, Table 7): each group's lr is lr(step) * lr_scale. Fused
+    # on CUDA: one kernel updates every parameter instead of several launches per tensor.
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.adam_eps, fused=ddp.device.startswith("cuda"))
     if dense is not None and not cfg.upcycle_fresh_adam:   # §7.3: the optimizer carries on with the weights
-        import moe
         moe.upcycle_optimizer_state(dense, source.get("optimizer"), model, optimizer)
     device_type = ddp.device.split(":")[0]
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only: bf16 needs none
     step = tokens = 0
     if resumed:   # exactly where the saved run stopped: optimizer moments, scaler, RNG, step, data position
         optimizer.load_state_dict(resumed["optimizer"])
-        if resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
+        if resumed.get("scaler"): scaler.load_state_dict(resumed["scaler"])   # {} when the saved run was not fp16
         torch.set_rng_state(resumed["rng"])
         step, tokens = resumed["step"], resumed["tokens"]
+    # the raw model stays at hand: checkpoints, evaluation and moe_stats bypass compile and DDP
     wrapped = parallel.wrap(torch.compile(model) if cfg.compile else model, ddp, allow_unused=bool(mcfg.n_experts))
     # The fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin (all
     # of it when 0), the same at every evaluation and for every run on the same data.
@@ -253,21 +242,22 @@ def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, 
 
 
 def prepare_out_dir(run, resumed):
-    """Only now, with configuration, checkpoint and data known good, is the output folder written:
-    leftovers of a crashed writer removed, the tokenizer beside the checkpoint, the metrics begun."""
+    """Only now, with configuration, checkpoint and data known good, is the output folder written."""
+    # leftovers of a crashed writer removed, the tokenizer beside the checkpoint, the metrics begun
     cfg = run.cfg
     if run.ddp.rank != 0 or cfg.bench:   # (a benchmark leaves the output folder alone)
         return
     checkpoint.start_run_folder(cfg.out_dir, run.meta["rank_file"] and os.path.join(run.folder, run.meta["rank_file"]),
                                 run.tokenizer)
     checkpoint.atomic_write_text(json.dumps(run.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
+    # a resume into another folder keeps the old folder's history up to the resumed step
     source = resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl")
     run.log.start(resumed["step"] if resumed else None, source)
 
 
 def save(run):
     """The checkpoint (rank 0): everything a resume needs to continue bitwise."""
-    if run.ddp.rank == 0:
+    if run.ddp.rank == 0:   # the weights are identical on every rank after DDP's all-reduce
         run.last_ckpt = checkpoint.save(
             run.cfg.out_dir, "pretrain", run.raw, optimizer=run.optimizer.state_dict(), step=run.step, tokens=run.tokens,
             data_offset=run.data_offset, scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
@@ -278,8 +268,7 @@ def save(run):
 
 @torch.no_grad()
 def evaluate(run):
-    """-> (val loss in nats/token, bits/byte) over the fixed validation windows, split across ranks.
-    An MoE's balancing term is left out: the validation loss is the language-model loss."""
+    """-> (val loss in nats/token, bits/byte) over the fixed validation windows, split across ranks."""
     model, windows, B, device = run.raw, run.val_windows, run.cfg.batch_size, run.ddp.device
     model.eval()
     total = torch.zeros(2, device=device)     # sum of token losses, number of tokens
@@ -287,10 +276,10 @@ def evaluate(run):
         chunk = windows[i:i + B].to(device)    # [b, seq_len + 1]: inputs and targets shifted by one
         with run.autocast:
             loss = model(chunk[:, :-1], chunk[:, 1:])[1].float()
-        if model.moe_stats:
+        if model.moe_stats:   # an MoE's balancing term is left out: validation is the language-model loss
             loss = loss - model.config.aux_loss_coef * model.moe_stats["aux_loss"].float()
         total += torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
-    parallel.total(total, run.ddp)
+    parallel.total(total, run.ddp)   # summed, then divided: ranks may hold different numbers of windows
     model.train()
     val = (total[0] / total[1]).item()
     # bits per byte = nats/token / ln 2 / (bytes per token): comparable across tokenizers (§4.5)
@@ -298,9 +287,7 @@ def evaluate(run):
 
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, MoE aux loss), averaged
-    over micro-batches and ranks. A non-finite loss returns before the update (grad norm None), so
-    the weights and the last checkpoint stay good."""
+    """One optimizer step over grad_accum micro-batches -> (loss, grad norm, MoE aux loss), averaged over ranks."""
     cfg, ddp = run.cfg, run.ddp
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]              # muP: matrices get lr / m (Table 7)
@@ -318,12 +305,13 @@ def train_step(run, lr):
         if run.raw.moe_stats:
             aux_sum += run.raw.moe_stats["aux_loss"].detach().float() / cfg.grad_accum
     parallel.average(loss_sum, ddp)   # every rank sees the same loss, so all stop together on a NaN
-    if not torch.isfinite(loss_sum):
+    if not torch.isfinite(loss_sum):   # return before the update (grad norm None): the weights stay good
         run.optimizer.zero_grad(set_to_none=True)
         return loss_sum, None, aux_sum
     run.scaler.unscale_(run.optimizer)   # clip the true gradient, not the fp16-scaled one
+    # the norm is returned (and logged) even with clipping off: its spikes foretell a diverging run
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    run.scaler.step(run.optimizer)
+    run.scaler.step(run.optimizer)   # a plain optimizer.step() unless fp16, where inf/NaN steps are skipped
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, aux_sum
@@ -331,9 +319,10 @@ def train_step(run, lr):
 
 def train(run):
     """The loop: step, log, evaluate, checkpoint, until max_steps (or --stop_at, or a signal). -> exit code."""
-    from tqdm import tqdm
+    from tqdm import tqdm   # imported here: --dry_run and --bench do not need it
     cfg, master = run.cfg, run.ddp.rank == 0
-    say = print if master else (lambda *a, **k: None)
+    say = print if master else (lambda *a, **k: None)   # one copy of each message, not one per rank
+    # --stop_at ends early but the lr keeps following max_steps' schedule, so a later resume continues it
     last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
     peak = plan.known_peak(run.ddp.device)            # MFU is logged on GPUs whose peak we know
     flops_per_token = run.raw.flops_per_token(cfg.seq_len)
@@ -346,9 +335,9 @@ def train(run):
             lr = run.lr_at(run.step)                   # the schedule is a pure function of the step
             loss, grad_norm, aux = train_step(run, lr)
             if grad_norm is None:
-                say(f"train.py: loss is {loss.item()} at step {run.step}; stopping. Last good checkpoint: "
-                    f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
-                    file=sys.stderr)
+                ckpt = run.last_ckpt or 'none saved yet'
+                say(f"train.py: loss is {loss.item()} at step {run.step}; stopping. Last good checkpoint: {ckpt}. "
+                    "Try a lower --lr or --grad_clip, then --resume from it.", file=sys.stderr)
                 return 1
             run.step, run.tokens = run.step + 1, run.tokens + run.tokens_per_step
             if run.ddp.device.startswith("cuda") and run.step % cfg.log_interval == 0:
@@ -356,11 +345,11 @@ def train(run):
             dt, t0 = time.time() - t0, time.time()
             # a row per step that measured something; lr is the one the step used
             row = dict(step=run.step, tokens=run.tokens, lr=lr)
-            if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
+            if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:   # .item() syncs, so not every step
                 row.update(train_loss=loss.item(), grad_norm=grad_norm.item(), tokens_per_s=run.tokens_per_step / dt)
                 if run.raw.moe_stats:                  # each expert's share of the routed tokens
                     row.update(aux_loss=aux.item(), expert_load=run.raw.moe_stats["expert_load"].tolist())
-                if peak:
+                if peak:   # model FLOPs utilisation: minicpm's flops_per_token / the GPU's peak
                     row["mfu"] = row["tokens_per_s"] * flops_per_token / run.ddp.world / peak
             if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps):
                 row.update(evaluate(run))
@@ -368,7 +357,7 @@ def train(run):
                     bar.write(f"step {run.step}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte")
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if len(row) > 3:
+            if len(row) > 3:   # more than step, tokens, lr: something was measured
                 run.log(row)
                 if master and "val_loss" in row:
                     plot(run)
@@ -381,7 +370,7 @@ def train(run):
                 say(f"stopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
                     f"Continue with --resume {cfg.out_dir}")
                 return stop.exit_code or 130
-            t0 = time.time()
+            t0 = time.time()   # the checkpoint and the plot are not part of the next step's time
     if master:
         plot(run)
         say(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoint, metrics.jsonl and loss.png in {cfg.out_dir}")
@@ -399,14 +388,13 @@ def plot(run):
 # ----------------------------------------------------------------------------- beside the loop
 
 def bench(run, steps=30):
-    """tokens/s of real training steps after warm-up, and model FLOP/s against the GPU's peak or, on
-    a CPU, this machine's measured matmul throughput. Writes nothing."""
+    """tokens/s of real training steps after warm-up, and model FLOP/s against the peak. Writes nothing."""
+    # the peak is the GPU's datasheet value or, on a CPU, this machine's measured matmul throughput
     times = []
     for _ in range(steps):
         t = time.time()
         train_step(run, run.lr_at(run.step))
-        if run.ddp.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        if run.ddp.device.startswith("cuda"): torch.cuda.synchronize()   # kernels run async: wait for them
         times.append(time.time() - t)
     steady = sorted(times[steps // 3:])[: max(1, 2 * steps // 3)]   # past warm-up, without the slowest
     tok_s = run.tokens_per_step / (sum(steady) / len(steady))
@@ -427,6 +415,7 @@ def run(argv):
         if cfg.attn == "triton" and not ddp.device.startswith("cuda"):   # the kernel compiles for CUDA only
             raise UsageError(f"--attn triton needs a CUDA GPU and this run is on {ddp.device}: use --attn sdpa")
         dtype = cli.pick_dtype(cfg.dtype, ddp.device)
+        # the schedule resolved now, so a bad combination of schedule flags is refused before any file is written
         lr_at = wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=cfg.max_steps, warmup=cfg.warmup_steps,
                             decay_steps=cfg.decay_steps, decay_start=cfg.decay_start, shape=cfg.decay_shape,
                             final_frac=cfg.final_lr_frac, half_life=cfg.decay_half_life)
@@ -438,6 +427,7 @@ def run(argv):
             with torch.device("meta"):
                 model = MiniCPM(mcfg)
             return print(plan.describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
+        # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
         if ddp.rank == 0:
             print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))

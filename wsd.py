@@ -60,13 +60,13 @@ def wsd(step, *, lr_max, warmup, decay_start=None, decay_steps=None, shape="exp"
 
 
 def cosine(step, *, lr_max, warmup, T, floor=COSINE_FLOOR, loop=False):
-    """Cosine(T) (Appendix B.1): lr_max (floor + (1 - floor) (1 + cos(pi s / T)) / 2), from lr_max at
-    step 0 to floor * lr_max at step T, flat after. loop=True is CosineLoop(T): past T the cosine
-    simply goes on, back up to lr_max at 2T, down again at 3T (period 2T, no sawtooth restart).
-    Both of B.1's printed formulas, 0.9 eta cos(pi s/T) + 0.1 eta, are a typo that goes negative
-    past T/2 (-0.8 eta at T); the curve the paper plots is the one above, eta (0.1 + 0.45 (1 + cos)).
-    s counts from step 0 (T is the whole planned run); the warmup ramp s / W multiplies the cosine,
-    so the lr is continuous where warmup ends."""
+    """Cosine(T) (Appendix B.1): lr_max (floor + (1 - floor) (1 + cos(pi s / T)) / 2), flat after T."""
+    # from lr_max at step 0 to floor * lr_max at step T. loop=True is CosineLoop(T): past T the cosine
+    # simply goes on, back up to lr_max at 2T, down again at 3T (period 2T, no sawtooth restart).
+    # Both of B.1's printed formulas, 0.9 eta cos(pi s/T) + 0.1 eta, are a typo that goes negative
+    # past T/2 (-0.8 eta at T); the curve the paper plots is the one above, eta (0.1 + 0.45 (1 + cos)).
+    # s counts from step 0 (T is the whole planned run); the warmup ramp s / W multiplies the cosine,
+    # so the lr is continuous where warmup ends.
     if step < 0 or warmup < 0 or T <= 0 or warmup > T or not 0 <= floor <= 1:
         raise ValueError(f"need step >= 0, 0 <= warmup <= T, T > 0, 0 <= floor <= 1; got {step}, {warmup}, {T}, {floor}")
     ramp = step / warmup if step < warmup else 1.0
@@ -86,16 +86,17 @@ def schedule(name, **kwargs):
 
 def resolve(name, *, lr, max_steps, warmup=-1, decay_steps=-1, decay_start=-1, shape="exp", final_frac=-1.0,
             half_life=-1.0):
-    """lr(step) from a script's flags, -1 meaning "the default": warmup WARMUP_STEPS; a WSD decay
-    over the last PAPER_DECAY_FRACTION of max_steps, to FINAL_LR_FRAC, or by its half-life in steps
-    (§6.2: 5000) when half_life > 0; cosine ends at COSINE_FLOOR. `lr_at.describe` says what was chosen."""
+    """lr(step) from a script's flags, -1 meaning "the default"; `lr_at.describe` says what was chosen."""
+    # defaults: warmup WARMUP_STEPS; a WSD decay over the last PAPER_DECAY_FRACTION of max_steps, to
+    # FINAL_LR_FRAC, or by its half-life in steps (§6.2: 5000) when half_life > 0; cosine to COSINE_FLOOR
     warmup = WARMUP_STEPS if warmup < 0 else warmup
     warmup = min(warmup, max_steps)   # a run shorter than the default warmup ramps over all of it
     if name == "wsd":
         D = decay_steps if decay_steps >= 0 else max(1, round(PAPER_DECAY_FRACTION * max_steps))
-        start = decay_start if decay_start >= 0 else max(warmup, max_steps - D)
+        start = decay_start if decay_start >= 0 else max(warmup, max_steps - D)   # never inside the warmup
         if half_life > 0 and final_frac >= 0:
             raise ValueError("give the decay's end as a final lr fraction or as a half-life, not both")
+        # exp decay to 0.5 ** (D / H) over D steps halves the lr every H steps: final_frac ** (x / D)
         final = 0.5 ** (D / half_life) if half_life > 0 else FINAL_LR_FRAC if final_frac < 0 else final_frac
         if half_life > 0 and shape != "exp":
             raise ValueError(f"a half-life describes the exp decay shape, not {shape}")
@@ -117,7 +118,7 @@ def plot(out_path, total=10_000, warmup=500, lr_max=0.01):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps, decay = range(total + 1), int(PAPER_DECAY_FRACTION * total)
+    steps, decay = range(total + 1), int(PAPER_DECAY_FRACTION * total)   # decay: the last 10% (§4)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
 
     def draw(ax, name, steps, label, style="-", **kwargs):
