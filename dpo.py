@@ -1,78 +1,90 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) of a MiniCPM checkpoint, as for MiniCPM-DPO
-(Hu et al. 2024, §7.1; SPEC §6): 1 epoch on preference pairs, cosine schedule, a frozen reference model.
+"""Direct Preference Optimization (DPO, Rafailov et al. 2023, arXiv 2305.18290) of a MiniCPM model, as
+MiniCPM's chat models were aligned (Hu et al. 2024, §7.1): preference pairs, a cosine schedule, and the
+starting model, frozen, as the reference.
 
     python dpo.py                                      # the embedded default task on out/tiny, CPU, ~minutes
     python dpo.py --data pairs.jsonl --init_from out/tiny --out_dir out/tiny-dpo
     python dpo.py --hf path/to/hf_folder --tokenizer cl100k_base --data pairs.jsonl
+    python dpo.py --resume out/tiny-dpo                # continue a stopped run exactly
     python dpo.py --help                               # every flag, with its default
 
 Data: JSONL, one {"prompt", "chosen", "rejected"} object of strings per line (the UltraFeedback pair
-format); a pair goes to the held-out split when the hash of its text falls below --val_frac. Without
---data, the default task is built from the held-out documents of the checkpoint's own training data
-(data.py's validation split, never trained on): prompt = a real window of a document, chosen = its
-real continuation, rejected = a continuation taken from another document.
+format); a pair is held out when the hash of its line falls below --val_frac. Without --data, the
+default task is built from the held-out documents of the checkpoint's own training data (data.py's
+validation split, never trained on): prompt = a real window of a document, chosen = its real
+continuation, rejected = a continuation taken from another document.
 
-Writes to --out_dir: ckpt.pt (train.py's format, so sample.py --ckpt works on it), the tokenizer
-file, metrics.jsonl (loss, rewards, margin, preference accuracy) and dpo.png.
+Writes to --out_dir: ckpt.pt (checkpoint.py's format, kind "dpo": sample.py reads it, and --init_from
+of train.py or dpo.py starts from its weights), the tokenizer file, metrics.jsonl (loss, implicit
+rewards, margin, preference accuracy) and dpo.png. Exit codes: 0 done, 1 failed (NaN loss, disk),
+2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after saving a checkpoint.
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import cli
 import data
-import train
+import metrics
+import preference
 import wsd
-from minicpm import MiniCPM, atomic_write_text
-from train import TrainError, flag
+from cli import UsageError, flag
 
 
 @dataclass
 class DPOConfig:
-    # starting point: ours (train.py's ckpt.pt, or its folder), or the released Hugging Face layout
-    init_from: str = flag("out/tiny", "checkpoint to fine-tune (file or folder); also the frozen reference")
+    # starting point: any ckpt.pt of this project (pretrain or dpo), or the released Hugging Face layout
+    init_from: str = flag("out/tiny", "checkpoint to fine-tune (file or folder, any kind); also the frozen reference")
     hf: str = flag("", "instead: a Hugging Face-layout folder (config.json + weights)")
-    tokenizer: str = flag("", "with --hf: tokenizer spec (bpe:N, byte, gpt2, ...; default: DIR/tokenizer_record.json)")
-    rank_file: str = flag("", "with --hf and a bpe:N --tokenizer: its tokenizer.tiktoken")
+    tokenizer: str = flag("", "with --hf: SPEC[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken "
+                              "('': DIR/tokenizer_record.json)")
+    resume: str = flag("", "continue the dpo.py run saved in this folder exactly (optimizer, step, batch order)")
     # data
     data: str = flag("", "JSONL of {prompt, chosen, rejected} pairs ('': the embedded default task)")
     dataset: str = flag("", "default task: a data.py dataset folder ('': the checkpoint's own training data)")
     val_frac: float = flag(0.2, "share of pairs held out (by a hash of the pair) to measure accuracy")
     max_len: int = flag(256, "tokens per sequence; longer prompts lose their left part")
     out_dir: str = flag("out/tiny-dpo", "where the checkpoint, metrics.jsonl and dpo.png go")
-    # DPO (SPEC §6): the paper does not state beta; 0.1 is the usual default
+    overwrite: bool = flag(False, "start a new run in an --out_dir that already holds one, replacing it")
+    # §7.1 does not state beta; 0.1 is the usual choice (Rafailov et al. use 0.1 to 0.5)
     beta: float = flag(0.1, "DPO beta: strength of the pull towards the reference")
     label_smoothing: float = flag(0.0, "conservative DPO: assumed probability that a label is flipped")
-    # optimization: AdamW with the model's muP groups, from train.py; cosine as in the paper (§7.1)
+    # AdamW with the model's muP groups and a cosine, as the paper fine-tunes (§7.1)
     lr: float = flag(1e-3, "peak lr (muP: matrices get lr / m). The paper's 1e-5 is for the 2.4B "
                            "(m = 9); the tiny default task needs more to move in ~100 steps")
     schedule: str = flag("cosine", "learning-rate schedule from wsd.py: " + ", ".join(wsd.SCHEDULES))
-    warmup_steps: int = flag(-1, "linear warmup steps (-1: 10%% of the run)")
+    warmup_steps: int = flag(-1, f"linear warmup steps (-1: wsd.py's default, {wsd.WARMUP_STEPS})")
     epochs: int = flag(1, "passes over the training pairs (the paper: 1)")
-    max_steps: int = flag(-1, "stop after this many steps (-1: the whole of --epochs)")
+    max_steps: int = flag(-1, "steps in the run (-1: the whole of --epochs)")
     batch_size: int = flag(8, "preference pairs per step")
     weight_decay: float = flag(0.0, "AdamW weight decay (not in the paper)")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
     eval_interval: int = flag(20, "evaluate on the held-out pairs every this many steps (and at 0 and the end)")
     eval_pairs: int = flag(256, "held-out pairs per evaluation (the first ones: a fixed set)")
+    ckpt_interval: int = flag(100, "save a checkpoint every this many steps (and at the end)")
+    stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of the whole run")
     seed: int = flag(1337, "seed of the default task and of the batch order")
     device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
     dtype: str = flag("auto", "autocast dtype: bfloat16, float16, float32, or auto (fp32 on CPU)")
 
 
-# The embedded default task: 48 tokens of real context, then 16 tokens of continuation.
-TASK_PROMPT_LEN, TASK_RESPONSE_LEN = 48, 16
+# What a resume may change: where things go, how the run is watched, the machine, and its length.
+RESUME_MAY_CHANGE = {"resume", "out_dir", "overwrite", "stop_at", "max_steps", "eval_interval", "ckpt_interval",
+                     "device", "dtype"}
 
 
 # ----------------------------------------------------------------------------- the DPO loss
@@ -87,9 +99,9 @@ def sequence_logps(model, input_ids, labels):
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
-    """-> (mean loss, chosen rewards [B], rejected rewards [B]); SPEC §6 with conservative smoothing:
-    loss = (1-eps) * -log sigmoid(beta * d) + eps * -log sigmoid(-beta * d), d the log-ratio margin.
-    The rewards are the implicit ones, beta * (log pi - log ref), detached (for logging)."""
+    """-> (mean loss, chosen rewards [B], rejected rewards [B]). Rafailov et al. Eq. 7 with
+    conservative label smoothing eps: loss = (1-eps) * -log sigmoid(beta d) + eps * -log sigmoid(-beta d),
+    d the margin of log-ratios. The rewards are the implicit ones, beta * (log pi - log ref), detached."""
     margin = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     return losses.mean(), beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
@@ -102,286 +114,319 @@ def pair_metrics(loss, chosen_r, rejected_r):
                 margin=(chosen_r - rejected_r).mean().item(), accuracy=acc.mean().item())
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- configuration
 
-def collate(pairs, max_len, pad_id, bos_id):
-    """Pairs of token-id lists {prompt, chosen, rejected} -> input_ids, labels [2B, T]: the B chosen
-    sequences, then the B rejected ones. Each sequence is bos_id + prompt + response: a leading
-    separator (our corpora's <|endoftext|>: a document starts after one) gives the first response
-    token something to follow, even with an empty prompt.
-    Labels are -100 on the prompt and the padding, so only response tokens are scored; a sequence
-    longer than max_len + 1 loses the left of its prompt (then the right of its response)."""
-    seqs, starts = [], []
-    for side in ("chosen", "rejected"):
-        for p in pairs:
-            response = p[side][:max_len]
-            prompt = ([bos_id] + p["prompt"])[-(max_len + 1 - len(response)):]
-            seqs.append(prompt + response)
-            starts.append(len(prompt))
-    T = max(len(s) for s in seqs) - 1
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for i, (s, start) in enumerate(zip(seqs, starts)):
-        input_ids[i, :len(s) - 1] = torch.tensor(s[:-1])
-        labels[i, start - 1:len(s) - 1] = torch.tensor(s[start:])   # position t predicts s[t + 1]
-    return input_ids, labels
+def check_flags(cfg, explicit):
+    """Every flag's range, before anything is read or written."""
+    cli.check([(min(cfg.batch_size, cfg.eval_interval, cfg.eval_pairs, cfg.ckpt_interval, cfg.epochs, cfg.max_len) < 1,
+                "--batch_size, --eval_interval, --eval_pairs, --ckpt_interval, --epochs and --max_len must be >= 1"),
+               (cfg.max_steps == 0 or cfg.max_steps < -1, f"--max_steps must be >= 1, or -1 for all of --epochs (got {cfg.max_steps})"),
+               (cfg.stop_at == 0 or cfg.stop_at < -1, f"--stop_at must be >= 1, or -1 for no stop (got {cfg.stop_at})"),
+               (not cfg.beta > 0, f"--beta must be > 0 (got {cfg.beta}): it scales the log-ratios (Rafailov et al. Eq. 7)"),
+               (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing})"),
+               (not 0 < cfg.val_frac < 1, f"--val_frac must be in (0, 1) (got {cfg.val_frac})"),
+               (not cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+               (min(cfg.weight_decay, cfg.grad_clip) < 0, "--weight_decay and --grad_clip must be >= 0"),
+               (cfg.warmup_steps < -1, "--warmup_steps must be >= 0, or -1 for the default"),
+               (cfg.schedule not in wsd.SCHEDULES, f"--schedule must be one of {', '.join(wsd.SCHEDULES)}"),
+               ({"init_from", "hf"} <= explicit.keys(), "give --init_from or --hf, not both")])
 
 
-def pair_hash(key):
-    """A pair's place in [0, 1), the same on every machine and run (the held-out split)."""
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def resolve(argv):
+    """-> (the run's config, the resumed checkpoint or None, the starting checkpoint or None). Defaults
+    are left out of the parse, so that a resume, which takes the saved flags, can tell a flag the user
+    changed from one left alone: it changes only RESUME_MAY_CHANGE."""
+    p = cli.parser(__doc__)
+    cli.add_flags(p, DPOConfig, suppress=True)
+    explicit = cli.parse(p, argv)
+    cfg = DPOConfig(**explicit)
+    check_flags(cfg, explicit)
+    if not cfg.resume:   # any kind of checkpoint can start a run: DPO on top of DPO is fine-tuning further
+        return cfg, None, None if cfg.hf else checkpoint.load(cfg.init_from)
+    resumed = checkpoint.load(cfg.resume, kind="dpo")
+    saved = DPOConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(DPOConfig)}})
+    differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
+              if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
+    cli.check([(bool(differ), "cannot resume with a different configuration: " + "; ".join(differ))])
+    # a stop or an overwrite was a one-off request of the saved run, not part of its configuration
+    changes = {"stop_at": -1, "overwrite": False, "out_dir": os.path.dirname(resumed["path"]),
+               **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}}
+    return dataclasses.replace(saved, **changes), resumed, None
 
 
-def build_default_pairs(tokens, eot_id, val_frac=0.2, prompt_len=TASK_PROMPT_LEN, response_len=TASK_RESPONSE_LEN, seed=0):
-    """The default task from a token stream of documents separated by eot_id (a val.bin): every
-    non-overlapping window of a document gives prompt = its first prompt_len tokens, chosen = the
-    next response_len, rejected = the continuation of a random window of another document.
-    A window is held out (its pair measures accuracy) when its hash falls below val_frac."""
-    docs, start = [], 0
-    for end in np.flatnonzero(tokens == eot_id).tolist() + [len(tokens)]:
-        docs.append(tokens[start:end].tolist())
-        start = end + 1
-    n = prompt_len + response_len
-    windows = [(d, i) for d, doc in enumerate(docs) for i in range(0, len(doc) - n + 1, n)]
-    if len({d for d, _ in windows}) < 2:
-        raise TrainError(f"the default task needs at least 2 validation documents of {n}+ tokens; "
-                         f"found {len({d for d, _ in windows})}: use a bigger corpus or --data")
-    # held-out windows are split off first, and rejected continuations come from the same split:
-    # otherwise training would push down the very text that held-out pairs prefer
-    rng, pairs = random.Random(seed), []
-    for held in (False, True):
-        pool = [(d, i) for d, i in windows if (pair_hash(f"{d}:{i}") < val_frac) == held]
-        for d, i in pool:
-            others = [w for w in pool if w[0] != d]
-            if not others:
-                continue
-            od, oi = rng.choice(others)
-            pairs.append(dict(prompt=docs[d][i:i + prompt_len], chosen=docs[d][i + prompt_len:i + n],
-                              rejected=docs[od][oi + prompt_len:oi + n], held_out=held))
-    return pairs
+def check_out_dir(cfg, resumed, source):
+    """A new run never replaces an existing one by accident (checkpoint.py's rule, as in train.py),
+    nor writes over its own starting model, which a resume rebuilds as the frozen reference."""
+    same = source and os.path.abspath(cfg.out_dir) == os.path.dirname(os.path.abspath(source["path"]))
+    cli.check([(same, f"--init_from and --out_dir are the same folder ({cfg.out_dir}): the run would "
+                "overwrite its own reference model; choose another --out_dir")])
+    checkpoint.check_run_folder(cfg.out_dir, resumed and resumed["path"], cfg.overwrite)
 
 
-def read_pairs(path, tokenizer, val_frac):
-    """A JSONL file of {prompt, chosen, rejected} strings -> pairs of token-id lists; a pair is held
-    out when the hash of its line falls below val_frac."""
-    if not os.path.isfile(path):
-        raise TrainError(f"--data {path} is not a file")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise TrainError(f"{path}:{lineno} needs string fields prompt, chosen and rejected")
-            # encode_ordinary: the text's own "<|endoftext|>" is text, not our separator
-            pairs.append(dict(held_out=pair_hash(line) < val_frac, **{k: tokenizer.encode_ordinary(rec[k]) for k in ("prompt", "chosen", "rejected")}))
-    if not pairs:
-        raise TrainError(f"--data {path} holds no pairs")
-    return pairs
+# ----------------------------------------------------------------------------- models, pairs and the run
+
+def fingerprint(model):
+    """sha256 of the weights: a resume checks that the reference it rebuilds is the one it began with."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- setup
-
-def load_policy(cfg, device):
-    """-> (model, tokenizer record {spec, rank_file, eot_id, vocab_size}, rank file path, train_config)."""
-    if cfg.hf:
-        model = MiniCPM.from_hf(cfg.hf)
-        record_path = os.path.join(cfg.hf, "tokenizer_record.json")
-        record = json.load(open(record_path)) if os.path.isfile(record_path) else {}
-        spec = cfg.tokenizer or record.get("spec")
-        rank_file = cfg.rank_file or (record.get("rank_file") and os.path.join(cfg.hf, record["rank_file"]))
-        if not spec:
-            raise TrainError(f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer (and --rank_file for bpe:N)")
-        train_config = {}
+def load_models(cfg, resumed, source, device):
+    """-> (policy, frozen reference, where the reference comes from). pi_ref is the model DPO starts
+    from (Rafailov et al. §4); the checkpoint stores its source and fingerprint, not a second copy
+    of the weights, and a resume rebuilds it from there. The attention is sdpa whatever a checkpoint
+    trained with (checkpoint.load drops an old saved attn_impl): a runtime choice, not architecture."""
+    if resumed:
+        policy, where = checkpoint.build_model(resumed, device, attn_impl="sdpa"), resumed["reference"]
+        reference = (checkpoint.load_hf(where["hf"], device, attn_impl="sdpa") if where["hf"] else
+                     checkpoint.build_model(checkpoint.load(where["ckpt"]), device, attn_impl="sdpa"))
+        cli.check([(fingerprint(reference) != where["fingerprint"], f"the reference model {where['hf'] or where['ckpt']} "
+                    "has changed since this run started: restore it to resume this run exactly")])
     else:
-        ckpt = train.load_checkpoint(cfg.init_from)
-        model = train.model_from_checkpoint(ckpt)
-        spec, rel = ckpt["tokenizer"]["spec"], ckpt["tokenizer"]["rank_file"]
-        rank_file = rel and os.path.join(os.path.dirname(ckpt["path"]), rel)
-        train_config = ckpt.get("train_config") or {}
+        policy = checkpoint.load_hf(cfg.hf, device, attn_impl="sdpa") if cfg.hf else checkpoint.build_model(source, device, attn_impl="sdpa")
+        reference = copy.deepcopy(policy)
+        where = dict(hf=cfg.hf and os.path.abspath(cfg.hf), ckpt=source and os.path.abspath(source["path"]),
+                     fingerprint=fingerprint(reference))
+    return policy, reference.eval().requires_grad_(False), where
+
+
+def load_tokenizer(cfg, ckpt, model):
+    """-> (tiktoken Encoding, the tokenizer record for our checkpoint, the rank file's path or None).
+    From a checkpoint its own record; from --hf the flags, else the folder's tokenizer_record.json."""
+    if ckpt:
+        spec, rank_file = ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt)
+    else:
+        path = os.path.join(cfg.hf, "tokenizer_record.json")
+        spec, _, rank_file = cfg.tokenizer.partition("@")
+        if not spec and os.path.isfile(path):   # checkpoint.save_hf writes it beside the weights
+            record = json.load(open(path))
+            spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
+        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer SPEC[@RANK_FILE]")])
     enc = data.load_tokenizer(spec, rank_file or None)
-    if enc.n_vocab > model.config.vocab_size:
-        raise TrainError(f"tokenizer {spec} has {enc.n_vocab} tokens, more than the model's {model.config.vocab_size}")
-    record = dict(spec=spec, rank_file="tokenizer.tiktoken" if rank_file else None, eot_id=enc.eot_token,
-                  vocab_size=model.config.vocab_size)
-    return model.to(device), enc, record, rank_file, train_config
+    cli.check([(enc.n_vocab > model.config.vocab_size, f"tokenizer {spec} has {enc.n_vocab} tokens, more than "
+                f"the model's {model.config.vocab_size}")])
+    return enc, checkpoint.tokenizer_record(dict(tokenizer=spec, rank_file=rank_file, eot_id=enc.eot_token,
+                                                 vocab_size=model.config.vocab_size)), rank_file or None
 
 
-def default_task_tokens(cfg, train_config, enc):
-    """The validation tokens (val.bin) of the checkpoint's training data, or of --dataset."""
-    folder = cfg.dataset
-    if not folder:
-        if "source" not in train_config:
-            raise TrainError("this checkpoint does not say what it was trained on: pass --dataset or --data")
-        folder = data.prepare(train_config["source"], train_config["tokenizer"], train_config["data_dir"], quiet=True)
-    meta = data.load_meta(folder)
-    if meta["eot_id"] != enc.eot_token or meta["vocab_size"] != enc.n_vocab:
-        raise TrainError(f"{folder} was tokenized with {meta['tokenizer']}, not the checkpoint's tokenizer")
-    return np.asarray(data.open_tokens(os.path.join(folder, "val.bin")))
+def default_dataset(cfg, source):
+    """The data.py folder of the default task: --dataset, else the one a dpo.py checkpoint names,
+    else the starting run's own training data (its validation split, never trained on)."""
+    run_cfg = (source or {}).get("config", {})
+    if cfg.dataset or run_cfg.get("dataset"):
+        return cfg.dataset or run_cfg["dataset"]
+    if "source" not in run_cfg:
+        raise UsageError("the starting model does not say what it was trained on: pass --dataset or --data")
+    return str(data.prepare(run_cfg["source"], run_cfg["tokenizer"], run_cfg["data_dir"], quiet=True))
 
 
-def make_schedule(cfg, total, warmup):
-    """lr(step) from wsd.py over the whole run; the paper fine-tunes with a cosine (§7.1)."""
-    if cfg.schedule not in wsd.SCHEDULES:
-        raise TrainError(f"--schedule {cfg.schedule} is not one of {', '.join(wsd.SCHEDULES)}")
-    extra = {}
-    if cfg.schedule in ("cosine", "cosine_loop"):
-        extra = dict(T=total)
-    elif cfg.schedule == "wsd":   # decay over the last 10%, as in pre-training (§4)
-        start = max(warmup, round(0.9 * total))
-        extra = dict(decay_start=start, decay_steps=max(1, total - start))
-    return wsd.schedule(cfg.schedule, lr_max=cfg.lr, warmup=warmup, **extra)
+def load_pairs(cfg, source, enc):
+    """-> (training pairs, held-out pairs, the default task's dataset folder or "")."""
+    folder = "" if cfg.data else default_dataset(cfg, source)
+    if cfg.data:
+        pairs = preference.read_pairs(cfg.data, enc, cfg.val_frac)
+    else:
+        meta = data.load_meta(folder)
+        cli.check([(meta["eot_id"] != enc.eot_token or meta["vocab_size"] != enc.n_vocab,
+                    f"{folder} was tokenized with {meta['tokenizer']}, not the model's tokenizer: pass --dataset or --data")])
+        tokens = np.asarray(data.open_tokens(os.path.join(folder, "val.bin")))
+        pairs = preference.build_default_pairs(tokens, enc.eot_token, cfg.val_frac, seed=cfg.seed)
+    train_pairs = [p for p in pairs if not p["held_out"]]
+    val_pairs = [p for p in pairs if p["held_out"]][:cfg.eval_pairs]
+    cli.check([(not train_pairs or not val_pairs, f"{len(pairs)} pairs give {len(train_pairs)} to train on and "
+                f"{len(val_pairs)} held out: need some of each (change --val_frac or add pairs)")])
+    return train_pairs, val_pairs, folder
 
 
-def resolve_device(name):
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+def build_run(cfg, resumed, source, device, dtype):
+    """Everything the loop needs, in one namespace; nothing is written yet."""
+    torch.manual_seed(cfg.seed)
+    policy, reference, where = load_models(cfg, resumed, source, device)
+    enc, record, rank_file = load_tokenizer(cfg, resumed or source, policy)
+    cli.check([(cfg.max_len + 1 > policy.config.block_size, f"--max_len {cfg.max_len} does not fit the model's "
+                f"block_size {policy.config.block_size}: use at most {policy.config.block_size - 1}")])
+    train_pairs, val_pairs, folder = load_pairs(cfg, source, enc)
+    cfg = dataclasses.replace(cfg, dataset=folder or cfg.dataset)   # saved, so a resume reads the same pairs
+    digest = hashlib.sha256(json.dumps([[p[k] for k in ("prompt", "chosen", "rejected")] for p in train_pairs + val_pairs]).encode())
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    # AdamW over the muP groups (§3.1): each group's lr is lr(step) * lr_scale
+    optimizer = torch.optim.AdamW(policy.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  eps=1e-8, fused=device.startswith("cuda"))
+    device_type = device.split(":")[0]
+    run = SimpleNamespace(
+        cfg=cfg, device=device, policy=policy, reference=reference, reference_source=where, optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),   # fp16 only: bf16 needs none
+        autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+        lr_at=wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=total, warmup=cfg.warmup_steps), total=total,
+        train_pairs=train_pairs, val_pairs=val_pairs, pairs_digest=digest.hexdigest(),
+        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,
+        rng=random.Random(cfg.seed), order=[], log=metrics.MetricsLog(cfg.out_dir), last_ckpt=None)
+    if resumed:
+        restore(run, resumed)
+    return run
 
 
-def plot(metrics_path, png_path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
-        train_rows = [(r["step"], r[key]) for r in rows if key in r]
-        val_rows = [(r["step"], r["eval_" + key]) for r in rows if "eval_" + key in r]
-        if train_rows:
-            ax.plot(*zip(*train_rows), alpha=0.5, label=f"train {key} (per batch)")
-        ax.plot(*zip(*val_rows), "o-", label=f"held-out {key}")
-        ax.axhline(math.log(2) if key == "loss" else 0.5, color="k", ls=":", lw=1, label="policy = reference")
-        ax.set(xlabel="step", ylabel=key, title=title)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
+def restore(run, resumed):
+    """Exactly where the saved run stopped: weights (already loaded), optimizer moments, scaler,
+    RNG states, the rest of the epoch's batch order, the step."""
+    last = min(run.total, run.cfg.stop_at) if run.cfg.stop_at > 0 else run.total
+    cli.check([(resumed["pairs_digest"] != run.pairs_digest, "the preference pairs differ from the ones this run "
+                f"started with ({run.cfg.data or run.cfg.dataset} changed?): a resume needs the same data"),
+               (resumed["step"] >= last, f"{resumed['path']} is at step {resumed['step']}, the end of its "
+                f"{run.total} steps (or --stop_at): give a larger --max_steps to train on")])
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    if resumed["scaler"]:
+        run.scaler.load_state_dict(resumed["scaler"])
+    torch.set_rng_state(resumed["rng"])
+    run.rng.setstate(resumed["order_rng"])
+    run.order, run.step, run.tokens, run.last_ckpt = list(resumed["order"]), resumed["step"], resumed["tokens"], resumed["path"]
+
+
+def prepare_out_dir(run, resumed):
+    """Only now, with configuration, models and pairs known good, is the output folder written."""
+    cfg = run.cfg
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    checkpoint.remove_stale_temps(cfg.out_dir)
+    dest = os.path.join(cfg.out_dir, run.record["rank_file"] or "")
+    if run.rank_file and os.path.abspath(run.rank_file) != os.path.abspath(dest):   # the folder is self-contained
+        checkpoint.atomic_write(dest, lambda f: f.write(open(run.rank_file, "rb").read()))
+    run.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
+
+
+def save(run):
+    """ckpt.pt of kind "dpo": the policy, and everything a resume needs to continue bitwise."""
+    run.last_ckpt = checkpoint.save(
+        run.cfg.out_dir, "dpo", run.policy, optimizer=run.optimizer.state_dict(), step=run.step, tokens=run.tokens,
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {}, config=dataclasses.asdict(run.cfg),
+        tokenizer=run.record, rng=torch.get_rng_state(), order_rng=run.rng.getstate(), order=run.order,
+        reference=run.reference_source, pairs_digest=run.pairs_digest)
 
 
 # ----------------------------------------------------------------------------- training
 
-def run(cfg):
-    device = resolve_device(cfg.device)
-    dtype = train.autocast_dtype(cfg, device.split(":")[0])
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise TrainError(f"--label_smoothing {cfg.label_smoothing} must be in [0, 0.5)")
-    torch.manual_seed(cfg.seed)
-    policy, enc, record, rank_file, train_config = load_policy(cfg, device)
-    if cfg.max_len + 1 > policy.config.block_size:
-        raise TrainError(f"--max_len {cfg.max_len} does not fit the model's block_size {policy.config.block_size}")
-    # the reference is the starting checkpoint, frozen (SPEC §6); eval mode, no gradients
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+def forward(run, batch, with_grad):
+    """-> ((loss, chosen rewards, rejected rewards), response tokens scored) for a list of pairs."""
+    # padding is never scored nor attended to (causal, on the right), so any id will do
+    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.eot_id))
+    with run.autocast:
+        with torch.no_grad():
+            ref = sequence_logps(run.reference, ids, labels)
+        with nullcontext() if with_grad else torch.no_grad():
+            pol = sequence_logps(run.policy, ids, labels)
+    B = len(batch)   # chosen first, then rejected (collate)
+    return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], run.cfg.beta, run.cfg.label_smoothing), int((labels != -100).sum())
 
-    if cfg.data:
-        pairs = read_pairs(cfg.data, enc, cfg.val_frac)
-    else:
-        pairs = build_default_pairs(default_task_tokens(cfg, train_config, enc), enc.eot_token, cfg.val_frac, seed=cfg.seed)
-    train_pairs = [p for p in pairs if not p["held_out"]]
-    val_pairs = [p for p in pairs if p["held_out"]][:cfg.eval_pairs]
-    if not train_pairs or not val_pairs:
-        raise TrainError(f"{len(pairs)} pairs give {len(train_pairs)} to train on and {len(val_pairs)} held out: "
-                         f"need some of each (change --val_frac or add pairs)")
-    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps < 0 else cfg.max_steps
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(0.1 * total)
-    lr_at = make_schedule(cfg, total, warmup)
-    optimizer = train.make_optimizer(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), 1e-8, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
-    pad_id = bos_id = enc.eot_token   # padding is never scored nor attended to (causal, on the right)
 
-    def forward(pairs_batch, with_grad):
-        ids, labels = (t.to(device) for t in collate(pairs_batch, cfg.max_len, pad_id, bos_id))
-        with autocast:
-            with torch.no_grad():
-                ref = sequence_logps(reference, ids, labels)
-            with nullcontext() if with_grad else torch.no_grad():
-                pol = sequence_logps(policy, ids, labels)
-        B = len(pairs_batch)    # chosen first, then rejected (collate)
-        return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], cfg.beta, cfg.label_smoothing), int((labels != -100).sum())
+@torch.no_grad()
+def evaluate(run):
+    """Loss, rewards and accuracy over the fixed held-out pairs, as eval_* metrics."""
+    run.policy.eval()
+    B, pairs = run.cfg.batch_size, run.val_pairs
+    results = [forward(run, pairs[i:i + B], False)[0] for i in range(0, len(pairs), B)]
+    run.policy.train()
+    loss = torch.stack([r[0] * len(r[1]) for r in results]).sum() / len(pairs)
+    m = pair_metrics(loss, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]))
+    return {"eval_" + k: v for k, v in m.items()}
 
-    @torch.no_grad()
-    def evaluate():
-        policy.eval()
-        results = [forward(val_pairs[i:i + cfg.batch_size], False)[0] for i in range(0, len(val_pairs), cfg.batch_size)]
-        policy.train()
-        losses = torch.stack([r[0] * len(r[1]) for r in results]).sum() / len(val_pairs)
-        m = pair_metrics(losses, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]))
-        return {"eval_" + k: v for k, v in m.items()}
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if rank_file:   # the tokenizer beside the checkpoint: the output folder is self-contained
-        shutil.copyfile(rank_file, os.path.join(cfg.out_dir, record["rank_file"]))
-    metrics_path, png_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "dpo.png")
-    atomic_write_text("", metrics_path)
+def next_batch(run):
+    """The next batch_size training pairs: a fresh shuffle per epoch, from a random.Random whose state,
+    like the rest of the epoch's order, the checkpoint keeps, so a resume draws the same batches."""
+    if not run.order:
+        run.order = list(range(len(run.train_pairs)))
+        run.rng.shuffle(run.order)
+    batch, run.order = run.order[:run.cfg.batch_size], run.order[run.cfg.batch_size:]
+    return [run.train_pairs[i] for i in batch]
 
-    def log(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
-    print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out; {total} steps of {cfg.batch_size} pairs, "
-          f"{cfg.schedule} lr {cfg.lr} (warmup {warmup}), beta {cfg.beta}, label smoothing {cfg.label_smoothing}")
-    first = evaluate()
-    log(dict(step=0, **first))
-    print(f"step 0: held-out accuracy {first['eval_accuracy']:.3f}, margin {first['eval_margin']:.3f}")
+def train_step(run, lr):
+    """One optimizer step -> (row of metrics, response tokens); for a non-finite loss (row, None),
+    returned before the update, so the weights and the last checkpoint stay good."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]              # muP: matrices lr / m
+    (loss, chosen_r, rejected_r), n_tokens = forward(run, next_batch(run), True)
+    if not torch.isfinite(loss):
+        return dict(loss=loss.item()), None
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.cfg.grad_clip or math.inf)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return dict(lr=lr, grad_norm=grad_norm.item(), **pair_metrics(loss, chosen_r, rejected_r)), n_tokens
+
+
+def train(run):
+    """The loop: step, log, evaluate, checkpoint, until the end (or --stop_at, or a signal). -> exit code."""
     from tqdm import tqdm
-    bar = tqdm(total=total, desc="dpo", unit="step", dynamic_ncols=True)
-    rng, order, step, tokens, t0 = random.Random(cfg.seed), [], 0, 0, time.time()
-    while step < total:
-        if not order:   # a new epoch: a fresh shuffle of the training pairs
-            order = list(range(len(train_pairs)))
-            rng.shuffle(order)
-        batch, order = [train_pairs[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-        lr = lr_at(step)
-        train.set_lr(optimizer, lr)
-        (loss, chosen_r, rejected_r), n_tokens = forward(batch, True)
-        if not torch.isfinite(loss):
-            raise TrainError(f"the DPO loss is {loss.item()} at step {step}: try a lower --lr")
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, tokens = step + 1, tokens + n_tokens
-        row = dict(step=step, lr=lr, grad_norm=grad_norm.item(), **pair_metrics(loss, chosen_r, rejected_r))
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
-        bar.update(1)
-        if step % cfg.eval_interval == 0 or step == total:
-            row.update(evaluate())
-            bar.write(f"step {step}: held-out loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.3f}, "
-                      f"margin {row['eval_margin']:.3f}")
-            plot(metrics_path, png_path, f"DPO, beta {cfg.beta}")
-        log(row)
+    cfg, t0 = run.cfg, time.time()
+    last = min(run.total, cfg.stop_at) if cfg.stop_at > 0 else run.total
+    if run.step == 0:   # policy = reference: loss ln 2, accuracy 0.5, the baseline of the plot
+        run.log(dict(step=0, tokens=0, **evaluate(run)))
+    bar = tqdm(total=last, initial=run.step, desc="dpo", unit="step", dynamic_ncols=True)
+    with cli.StopSignals() as stop:
+        while run.step < last:
+            row, n_tokens = train_step(run, run.lr_at(run.step))
+            if n_tokens is None:
+                bar.close()
+                print(f"dpo.py: the DPO loss is {row['loss']} at step {run.step}; stopping. Last good checkpoint: "
+                      f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr, then --resume from it.", file=sys.stderr)
+                return 1
+            run.step, run.tokens = run.step + 1, run.tokens + n_tokens
+            row = dict(step=run.step, tokens=run.tokens, **row)
+            if run.step % cfg.eval_interval == 0 or run.step == run.total:
+                row.update(evaluate(run))
+                bar.write(f"step {run.step}: held-out loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.3f}, "
+                          f"margin {row['eval_margin']:.3f}")
+            run.log(row)
+            if "eval_loss" in row:
+                plot(run)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
+            bar.update(1)
+            if run.step % cfg.ckpt_interval == 0 or run.step == last or stop.signal:
+                save(run)
+            if stop.signal:
+                bar.close()
+                print(f"\nstopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
+                      f"Continue with --resume {cfg.out_dir}")
+                return stop.exit_code
     bar.close()
-    path = train.save_checkpoint(cfg, policy, optimizer, scaler, step, tokens, record, cfg.out_dir)
-    last = row if "eval_accuracy" in row else first
-    print(f"done in {time.time() - t0:.0f} s: held-out accuracy {first['eval_accuracy']:.3f} -> "
-          f"{last['eval_accuracy']:.3f}, margin {first['eval_margin']:.3f} -> {last['eval_margin']:.3f}; "
-          f"{path}, metrics.jsonl and dpo.png in {cfg.out_dir}")
-    return first, last
+    plot(run)
+    evals = [r for r in run.log.rows() if "eval_accuracy" in r]
+    print(f"done in {time.time() - t0:.0f} s, step {run.step} of {run.total}: held-out accuracy "
+          f"{evals[0]['eval_accuracy']:.3f} -> {evals[-1]['eval_accuracy']:.3f}, margin {evals[0]['eval_margin']:.3f} -> "
+          f"{evals[-1]['eval_margin']:.3f}; {run.last_ckpt}, metrics.jsonl and dpo.png in {cfg.out_dir}")
+    return 0
+
+
+def plot(run):
+    """dpo.png: loss, preference accuracy and reward margin, per training batch and on the held-out pairs."""
+    metrics.plot(run.log.rows(), os.path.join(run.cfg.out_dir, "dpo.png"),
+                 title=f"DPO, beta {run.cfg.beta} ({run.lr_at.describe}); policy = reference: loss ln 2, accuracy 0.5",
+                 panels=[(name, [(key, "train (per batch)"), ("eval_" + key, "held-out pairs")])
+                         for name, key in (("DPO loss", "loss"), ("preference accuracy", "accuracy"),
+                                           ("reward margin", "margin"))])
 
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_flags(argv):
-    return train.dataclass_flags(DPOConfig, __doc__, argv)
+def run(argv):
+    cfg, resumed, source = resolve(argv)
+    device = cli.pick_device(cfg.device)
+    dtype = cli.pick_dtype(cfg.dtype, device)
+    check_out_dir(cfg, resumed, source)
+    state = build_run(cfg, resumed, source, device, dtype)
+    print(f"{len(state.train_pairs)} training pairs, {len(state.val_pairs)} held out; {state.total} steps of "
+          f"{cfg.batch_size} pairs from step {state.step}; {state.lr_at.describe}; beta {cfg.beta}, "
+          f"label smoothing {cfg.label_smoothing}")
+    prepare_out_dir(state, resumed)
+    return train(state)
 
 
 def main(argv=None):
-    try:
-        run(parse_flags(sys.argv[1:] if argv is None else argv))
-    except (TrainError, data.DataError, ValueError, FileNotFoundError) as e:
-        print(f"dpo.py: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main("dpo.py", run, argv)
 
 
 if __name__ == "__main__":
