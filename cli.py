@@ -19,6 +19,10 @@ class UsageError(Exception):
     """A problem with the user's request (a flag, a path, a file): one line, exit code 2."""
 
 
+class DataError(UsageError, ValueError):
+    """A corpus, tokenizer or prepared dataset that cannot be used (data.py, tokenizer.py)."""
+
+
 def flag(default, help):
     """A dataclass field that is also a --flag, with its help text."""
     # the help lives next to the default, so a config dataclass documents its own --help

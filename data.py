@@ -7,30 +7,40 @@
 Writes data/<name>/{train.bin, val.bin, meta.json} (+ tokenizer.tiktoken for bpe:N), each document followed
 by <|endoftext|>. Sources, tokenizers and the validation split are described in the README.
 """
-import argparse, base64, collections, glob, hashlib, heapq, inspect, json, multiprocessing, os, pathlib, platform, re
-import sys, sysconfig, time, urllib.request
+import argparse
+import collections
+import glob
+import hashlib
+import inspect
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import time
+import urllib.request
 
 import numpy as np
-import regex
-import tiktoken.load  # also binds tiktoken
 import torch
 from tqdm import tqdm
 
-EOT = "<|endoftext|>"
-# GPT-4's pre-split (tiktoken's cl100k_base pattern): contractions, words with one leading non-letter,
-# numbers of up to 3 digits, punctuation runs, newlines, and whitespace that is not before a word.
-GPT4_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
-              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+import cli
+from cli import DataError   # one line, exit 2, like every bad input
+# The tokenizers (byte, bpe:N learned here, tiktoken's named encodings) live in tokenizer.py; their
+# names are data.py's too, so a reader (and sample.py, dpo.py) finds them where the data is made.
+from tokenizer import (EOT, GPT4_SPLIT, TIKTOKEN_NAMES, learn_bpe, load_tokenizer, parse_tokenizer,  # noqa: F401
+                       split_chunks, write_rank_file)
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")   # text we know how to cut into documents; binaries are skipped
-TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")   # tiktoken's own encodings, downloaded on first use
 VAL_FRACTION = 0.01   # 1% of the documents (~300 KB of the stdlib): room for a 64K-token eval set
 SPLIT_RULE = "content-sha256"  # recorded in meta.json: data prepared under an older rule is prepared again
 SMALL_CORPUS_BYTES = 64e6  # up to this size, the validation fallback (below) may read every file twice
 
-
-class DataError(ValueError):
-    """Bad input: the message is one line saying what is wrong and what to do."""
 
 
 # ----------------------------------------------------------------------------- sources and documents
@@ -124,113 +134,6 @@ def fallback_val_key(root, files) -> float | None:
     hashes = [key_hash(text) for p in files for _, text in read_documents(p, root, len(files) == 1)]
     # None when all texts are one (nothing would be left to train on) or hashing already found one
     return None if len(set(hashes)) < 2 or min(hashes) < VAL_FRACTION else min(hashes)
-
-
-# ----------------------------------------------------------------------------- byte-level BPE
-
-split_chunks = regex.compile(GPT4_SPLIT).findall  # text -> GPT-4-style chunks; merges never cross them
-
-
-def merge_pair(tokens: list[int], a: int, b: int, new: int) -> list[int]:
-    """Replace each (a, b) by new, left to right, without overlaps ("aaa" with (a, a) -> [aa, a])."""
-    out, i = [], 0
-    while i < len(tokens):
-        merge = tokens[i] == a and i + 1 < len(tokens) and tokens[i + 1] == b   # a plain loop: chunks are short
-        out.append(new if merge else tokens[i])
-        i += 2 if merge else 1
-    return out
-
-
-def learn_bpe(chunk_counts: dict[str, int], n_tokens: int, quiet: bool = True):
-    """Merge until there are n_tokens tokens (bpe:N adds EOT); returns (token bytes by rank, merged pairs)."""
-    # Each step merges the most frequent adjacent pair (ties: the smallest pair of ids). Work is done once
-    # per unique chunk, weighted by its count; after a merge only the chunks holding the pair are re-counted,
-    # and a lazy max-heap finds the next pair: each changed count is pushed anew, and stale entries skipped.
-    vocab = [bytes([b]) for b in range(256)]   # byte-level: the 256 bytes first, so any text is encodable
-    rank = {token: i for i, token in enumerate(vocab)}
-    chunks, weights = [list(chunk.encode()) for chunk in chunk_counts], list(chunk_counts.values())
-    pair_counts = collections.defaultdict(int)
-    chunks_with = collections.defaultdict(set)  # pair -> chunks that hold (or once held) it
-    for i, tokens in enumerate(chunks):
-        for pair in zip(tokens, tokens[1:]):
-            pair_counts[pair] += weights[i]
-            chunks_with[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]   # heapq is a min-heap: counts negated
-    heapq.heapify(heap)
-    merges, bar = [], tqdm(total=n_tokens - len(vocab), desc="learning BPE", unit="merge", disable=quiet)
-    while len(vocab) < n_tokens and heap:
-        neg_count, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -neg_count:  # stale: a newer entry holds its current count
-            continue
-        a, b = pair
-        token = vocab[a] + vocab[b]
-        if token not in rank:  # should two merges spell the same bytes, they share one token
-            rank[token] = len(vocab)
-            vocab.append(token)
-            bar.update()
-        new, changed = rank[token], set()
-        merges.append(pair)
-        for i in chunks_with.pop(pair):
-            old_tokens = chunks[i]
-            new_tokens = merge_pair(old_tokens, a, b, new)
-            if len(new_tokens) == len(old_tokens):
-                continue
-            for p in zip(old_tokens, old_tokens[1:]):
-                pair_counts[p] -= weights[i]
-                changed.add(p)
-            for p in zip(new_tokens, new_tokens[1:]):
-                pair_counts[p] += weights[i]
-                chunks_with[p].add(i)
-                changed.add(p)
-            chunks[i] = new_tokens
-        del pair_counts[pair]   # merged everywhere: it cannot occur again
-        for p in changed:
-            if pair_counts.get(p, 0) > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
-    bar.close()
-    if len(vocab) < n_tokens:
-        raise DataError(f"the training text has too few distinct pairs for more than bpe:{len(vocab) + 1}: "
-                        f"use a smaller bpe:N or more text")
-    return vocab, merges
-
-
-def write_rank_file(path: pathlib.Path, vocab: list[bytes]) -> None:
-    """tiktoken's rank-file format: one 'base64(token bytes) rank' line per token."""
-    # tiktoken re-derives the merges from the ranks: a pair's merge is the rank of their concatenation
-    write_atomic(path, "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(vocab)).encode())
-
-
-def parse_tokenizer(spec: str) -> int | None:
-    """Validate a tokenizer spec; returns N for bpe:N, else None."""
-    if spec.startswith("bpe:"):
-        n = spec[4:]
-        if not n.isdigit() or not 257 <= int(n) <= 2**31:   # 256 bytes + EOT at least
-            raise DataError(f"tokenizer {spec!r}: N in bpe:N must be an integer from 257 up, e.g. bpe:4096")
-        return int(n)
-    if spec == "byte" or spec in TIKTOKEN_NAMES:
-        return None
-    raise DataError(f"unknown tokenizer {spec!r}: use bpe:N (e.g. bpe:4096), byte, {', '.join(TIKTOKEN_NAMES)}")
-
-
-def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding:
-    """A tiktoken Encoding for spec that knows EOT; bpe:N reads its merges from rank_file."""
-    n = parse_tokenizer(spec)
-    if spec in TIKTOKEN_NAMES:
-        try:
-            return tiktoken.get_encoding(spec)
-        except Exception as e:  # tiktoken raises whatever its HTTP client raised
-            raise DataError(f"could not load tiktoken's {spec!r} ({type(e).__name__}): it is downloaded on first "
-                            f"use, so connect once or set TIKTOKEN_CACHE_DIR to a cache holding it; "
-                            f"offline, use bpe:4096 or byte") from None
-    if spec != "byte" and (rank_file is None or not os.path.isfile(rank_file)):
-        raise DataError(f"tokenizer {spec!r} needs its rank file, and {rank_file!r} is not a file: "
-                        f"prepare the data again or pass the tokenizer.tiktoken saved beside it")
-    ranks = {bytes([b]): b for b in range(256)} if spec == "byte" else tiktoken.load.load_tiktoken_bpe(str(rank_file))
-    if n and len(ranks) != n - 1:   # n is None for byte
-        raise DataError(f"{rank_file} holds {len(ranks)} tokens, but {spec} needs {n - 1} (+ EOT)")
-    # EOT gets the id after the last rank, so vocab_size = ranks + 1
-    return tiktoken.Encoding(spec.replace(":", ""), pat_str=GPT4_SPLIT, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
 
 
 # ----------------------------------------------------------------------------- preparing a dataset
@@ -353,8 +256,31 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
     root, files = list_files(source, data_dir, log)
     forced_val = fallback_val_key(root, files)
     jobs = [(p, root, len(files) == 1, forced_val) for p in files]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # meta.json marks a finished preparation: written last
+    # Built in a folder beside `out` and swapped in only when complete: a failure (or Ctrl-C) leaves
+    # the old dataset whole and no partial one; the work folder of a killed run is cleared next time.
+    work = out.with_name(out.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        meta, stats, tokenize_seconds = _build(work, jobs, source, tokenizer, n_bpe, workers, bpe_sample_mb, log, quiet)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+    n_bytes, n_tokens = (stats["train"][k] + stats["val"][k] for k in ("bytes", "tokens"))
+    log(f"prepared {out}: {stats['train']['documents'] + stats['val']['documents']:,} documents, {n_bytes / 1e6:.1f} MB, "
+        f"{n_tokens:,} tokens, {stats['train']['bytes'] / stats['train']['tokens']:.2f} bytes/token (train), "
+        f"tokenized at {n_bytes / 1e6 / tokenize_seconds:.1f} MB/s, {time.time() - started:.1f} s in all")
+    return out
+
+
+def _build(out, jobs, source, tokenizer, n_bpe, workers, bpe_sample_mb, log, quiet):
+    """The dataset in folder `out`: tokenizer, .bin files, then meta.json. -> (meta, stats, seconds)."""
     rank_file = "tokenizer.tiktoken" if n_bpe else None  # meta.json names it relative to the folder
     rank_path = str(out / rank_file) if rank_file else None
     if n_bpe:
@@ -377,11 +303,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
     if source == "stdlib":
         meta["python"] = platform.python_version()  # the corpus changes with the Python version
     write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    n_bytes, n_tokens = (stats["train"][k] + stats["val"][k] for k in ("bytes", "tokens"))
-    log(f"prepared {out}: {documents:,} documents, {n_bytes / 1e6:.1f} MB, {n_tokens:,} tokens, "
-        f"{stats['train']['bytes'] / stats['train']['tokens']:.2f} bytes/token (train), tokenized at "
-        f"{n_bytes / 1e6 / tokenize_seconds:.1f} MB/s, {time.time() - started:.1f} s in all")
-    return out
+    return meta, stats, tokenize_seconds
 
 
 # ----------------------------------------------------------------------------- reading prepared data
@@ -480,8 +402,8 @@ FLAG_HELP = {  # one flag per prepare() argument, with prepare()'s default
 
 
 def parse_args(argv=None) -> dict:
-    """prepare()'s arguments from the command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    """prepare()'s arguments from the command line (an unknown flag names the closest one)."""
+    parser = cli.Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     # the flags are prepare()'s arguments, so the command line and the function cannot drift apart
     for name, param in inspect.signature(prepare).parameters.items():
         if param.default is False:
@@ -489,12 +411,15 @@ def parse_args(argv=None) -> dict:
         else:
             kind = str if param.default is None else type(param.default)
             parser.add_argument("--" + name, type=kind, default=param.default, help=FLAG_HELP[name])
-    return vars(parser.parse_args(argv))
+    args = cli.parse(parser, argv)
+    cli.check([(args["workers"] < 0, "--workers must be >= 0 (0: every core)"),
+               (not args["bpe_sample_mb"] > 0, "--bpe_sample_mb must be > 0")])
+    return args
+
+
+def main(argv=None):
+    return cli.main("data.py", lambda a: prepare(**parse_args(a)) and 0, argv)
 
 
 if __name__ == "__main__":
-    try:
-        prepare(**parse_args())
-    except DataError as e:
-        print(f"data.py: {e}", file=sys.stderr)
-        sys.exit(2)   # bad input: one line, no traceback
+    sys.exit(main())

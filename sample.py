@@ -17,7 +17,7 @@ Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa h
 implementation the run trained with (that is the running script's choice, not the model's).
 """
 import codecs, json, os, sys, time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
