@@ -76,17 +76,22 @@ def read_pairs(path, tokenizer, val_frac):
     if not os.path.isfile(path):
         raise UsageError(f"--data {path} is not a file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise UsageError(f"{path}:{lineno} needs string fields prompt, chosen and rejected")
-            # encode_ordinary: the text's own "<|endoftext|>" is text, not our separator
-            pairs.append(dict(held_out=data.key_hash(line) < val_frac, **{k: tokenizer.encode_ordinary(rec[k]) for k in ("prompt", "chosen", "rejected")}))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:   # a binary file given by mistake: say so, not a codec traceback
+        raise UsageError(f"--data {path} is not UTF-8 text (byte {e.start}): give a JSONL file of pairs") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise UsageError(f"{path}:{lineno} needs string fields prompt, chosen and rejected")
+        # encode_ordinary: the text's own "<|endoftext|>" is text, not our separator
+        pairs.append(dict(held_out=data.key_hash(line + "\n") < val_frac,
+                          **{k: tokenizer.encode_ordinary(rec[k]) for k in ("prompt", "chosen", "rejected")}))
     cli.check([(not pairs, f"--data {path} holds no pairs")])
     return pairs

@@ -139,6 +139,8 @@ def hf_tokenizer(folder):
 def load(cfg, device, dtype):
     """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt."""
     ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
+    # the model file, then the weights: either layout; sdpa attention runs on every device
+    model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
     # the tokenizer: --tokenizer SPEC[@RANK_FILE] when given, else the checkpoint's own record
     if cfg.tokenizer:
         spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"
@@ -147,8 +149,6 @@ def load(cfg, device, dtype):
         enc = hf_tokenizer(cfg.hf)
     else:
         enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
-    # the model file, then the weights: either layout; sdpa attention runs on every device
-    model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
     if enc.n_vocab != model.config.vocab_size:   # a wrong tokenizer would index past the embedding or print noise
         raise UsageError(f"the tokenizer has {enc.n_vocab} tokens, the model {model.config.vocab_size}: wrong --tokenizer?")
     return model.eval(), enc

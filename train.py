@@ -123,6 +123,8 @@ def check_flags(cfg):
                (cfg.attn not in ATTN_IMPLS, f"--attn must be one of {', '.join(ATTN_IMPLS)}"),
                (sum(map(bool, (cfg.resume, cfg.init_from, cfg.upcycle_from))) > 1,
                 "give at most one of --resume, --init_from, --upcycle_from"),
+               (min(cfg.warmup_steps, cfg.decay_steps, cfg.decay_start) < -1,
+                "--warmup_steps, --decay_steps and --decay_start must be >= 0 (or -1: the default)"),
                (cfg.decay_only and not cfg.init_from, "--decay_only goes with --init_from")])
 
 
