@@ -19,15 +19,7 @@ of train.py or dpo.py starts from its weights), the tokenizer file, metrics.json
 rewards, margin, preference accuracy) and dpo.png. Exit codes: 0 done, 1 failed (NaN loss, disk),
 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after saving a checkpoint.
 """
-import copy
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import random
-import sys
-import time
+import copy, dataclasses, hashlib, json, math, os, random, sys, time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -90,26 +82,33 @@ RESUME_MAY_CHANGE = {"resume", "out_dir", "overwrite", "stop_at", "max_steps", "
 # ----------------------------------------------------------------------------- the DPO loss
 
 def sequence_logps(model, input_ids, labels):
-    """Sum of log p(labels[t] | input_ids[:t+1]) over positions where labels != -100 -> [B].
-    labels are aligned with input_ids the way model(idx, targets) takes them (shifted by one)."""
-    logits, _ = model(input_ids)
-    mask = labels != -100
+    """log pi(response | prompt) of each sequence: input_ids, labels [B, T] -> [B]."""
+    # Eq. 7 scores a whole response y given its prompt x: token log-probs are summed (a mean would be
+    # another objective), over response tokens only: labels are -100 on the prompt, given rather than
+    # chosen, and on the padding. labels[:, t] is the token after input_ids[:, t], as model(idx, targets).
+    logits, _ = model(input_ids)   # [B, T, vocab]
+    mask = labels != -100          # [B, T]
+    # fp32: a log-ratio is a small difference of two large sums, which bf16 would round away; clamp: -100 is no index
     logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     return (logps * mask).sum(dim=1)
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
-    """-> (mean loss, chosen rewards [B], rejected rewards [B]). Rafailov et al. Eq. 7 with
-    conservative label smoothing eps: loss = (1-eps) * -log sigmoid(beta d) + eps * -log sigmoid(-beta d),
-    d the margin of log-ratios. The rewards are the implicit ones, beta * (log pi - log ref), detached."""
-    margin = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+    """Summed log-probs [B] of each side -> (mean loss, chosen rewards [B], rejected rewards [B])."""
+    # Rafailov et al. Eq. 7, as MiniCPM's chat models were aligned (§7.1): loss = -log sigmoid(beta d), d the margin
+    # of log-ratios log(pi / pi_ref), chosen minus rejected. The reference terms are the KL anchor of the RLHF
+    # objective (Eq. 3): the policy gains only by preferring chosen over rejected *more than the reference did*.
+    margin = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)   # [B]
+    # conservative DPO: a label is flipped with probability eps, so the flipped label's loss is mixed in; then
+    # the optimum is a finite margin (sigmoid(beta d) = 1 - eps) instead of d -> infinity. eps = 0 is Eq. 7.
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    # the implicit rewards beta * log(pi / pi_ref) (Rafailov et al. §4, from Eq. 5): logged, never trained on
     return losses.mean(), beta * (pol_chosen - ref_chosen).detach(), beta * (pol_rejected - ref_rejected).detach()
 
 
 def pair_metrics(loss, chosen_r, rejected_r):
     # a tie (policy == reference at step 0) counts as half right: accuracy starts at chance, 0.5
-    acc = (chosen_r > rejected_r).float() + 0.5 * (chosen_r == rejected_r).float()
+    acc = (chosen_r > rejected_r).float() + 0.5 * (chosen_r == rejected_r).float()   # [B]
     return dict(loss=loss.item(), reward_chosen=chosen_r.mean().item(), reward_rejected=rejected_r.mean().item(),
                 margin=(chosen_r - rejected_r).mean().item(), accuracy=acc.mean().item())
 
@@ -118,24 +117,26 @@ def pair_metrics(loss, chosen_r, rejected_r):
 
 def check_flags(cfg, explicit):
     """Every flag's range, before anything is read or written."""
+    # checked together: one line on stderr names every bad flag (exit 2), and no folder is half-written
     cli.check([(min(cfg.batch_size, cfg.eval_interval, cfg.eval_pairs, cfg.ckpt_interval, cfg.epochs, cfg.max_len) < 1,
                 "--batch_size, --eval_interval, --eval_pairs, --ckpt_interval, --epochs and --max_len must be >= 1"),
                (cfg.max_steps == 0 or cfg.max_steps < -1, f"--max_steps must be >= 1, or -1 for all of --epochs (got {cfg.max_steps})"),
                (cfg.stop_at == 0 or cfg.stop_at < -1, f"--stop_at must be >= 1, or -1 for no stop (got {cfg.stop_at})"),
                (not cfg.beta > 0, f"--beta must be > 0 (got {cfg.beta}): it scales the log-ratios (Rafailov et al. Eq. 7)"),
+               # eps = 0.5 makes both labels equally likely: the loss would no longer prefer either side
                (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing})"),
                (not 0 < cfg.val_frac < 1, f"--val_frac must be in (0, 1) (got {cfg.val_frac})"),
                (not cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
                (min(cfg.weight_decay, cfg.grad_clip) < 0, "--weight_decay and --grad_clip must be >= 0"),
                (cfg.warmup_steps < -1, "--warmup_steps must be >= 0, or -1 for the default"),
                (cfg.schedule not in wsd.SCHEDULES, f"--schedule must be one of {', '.join(wsd.SCHEDULES)}"),
-               ({"init_from", "hf"} <= explicit.keys(), "give --init_from or --hf, not both")])
+               ({"init_from", "hf"} <= explicit.keys(), "give --init_from or --hf, not both")])   # both: which one is the reference?
 
 
 def resolve(argv):
-    """-> (the run's config, the resumed checkpoint or None, the starting checkpoint or None). Defaults
-    are left out of the parse, so that a resume, which takes the saved flags, can tell a flag the user
-    changed from one left alone: it changes only RESUME_MAY_CHANGE."""
+    """argv -> (the run's config, the resumed checkpoint or None, the starting checkpoint or None)."""
+    # defaults are left out of the parse, so that a resume, which takes the saved flags, can tell a flag
+    # the user changed from one left alone: it may change only RESUME_MAY_CHANGE
     p = cli.parser(__doc__)
     cli.add_flags(p, DPOConfig, suppress=True)
     explicit = cli.parse(p, argv)
@@ -143,8 +144,9 @@ def resolve(argv):
     check_flags(cfg, explicit)
     if not cfg.resume:   # any kind of checkpoint can start a run: DPO on top of DPO is fine-tuning further
         return cfg, None, None if cfg.hf else checkpoint.load(cfg.init_from)
-    resumed = checkpoint.load(cfg.resume, kind="dpo")
+    resumed = checkpoint.load(cfg.resume, kind="dpo")   # only a dpo.py run has the state to continue
     saved = DPOConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(DPOConfig)}})
+    # a changed beta, lr or data would silently make a different run out of the saved one: refused
     differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
               if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
     cli.check([(bool(differ), "cannot resume with a different configuration: " + "; ".join(differ))])
@@ -155,8 +157,8 @@ def resolve(argv):
 
 
 def check_out_dir(cfg, resumed, source):
-    """A new run never replaces an existing one by accident (checkpoint.py's rule, as in train.py),
-    nor writes over its own starting model, which a resume rebuilds as the frozen reference."""
+    """A new run never replaces an existing one by accident (checkpoint.py's rule, as in train.py)."""
+    # nor writes over its own starting model: a resume rebuilds the frozen reference from that file
     same = source and os.path.abspath(cfg.out_dir) == os.path.dirname(os.path.abspath(source["path"]))
     cli.check([(same, f"--init_from and --out_dir are the same folder ({cfg.out_dir}): the run would "
                 "overwrite its own reference model; choose another --out_dir")])
@@ -168,33 +170,34 @@ def check_out_dir(cfg, resumed, source):
 def fingerprint(model):
     """sha256 of the weights: a resume checks that the reference it rebuilds is the one it began with."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.state_dict().items()):   # raw bytes, on the CPU: the same hash on any device
         h.update(name.encode() + t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def load_models(cfg, resumed, source, device):
-    """-> (policy, frozen reference, where the reference comes from). pi_ref is the model DPO starts
-    from (Rafailov et al. §4); the checkpoint stores its source and fingerprint, not a second copy
-    of the weights, and a resume rebuilds it from there. The attention is sdpa whatever a checkpoint
-    trained with (checkpoint.load drops an old saved attn_impl): a runtime choice, not architecture."""
+    """-> (policy, frozen reference, where the reference comes from)."""
+    # pi_ref is the model DPO starts from (Rafailov et al. §4), frozen: it anchors the KL term; a reference
+    # that trained along would keep every log-ratio near 0, and nothing would hold the policy near what it
+    # knew. Checkpoints store its source and fingerprint, not a second copy of the weights. Attention is sdpa
+    # whatever a checkpoint trained with (checkpoint.load drops a saved attn_impl): a runtime choice.
     if resumed:
         policy, where = checkpoint.build_model(resumed, device, attn_impl="sdpa"), resumed["reference"]
         reference = (checkpoint.load_hf(where["hf"], device, attn_impl="sdpa") if where["hf"] else
                      checkpoint.build_model(checkpoint.load(where["ckpt"]), device, attn_impl="sdpa"))
+        # another reference would change every log-ratio: the run would not continue, it would restart
         cli.check([(fingerprint(reference) != where["fingerprint"], f"the reference model {where['hf'] or where['ckpt']} "
                     "has changed since this run started: restore it to resume this run exactly")])
     else:
         policy = checkpoint.load_hf(cfg.hf, device, attn_impl="sdpa") if cfg.hf else checkpoint.build_model(source, device, attn_impl="sdpa")
-        reference = copy.deepcopy(policy)
-        where = dict(hf=cfg.hf and os.path.abspath(cfg.hf), ckpt=source and os.path.abspath(source["path"]),
-                     fingerprint=fingerprint(reference))
-    return policy, reference.eval().requires_grad_(False), where
+        reference = copy.deepcopy(policy)   # at step 0 policy == reference: loss ln 2 exactly
+        where = dict(hf=cfg.hf and os.path.abspath(cfg.hf), ckpt=source and os.path.abspath(source["path"]), fingerprint=fingerprint(reference))
+    return policy, reference.eval().requires_grad_(False), where   # no gradients, no optimizer state
 
 
 def load_tokenizer(cfg, ckpt, model):
-    """-> (tiktoken Encoding, the tokenizer record for our checkpoint, the rank file's path or None).
-    From a checkpoint its own record; from --hf the flags, else the folder's tokenizer_record.json."""
+    """-> (tiktoken Encoding, the tokenizer record for our checkpoint, the rank file's path or None)."""
+    # from a checkpoint its own record; from --hf the flags, else the folder's tokenizer_record.json
     if ckpt:
         spec, rank_file = ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt)
     else:
@@ -212,12 +215,12 @@ def load_tokenizer(cfg, ckpt, model):
 
 
 def default_dataset(cfg, source):
-    """The data.py folder of the default task: --dataset, else the one a dpo.py checkpoint names,
-    else the starting run's own training data (its validation split, never trained on)."""
+    """The data.py folder of the default task: --dataset, a dpo.py checkpoint's, or the start's own."""
+    # its validation split was never trained on: the policy cannot know the chosen continuations by heart
     run_cfg = (source or {}).get("config", {})
     if cfg.dataset or run_cfg.get("dataset"):
         return cfg.dataset or run_cfg["dataset"]
-    if "source" not in run_cfg:
+    if "source" not in run_cfg:   # e.g. --hf: no record of its corpus
         raise UsageError("the starting model does not say what it was trained on: pass --dataset or --data")
     return str(data.prepare(run_cfg["source"], run_cfg["tokenizer"], run_cfg["data_dir"], quiet=True))
 
@@ -229,12 +232,13 @@ def load_pairs(cfg, source, enc):
         pairs = preference.read_pairs(cfg.data, enc, cfg.val_frac)
     else:
         meta = data.load_meta(folder)
+        # ids of another tokenizer would be valid numbers meaning other text: the task would be noise
         cli.check([(meta["eot_id"] != enc.eot_token or meta["vocab_size"] != enc.n_vocab,
                     f"{folder} was tokenized with {meta['tokenizer']}, not the model's tokenizer: pass --dataset or --data")])
         tokens = np.asarray(data.open_tokens(os.path.join(folder, "val.bin")))
         pairs = preference.build_default_pairs(tokens, enc.eot_token, cfg.val_frac, seed=cfg.seed)
     train_pairs = [p for p in pairs if not p["held_out"]]
-    val_pairs = [p for p in pairs if p["held_out"]][:cfg.eval_pairs]
+    val_pairs = [p for p in pairs if p["held_out"]][:cfg.eval_pairs]   # the first ones: the same set at every eval
     cli.check([(not train_pairs or not val_pairs, f"{len(pairs)} pairs give {len(train_pairs)} to train on and "
                 f"{len(val_pairs)} held out: need some of each (change --val_frac or add pairs)")])
     return train_pairs, val_pairs, folder
@@ -261,7 +265,7 @@ def build_run(cfg, resumed, source, device, dtype):
         autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
         lr_at=wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=total, warmup=cfg.warmup_steps), total=total,
         train_pairs=train_pairs, val_pairs=val_pairs, pairs_digest=digest.hexdigest(),
-        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,
+        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,   # eot: bos and padding
         rng=random.Random(cfg.seed), order=[], log=metrics.MetricsLog(cfg.out_dir), last_ckpt=None)
     if resumed:
         restore(run, resumed)
@@ -269,16 +273,16 @@ def build_run(cfg, resumed, source, device, dtype):
 
 
 def restore(run, resumed):
-    """Exactly where the saved run stopped: weights (already loaded), optimizer moments, scaler,
-    RNG states, the rest of the epoch's batch order, the step."""
+    """Exactly where the saved run stopped: optimizer, scaler, RNG states, batch order, step."""
+    # bitwise the weights of an unstopped run need all of it: fresh Adam moments would jolt the policy, and a
+    # new batch order would show some pairs twice and others never; the same pairs too (their digest)
     last = min(run.total, run.cfg.stop_at) if run.cfg.stop_at > 0 else run.total
     cli.check([(resumed["pairs_digest"] != run.pairs_digest, "the preference pairs differ from the ones this run "
                 f"started with ({run.cfg.data or run.cfg.dataset} changed?): a resume needs the same data"),
                (resumed["step"] >= last, f"{resumed['path']} is at step {resumed['step']}, the end of its "
                 f"{run.total} steps (or --stop_at): give a larger --max_steps to train on")])
     run.optimizer.load_state_dict(resumed["optimizer"])
-    if resumed["scaler"]:
-        run.scaler.load_state_dict(resumed["scaler"])
+    if resumed["scaler"]: run.scaler.load_state_dict(resumed["scaler"])   # {} when the saved run was not fp16
     torch.set_rng_state(resumed["rng"])
     run.rng.setstate(resumed["order_rng"])
     run.order, run.step, run.tokens, run.last_ckpt = list(resumed["order"]), resumed["step"], resumed["tokens"], resumed["path"]
@@ -288,10 +292,11 @@ def prepare_out_dir(run, resumed):
     """Only now, with configuration, models and pairs known good, is the output folder written."""
     cfg = run.cfg
     os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint.remove_stale_temps(cfg.out_dir)
+    checkpoint.remove_stale_temps(cfg.out_dir)   # leftovers of a writer killed mid-save
     dest = os.path.join(cfg.out_dir, run.record["rank_file"] or "")
     if run.rank_file and os.path.abspath(run.rank_file) != os.path.abspath(dest):   # the folder is self-contained
         checkpoint.atomic_write(dest, lambda f: f.write(open(run.rank_file, "rb").read()))
+    # a resume into another folder starts its metrics from the old folder's, up to the resumed step
     run.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
 
 
@@ -309,13 +314,13 @@ def save(run):
 def forward(run, batch, with_grad):
     """-> ((loss, chosen rewards, rejected rewards), response tokens scored) for a list of pairs."""
     # padding is never scored nor attended to (causal, on the right), so any id will do
-    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.eot_id))
+    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.eot_id))   # [2B, T]
     with run.autocast:
-        with torch.no_grad():
-            ref = sequence_logps(run.reference, ids, labels)
+        with torch.no_grad():   # the frozen reference: no graph kept, no gradient
+            ref = sequence_logps(run.reference, ids, labels)   # [2B]
         with nullcontext() if with_grad else torch.no_grad():
-            pol = sequence_logps(run.policy, ids, labels)
-    B = len(batch)   # chosen first, then rejected (collate)
+            pol = sequence_logps(run.policy, ids, labels)      # [2B]
+    B = len(batch)   # chosen first, then rejected (collate): one forward pass per model scores both sides
     return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], run.cfg.beta, run.cfg.label_smoothing), int((labels != -100).sum())
 
 
@@ -326,14 +331,15 @@ def evaluate(run):
     B, pairs = run.cfg.batch_size, run.val_pairs
     results = [forward(run, pairs[i:i + B], False)[0] for i in range(0, len(pairs), B)]
     run.policy.train()
+    # each batch's mean loss weighted by its size: the last batch may be short
     loss = torch.stack([r[0] * len(r[1]) for r in results]).sum() / len(pairs)
     m = pair_metrics(loss, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]))
     return {"eval_" + k: v for k, v in m.items()}
 
 
 def next_batch(run):
-    """The next batch_size training pairs: a fresh shuffle per epoch, from a random.Random whose state,
-    like the rest of the epoch's order, the checkpoint keeps, so a resume draws the same batches."""
+    """The next batch_size training pairs: a fresh shuffle at each epoch."""
+    # run.rng and the rest of the epoch's order are in the checkpoint, so a resume draws the same batches
     if not run.order:
         run.order = list(range(len(run.train_pairs)))
         run.rng.shuffle(run.order)
@@ -342,16 +348,15 @@ def next_batch(run):
 
 
 def train_step(run, lr):
-    """One optimizer step -> (row of metrics, response tokens); for a non-finite loss (row, None),
-    returned before the update, so the weights and the last checkpoint stay good."""
+    """One optimizer step -> (row of metrics, response tokens); (row, None) for a non-finite loss."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]              # muP: matrices lr / m
     (loss, chosen_r, rejected_r), n_tokens = forward(run, next_batch(run), True)
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss):   # returned before the update: the weights and the last checkpoint stay good
         return dict(loss=loss.item()), None
     run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.cfg.grad_clip or math.inf)
+    run.scaler.unscale_(run.optimizer)   # the clip must see the true gradient norm, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.cfg.grad_clip or math.inf)   # inf: measure only
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -362,14 +367,15 @@ def train(run):
     """The loop: step, log, evaluate, checkpoint, until the end (or --stop_at, or a signal). -> exit code."""
     from tqdm import tqdm
     cfg, t0 = run.cfg, time.time()
+    # --stop_at ends this process early, but the schedule stays that of the whole run (run.total)
     last = min(run.total, cfg.stop_at) if cfg.stop_at > 0 else run.total
     if run.step == 0:   # policy = reference: loss ln 2, accuracy 0.5, the baseline of the plot
         run.log(dict(step=0, tokens=0, **evaluate(run)))
     bar = tqdm(total=last, initial=run.step, desc="dpo", unit="step", dynamic_ncols=True)
-    with cli.StopSignals() as stop:
+    with cli.StopSignals() as stop:   # Ctrl-C / SIGTERM finish the step and save, never leave half a state
         while run.step < last:
             row, n_tokens = train_step(run, run.lr_at(run.step))
-            if n_tokens is None:
+            if n_tokens is None:   # NaN/inf: stop with exit 1 rather than train on garbage
                 bar.close()
                 print(f"dpo.py: the DPO loss is {row['loss']} at step {run.step}; stopping. Last good checkpoint: "
                       f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr, then --resume from it.", file=sys.stderr)
@@ -381,20 +387,20 @@ def train(run):
                 bar.write(f"step {run.step}: held-out loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.3f}, "
                           f"margin {row['eval_margin']:.3f}")
             run.log(row)
-            if "eval_loss" in row:
+            if "eval_loss" in row:   # the plot is redrawn at every evaluation, so a stopped run still has one
                 plot(run)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
             bar.update(1)
             if run.step % cfg.ckpt_interval == 0 or run.step == last or stop.signal:
                 save(run)
-            if stop.signal:
+            if stop.signal:   # exit 130/143 after the checkpoint: --resume continues exactly from here
                 bar.close()
                 print(f"\nstopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
                       f"Continue with --resume {cfg.out_dir}")
                 return stop.exit_code
     bar.close()
     plot(run)
-    evals = [r for r in run.log.rows() if "eval_accuracy" in r]
+    evals = [r for r in run.log.rows() if "eval_accuracy" in r]   # from step 0: a resume keeps the old history
     print(f"done in {time.time() - t0:.0f} s, step {run.step} of {run.total}: held-out accuracy "
           f"{evals[0]['eval_accuracy']:.3f} -> {evals[-1]['eval_accuracy']:.3f}, margin {evals[0]['eval_margin']:.3f} -> "
           f"{evals[-1]['eval_margin']:.3f}; {run.last_ckpt}, metrics.jsonl and dpo.png in {cfg.out_dir}")
@@ -413,6 +419,7 @@ def plot(run):
 # ----------------------------------------------------------------------------- command line
 
 def run(argv):
+    # every check (flags, folders, models, pairs) comes before the first write: bad input leaves nothing behind
     cfg, resumed, source = resolve(argv)
     device = cli.pick_device(cfg.device)
     dtype = cli.pick_dtype(cfg.dtype, device)
@@ -426,7 +433,7 @@ def run(argv):
 
 
 def main(argv=None):
-    return cli.main("dpo.py", run, argv)
+    return cli.main("dpo.py", run, argv)   # UsageError -> one line on stderr, exit 2
 
 
 if __name__ == "__main__":
