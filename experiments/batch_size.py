@@ -39,10 +39,12 @@ PAPER_A, PAPER_B = 1.21e9, 6.24    # §3.2, Figure 2: bs (tokens) = 1.21e9 / L^6
 # text and MiniCPM's tokenizer has 122,753 tokens, so we assume 4 bytes per token (a GPT-2-like
 # tokenizer on web text gives ~4.2-4.5). The exponent b does not depend on this; only a does.
 PAPER_BYTES_PER_TOKEN = 4.0
-# CPU default: two sizes (2 layers at d 64; 3 layers at d 128; head dim 16), batches of 4-64
-# windows of 64 tokens (256-4096 tokens), 2.4M tokens per run (~15 and ~45 tokens per parameter).
-FULL = dict(sizes=dict(S=(2, 64), M=(3, 128)), head_dim=16, seq_len=64, batches=(4, 8, 16, 32, 64),
-            tokens=2_400_000, warmup_frac=0.02, smooth_frac=0.02, levels=14, eval_tokens=65536, workers=None)
+# CPU default: two sizes (2 layers at d 64; 3 layers at d 128; head dim 16), batches of 8-256
+# windows of 64 tokens (512-16384 tokens), 2.4M tokens per run (~22 and ~4 tokens per parameter).
+# A first run with batches of 256-4096 tokens found 1K-4K equally good at every level (the optimum
+# at or past the grid's top) and 256-512 clearly worse, so the grid was moved up by a factor 2-4.
+FULL = dict(sizes=dict(S=(2, 64), M=(3, 128)), head_dim=16, seq_len=64, batches=(8, 16, 32, 64, 128, 256),
+            tokens=2_400_000, warmup_frac=0.02, smooth_frac=0.04, levels=14, eval_tokens=65536, workers=None)
 QUICK = dict(FULL, sizes=dict(S=(1, 32), M=(1, 64)), head_dim=16, seq_len=32, batches=(2, 4, 8, 16, 32),
              tokens=40_000, levels=6, eval_tokens=2048)
 GPU = dict(FULL, sizes=dict(S=(4, 256), M=(8, 512)), head_dim=64, seq_len=256, batches=(8, 16, 32, 64, 128, 256),
@@ -120,17 +122,22 @@ def tokens_to_reach(grid, curve, level):
     return float(t0 + (t1 - t0) * (l0 - level) / (l0 - l1))
 
 
-def optimum(batches, tokens):
-    """The batch needing the fewest tokens: the parabola in (log2 batch, log tokens) through the best
-    batch and its neighbours. -> (batch, on_edge); on_edge when the best is the smallest or largest."""
+def optimum(batches, tokens, half_width=2):
+    """The batch needing the fewest tokens: a least-squares parabola in (log2 batch, log tokens) over
+    the best batch and up to half_width neighbours each side (more points than 3 average out some of
+    the noise of the smoothed curves). -> (batch, on_edge); on_edge when the best batch is the
+    smallest or largest reached, or the parabola's vertex falls outside the fitted points."""
     tokens = [t if math.isfinite(t) else math.inf for t in tokens]
     i = int(np.argmin(tokens))
     if i in (0, len(batches) - 1) or not math.isfinite(tokens[i - 1] + tokens[i + 1]):
         return float(batches[i]), True
-    x = np.log2(np.array(batches[i - 1:i + 2], dtype=float))
-    y = np.log(np.array(tokens[i - 1:i + 2]))
-    c2, c1, _ = np.polyfit(x, y, 2)
-    return float(2.0 ** (-c1 / (2 * c2))), False
+    window = [j for j in range(i - half_width, i + half_width + 1) if 0 <= j < len(batches) and math.isfinite(tokens[j])]
+    x = np.log2(np.array([batches[j] for j in window], dtype=float))
+    c2, c1, _ = np.polyfit(x, np.log([tokens[j] for j in window]), 2)
+    vertex = -c1 / (2 * c2) if c2 > 0 else math.nan
+    if not x[0] <= vertex <= x[-1]:
+        return float(batches[i]), True
+    return float(2.0 ** vertex), False
 
 
 def fit_law(points):
