@@ -61,6 +61,7 @@ def parse_args(argv):
     p.add_argument("--tokenizer", default="byte", help="byte: tokens are bytes, so nats/token = bits/byte x ln 2")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--reanalyse", action="store_true", help="no training: analyse the runs already in --out")
     return p.parse_args(argv)
 
 
@@ -70,8 +71,8 @@ def eval_flags(setup, batch):
     return ["--eval_batches", max(1, setup["eval_tokens"] // (batch * setup["seq_len"]))]
 
 
-def run_all(args, setup, runs_dir):
-    """Train every (size, batch) -> {(size, batch tokens): metrics rows}."""
+def run_all(args, setup, runs_dir, train=True):
+    """Train every (size, batch) (unless not train) -> {(size, batch tokens): metrics rows}."""
     jobs, keys = [], []
     for name, (n_layer, width) in setup["sizes"].items():
         heads = width // setup["head_dim"]
@@ -90,7 +91,8 @@ def run_all(args, setup, runs_dir):
             keys.append((name, bt, steps))
     # slowest first (the bigger model, then the small batches with the most steps)
     order = sorted(range(len(jobs)), key=lambda i: (-setup["sizes"][keys[i][0]][1], keys[i][1]))
-    run_parallel([jobs[i] for i in order], workers=setup["workers"])
+    if train:
+        run_parallel([jobs[i] for i in order], workers=setup["workers"])
     runs = {}
     for name, bt, steps in keys:
         (runs_dir / f"{name}_bs{bt}" / "ckpt.pt").unlink(missing_ok=True)
@@ -175,7 +177,20 @@ def analyse(runs, setup):
     return grid, curves, table, optima
 
 
-def plot(grid, curves, optima, law, setup, path):
+def final_optima(runs, setup):
+    """Per size, the batch whose run ends lowest (final validation bits per byte; a 3-point parabola
+    in log2 batch): the optimum for the whole budget, where each cosine run has finished its decay.
+    -> [(size, best final bpb, batch, on_edge)]."""
+    out = []
+    for name in setup["sizes"]:
+        batches = sorted(bt for n, bt in runs if n == name)
+        final = [[r["val_bpb"] for r in runs[name, bt] if "val_bpb" in r][-1] for bt in batches]
+        bs, edge = optimum(batches, final, half_width=1)
+        out.append((name, min(final), bs, edge))
+    return out
+
+
+def plot(grid, curves, optima, law, finals, setup, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,6 +213,8 @@ def plot(grid, curves, optima, law, setup, path):
         pts = [(bpb(L), bs, edge) for n, L, bs, _, edge in optima if n == name]
         ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o", color=f"C{i}", label=f"{name} optimum")
         ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "x", color=f"C{i}", label=f"{name} at the grid's edge")
+    for i, (name, L, bs, edge) in enumerate(finals):
+        ax.plot([L], [bs], "*", ms=14, color=f"C{i}", mec="k", label=f"{name}: best batch for the whole run (final val bpb)")
     xs = np.geomspace(min(bpb(o[1]) for o in optima), max(bpb(o[1]) for o in optima), 50)
     if law:
         ax.plot(xs, law[0] / xs**law[1], "k-", label=f"fit: bs = {law[0]:.3g} / L^{law[1]:.2f}")
@@ -222,7 +239,7 @@ def write_csvs(table, optima, out):
         w.writerows([n, repr(L), repr(L / math.log(2)), repr(bs), repr(t), edge] for n, L, bs, t, edge in optima)
 
 
-def summary(runs, optima, law, setup):
+def summary(runs, optima, law, finals, setup):
     lines = ["| size | " + " | ".join(f"batch {bt}" for bt in sorted({bt for _, bt in runs})) + " |",
              "|---|" + "---|" * len({bt for _, bt in runs})]
     for name in setup["sizes"]:   # the final validation loss of every run, bits per byte
@@ -231,6 +248,17 @@ def summary(runs, optima, law, setup):
         lines.append(f"| {name} final val bpb | " + " | ".join(cells) + " |")
     lines += ["", "| size | level (bpb) | optimal batch (tokens) | edge |", "|---|---|---|---|"]
     lines += [f"| {n} | {L / math.log(2):.3f} | {bs:.0f} | {'yes' if edge else ''} |" for n, L, bs, _, edge in optima]
+    lines.append("")
+    for name, L, bs, edge in finals:
+        lines.append(f"{name}: the whole run's best batch {bs:.0f} tokens{' (edge)' if edge else ''}, final val {L:.4f} bpb")
+    if len(finals) >= 2 and not any(f[3] for f in finals):   # across sizes, as the paper's law is
+        a, b = fit_law([(L, bs) for _, L, bs, _ in finals])
+        lines.append(f"across sizes, from the whole runs' optima: bs = {a:.4g} / L^{b:.3f}")
+    for name in setup["sizes"]:   # each size alone, to see whether the sizes agree
+        pts = [(L / math.log(2), bs) for n, L, bs, _, edge in optima if n == name and not edge]
+        if len(pts) >= 2:
+            a, b = fit_law(pts)
+            lines.append(f"{name} alone ({len(pts)} interior optima): bs = {a:.4g} / L^{b:.3f}")
     if law:
         lines += ["", f"fit over interior optima: bs = {law[0]:.4g} / L^{law[1]:.3f}  (L in bits per byte, bs in bytes)",
                   f"paper (§3.2): bs = 1.21e9 / L^6.24 (nats/token, tokens) = {paper_law_bytes(1.0):.4g} / L^6.24 "
@@ -243,15 +271,17 @@ def main(argv=None):
     setup = QUICK if args.quick else SCALES[args.scale]
     out = pathlib.Path(args.out)
     runs_dir = out / "batch_size_runs"
-    shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
+    if not args.reanalyse:
+        shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
     t0 = time.time()
-    runs = run_all(args, setup, runs_dir)
+    runs = run_all(args, setup, runs_dir, train=not args.reanalyse)
     grid, curves, table, optima = analyse(runs, setup)
     interior = [(L / math.log(2), bs) for _, L, bs, _, edge in optima if not edge]
     law = fit_law(interior) if len({round(L, 6) for L, _ in interior}) >= 2 else None
+    finals = final_optima(runs, setup)
     write_csvs(table, optima, out)
-    plot(grid, curves, optima, law, setup, out / "batch_size.png")
-    print(f"\n{len(runs)} runs, {time.time() - t0:.0f} s in all.\n{summary(runs, optima, law, setup)}")
+    plot(grid, curves, optima, law, finals, setup, out / "batch_size.png")
+    print(f"\n{len(runs)} runs, {time.time() - t0:.0f} s in all.\n{summary(runs, optima, law, finals, setup)}")
     print(f"\nwrote {out / 'batch_size.png'}, {out / 'batch_size.csv'}, {out / 'batch_size_optimum.csv'}, runs in {runs_dir}")
     return 0
 

@@ -159,4 +159,4 @@ def test_batch_size_quick(repo_root, tmp_path):
     for r in optima:   # the optimum needs the fewest tokens of the batches at that level
         reach = [float(t["tokens_to_reach"]) for t in table if (t["size"], t["level_nats"]) == (r["size"], r["level_nats"])]
         assert float(r["tokens"]) == min(reach)
-    assert "final val bpb" in stdout
+    assert "final val bpb" in stdout and stdout.count("the whole run's best batch") == 2
