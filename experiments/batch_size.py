@@ -273,6 +273,9 @@ def main(argv=None):
     runs_dir = out / "batch_size_runs"
     if not args.reanalyse:
         shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
+        # prepare the data here: workers of a pool are daemons and cannot start data.py's own pool
+        import data
+        data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
     t0 = time.time()
     runs = run_all(args, setup, runs_dir, train=not args.reanalyse)
     grid, curves, table, optima = analyse(runs, setup)

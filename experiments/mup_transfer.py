@@ -275,7 +275,8 @@ def main(argv=None):
     shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    coord_rows = run_coord_check(args, setup)
+    coord_rows = run_coord_check(args, setup)   # (first: it prepares the data in this process, which
+    # the pool's workers cannot do: they are daemons, and data.py tokenizes with a pool of its own)
     print(f"coordinate check: {time.time() - t0:.0f} s", flush=True)
     # seed 1: the whole grid; further seeds: a window of the grid around seed 1's best lr
     first = [(arm, w, k, args.seeds[0]) for arm in ARMS for w in setup["widths"] for k in setup["lr_exps"][arm]]
