@@ -177,14 +177,16 @@ def analyse(runs, setup):
     return grid, curves, table, optima
 
 
-def final_optima(runs, setup):
-    """Per size, the batch whose run ends lowest (final validation bits per byte; a 3-point parabola
-    in log2 batch): the optimum for the whole budget, where each cosine run has finished its decay.
-    -> [(size, best final bpb, batch, on_edge)]."""
+def final_optima(curves, setup):
+    """Per size, the batch whose run ends lowest: the smoothed training loss over the last window (in
+    bits per byte), a 3-point parabola in log2 batch. This is the optimum for the whole budget, where
+    each cosine run has finished its decay. (Not the final validation loss: with --eval_batches the
+    validation windows depend on the batch shape, so each batch size is scored on a different set.)
+    -> [(size, best final loss in bpb, batch, on_edge)]."""
     out = []
     for name in setup["sizes"]:
-        batches = sorted(bt for n, bt in runs if n == name)
-        final = [[r["val_bpb"] for r in runs[name, bt] if "val_bpb" in r][-1] for bt in batches]
+        batches = sorted(bt for n, bt in curves if n == name)
+        final = [curves[name, bt][-1] / math.log(2) for bt in batches]
         bs, edge = optimum(batches, final, half_width=1)
         out.append((name, min(final), bs, edge))
     return out
@@ -214,7 +216,7 @@ def plot(grid, curves, optima, law, finals, setup, path):
         ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o", color=f"C{i}", label=f"{name} optimum")
         ax.plot([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "x", color=f"C{i}", label=f"{name} at the grid's edge")
     for i, (name, L, bs, edge) in enumerate(finals):
-        ax.plot([L], [bs], "*", ms=14, color=f"C{i}", mec="k", label=f"{name}: best batch for the whole run (final val bpb)")
+        ax.plot([L], [bs], "*", ms=14, color=f"C{i}", mec="k", label=f"{name}: best batch for the whole run (final training loss)")
     xs = np.geomspace(min(bpb(o[1]) for o in optima), max(bpb(o[1]) for o in optima), 50)
     if law:
         ax.plot(xs, law[0] / xs**law[1], "k-", label=f"fit: bs = {law[0]:.3g} / L^{law[1]:.2f}")
@@ -242,7 +244,7 @@ def write_csvs(table, optima, out):
 def summary(runs, optima, law, finals, setup):
     lines = ["| size | " + " | ".join(f"batch {bt}" for bt in sorted({bt for _, bt in runs})) + " |",
              "|---|" + "---|" * len({bt for _, bt in runs})]
-    for name in setup["sizes"]:   # the final validation loss of every run, bits per byte
+    for name in setup["sizes"]:   # the final validation loss of every run (each batch size its own set)
         cells = [f"{[r['val_bpb'] for r in runs[name, bt] if 'val_bpb' in r][-1]:.4f}"
                  for bt in sorted(bt for n, bt in runs if n == name)]
         lines.append(f"| {name} final val bpb | " + " | ".join(cells) + " |")
@@ -250,7 +252,8 @@ def summary(runs, optima, law, finals, setup):
     lines += [f"| {n} | {L / math.log(2):.3f} | {bs:.0f} | {'yes' if edge else ''} |" for n, L, bs, _, edge in optima]
     lines.append("")
     for name, L, bs, edge in finals:
-        lines.append(f"{name}: the whole run's best batch {bs:.0f} tokens{' (edge)' if edge else ''}, final val {L:.4f} bpb")
+        lines.append(f"{name}: the whole run's best batch {bs:.0f} tokens{' (edge)' if edge else ''}, "
+                     f"final training loss {L:.4f} bpb")
     if len(finals) >= 2 and not any(f[3] for f in finals):   # across sizes, as the paper's law is
         a, b = fit_law([(L, bs) for _, L, bs, _ in finals])
         lines.append(f"across sizes, from the whole runs' optima: bs = {a:.4g} / L^{b:.3f}")
@@ -281,7 +284,7 @@ def main(argv=None):
     grid, curves, table, optima = analyse(runs, setup)
     interior = [(L / math.log(2), bs) for _, L, bs, _, edge in optima if not edge]
     law = fit_law(interior) if len({round(L, 6) for L, _ in interior}) >= 2 else None
-    finals = final_optima(runs, setup)
+    finals = final_optima(curves, setup)
     write_csvs(table, optima, out)
     plot(grid, curves, optima, law, finals, setup, out / "batch_size.png")
     print(f"\n{len(runs)} runs, {time.time() - t0:.0f} s in all.\n{summary(runs, optima, law, finals, setup)}")
