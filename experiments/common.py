@@ -45,17 +45,27 @@ def _run_job(job):
     return [str(run_dir) for _, run_dir in job]
 
 
-def run_parallel(jobs, workers=None):
+def _try_job(job):
+    """_run_job, but a failed run gives None instead of stopping the pool (an lr sweep's diverged runs)."""
+    try:
+        return _run_job(job)
+    except RunFailed:
+        return None
+
+
+def run_parallel(jobs, workers=None, allow_failures=False):
     """Run independent jobs in `workers` processes (default: the CPU count), one torch thread each.
     Each job is a list of (argv, run_dir) steps that run in order. Returns when all are done; the
-    first failure stops the pool and raises RunFailed."""
+    first failure stops the pool and raises RunFailed, unless allow_failures: then a failed job's
+    result is None (its log.txt says why) and the others go on."""
     jobs = [list(job) for job in jobs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    run = _try_job if allow_failures else _run_job
     if workers == 1:   # no pool: simpler tracebacks, and the caller's thread setting is kept
-        return [_run_job(job) for job in jobs]
+        return [run(job) for job in jobs]
     # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
-        return pool.map(_run_job, jobs, chunksize=1)
+        return pool.map(run, jobs, chunksize=1)
 
 
 def read_metrics(run_dir):
