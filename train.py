@@ -91,7 +91,8 @@ class TrainConfig:
 # the length of the schedule (a WSD decay branched from a stable checkpoint changes exactly that).
 RESUME_MAY_CHANGE = {"out_dir", "resume", "stop_at", "device", "compile", "attn", "grad_ckpt", "dry_run",
                      "dry_run_gpus", "bench", "eval_interval", "eval_batches", "log_interval", "ckpt_interval",
-                     "max_steps", "decay_steps", "decay_start", "inject_nan_at"}
+                     "max_steps", "decay_steps", "decay_start", "inject_nan_at",
+                     "decay_shape", "final_lr_frac"}   # issue 13: a branch may pick its decay's shape and end
 MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name not in ("vocab_size", "attn_impl")]
 MODEL_HELP = dict(n_layer="decoder layers", n_embd="model width d", n_head="query heads",
                   n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",

@@ -53,15 +53,18 @@ def wsd(step, *, lr_max, warmup, decay_start=None, decay_steps=None, shape="exp"
     return lr_max * DECAY_SHAPES[shape](progress, final_frac)
 
 
-def cosine(step, *, lr_max, warmup, T):
-    """Cosine(T) baseline (Appendix B.1): from lr_max at step 0 to COSINE_FLOOR * lr_max at step T,
-    flat after. s counts from step 0 (not from the end of warmup), so T is the whole planned run;
-    the warmup ramp s / W multiplies the cosine, so the lr is continuous where warmup ends."""
+def cosine(step, *, lr_max, warmup, T, final_frac=COSINE_FLOOR):
+    """Cosine(T) baseline (Appendix B.1): from lr_max at step 0 to final_frac * lr_max at step T
+    (the paper's 0.1 by default; 0 is the "cosine to zero" of later work), flat after. s counts
+    from step 0 (not from the end of warmup), so T is the whole planned run; the warmup ramp s / W
+    multiplies the cosine, so the lr is continuous where warmup ends."""
     if step < 0 or warmup < 0 or T <= 0 or warmup > T:
         raise ValueError(f"need step >= 0 and 0 <= warmup <= T, T > 0; got {step}, {warmup}, {T}")
+    if not 0 <= final_frac <= 1:
+        raise ValueError(f"final_frac must be in [0, 1], got {final_frac}")
     ramp = step / warmup if step < warmup else 1.0
-    # the same half cosine as WSD's cosine decay shape, here down to COSINE_FLOOR over all of T
-    return ramp * lr_max * DECAY_SHAPES["cosine"](min(1.0, step / T), COSINE_FLOOR)
+    # the same half cosine as WSD's cosine decay shape, here down to final_frac over all of T
+    return ramp * lr_max * DECAY_SHAPES["cosine"](min(1.0, step / T), final_frac)
 
 
 def cosine_loop(step, *, lr_max, warmup, T):

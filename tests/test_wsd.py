@@ -122,6 +122,16 @@ def test_cosine_warmup_counts_from_step_zero():
     assert abs(cosine(W, **run) - cosine(W - 1, **run)) <= LR / W
 
 
+def test_cosine_final_frac_zero():
+    # cosine to zero: 0.5 * (1 + cos(pi * s / T)), by hand at a quarter, half and the end
+    run = dict(lr_max=LR, warmup=0, T=1000, final_frac=0.0)
+    assert cosine(250, **run) == approx(LR * 0.5 * (1 + 0.5 ** 0.5))
+    assert cosine(500, **run) == approx(LR * 0.5)
+    assert abs(cosine(1000, **run)) < 1e-15 and abs(cosine(2000, **run)) < 1e-15
+    with pytest.raises(ValueError):
+        cosine(1, lr_max=LR, warmup=0, T=10, final_frac=-0.1)
+
+
 def test_cosine_loop_restarts():
     run = dict(lr_max=LR, warmup=0, T=T)
     for k in range(4):
