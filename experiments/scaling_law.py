@@ -111,10 +111,11 @@ def fit_scaling_law(N, D, L, starts=None):
 def compute_optimal(fit, C):
     """Eq. 3 at compute C (FLOPs): K^2, eta, the optimal N and D, and D/N."""
     a, b = fit["alpha"], fit["beta"]
-    K = (a * fit["C_N"] / (b * fit["C_D"])) ** (1 / (a + b))
-    eta = (b - a) / (a + b)
-    N_opt = K * (C / 6) ** (b / (a + b))
-    return dict(K2=K * K, eta=eta, N_opt=N_opt, D_opt=C / 6 / N_opt, D_over_N=1 / (K * K * (C / 6) ** eta))
+    with np.errstate(divide="ignore", over="ignore"):   # a degenerate fit (alpha ~ 0) gives inf, not a warning
+        K = np.float64(a * fit["C_N"] / (b * fit["C_D"])) ** (1 / (a + b))
+        eta = (b - a) / (a + b)
+        N_opt = K * (C / 6) ** (b / (a + b))
+        return dict(K2=K * K, eta=eta, N_opt=N_opt, D_opt=C / 6 / N_opt, D_over_N=1 / (K * K * (C / 6) ** eta))
 
 
 def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
