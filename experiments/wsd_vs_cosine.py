@@ -21,7 +21,6 @@ wsd_vs_cosine_grid.csv (each run's final loss: the full grid) and wsd_vs_cosine_
 """
 import argparse
 import csv
-import math
 import os
 import pathlib
 import shutil
