@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: widths 48-96 on bytes (vocabulary 257, so the embedding stays small), 2,048 tokens a step.
 # Non-embedding sizes 25K, 86K, 139K, 203K (8x). Throughput on one core: 125K, 63K, ~48K, 38K tokens/s,
@@ -300,6 +301,9 @@ def main(argv=None):
         sizes = ", ".join(f"{non_embedding_params(**s):,}" for s in setup["sizes"])
         print(f"models (non-embedding parameters): {sizes}; data sizes {setup['multiples']} x N; "
               f"{setup['batch'] * setup['seq']:,} tokens/step", flush=True)
+        # prepare the data here, once: in the pool's workers data.py could not start its own pool,
+        # and two workers would prepare the same folder at once
+        data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
         try:
             points = train_points(args, setup, runs_dir)
         except RunFailed as e:

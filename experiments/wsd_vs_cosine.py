@@ -28,6 +28,7 @@ import sys
 import time
 
 from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: 2 layers of width 64 on bytes: 86,336 non-embedding parameters (the 257 x 64 embedding is 16K
 # more), 2,048 tokens a step, ~63K tokens/s on one core. Horizons 440 and 880 steps are 10.4 and 20.9
@@ -391,6 +392,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {n_params:,} non-embedding parameters; {tokens_per_step:,} tokens/step; horizons "
           + ", ".join(f"{T} steps = {T * tokens_per_step / n_params:.1f} N" for T in totals), flush=True)
+    # prepare the data here, once: in the pool's workers data.py could not start its own pool,
+    # and two workers would prepare the same folder at once
+    data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
     t0 = time.time()
     try:   # phase 1: the whole lr grid, first seed; phase 2: each family's best lr, second seed
         runs = run_phase(args, setup, runs_dir, [(lr, seeds[0], fam) for lr in lrs for fam in ("wsd", "cos10", "cos0")])
