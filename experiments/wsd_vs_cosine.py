@@ -1,175 +1,423 @@
-"""WSD against cosine at tiny scale: the paper's Figure 5 (MiniCPM, Hu et al. 2024, §4).
+"""WSD against Cosine(T), each at its own best learning rate: the paper's Figure 5 and §4.3 (MiniCPM,
+Hu et al. 2024, arXiv 2404.06395), on a model small enough to see enough tokens on 2 CPU cores.
 
-One WSD run at constant lr (the stable stage) is trained in segments; at each branch point k its
-folder is copied and the copy resumed with an exponential decay of D steps (--decay_start k), so
-every decay continues the one stable run exactly (§4.3: one stable run, many decay lengths).
-Against them: Cosine(T) runs, T equal to each branch's total k + D (Appendix B.1), each its own run.
-All runs share the seed, the warmup and the batches (the loader is a pure function of the step).
+For every peak lr of a grid (seed 1):
+  - one WSD stable trunk (warmup, then constant lr) trained in segments; at each branch point k its
+    checkpoint is resumed into a new folder with a decay of D steps (--decay_start k), so every decay
+    continues the one trunk exactly (§4.3). Decays end at each horizon T: 2.5%, 10% and 20% of T
+    long, exponential (§4, the paper's) and 1-sqrt (Hägele et al. 2024);
+  - more 10% exponential decays from other points of the same trunk: the any-time figure (§4.3), whose
+    lower envelope is fitted with L(C) = beta C^-alpha + L0 (Appendix B.2);
+  - Cosine(T) to 10% of the peak (Appendix B.1) and Cosine(T) to 0, each its own run.
+Then the best lr of each family (WSD, Cosine to 10%, Cosine to 0) is trained again with seed 2.
 
-    python experiments/wsd_vs_cosine.py            # tiny preset, totals 240 and 480 steps, ~5-20 min
-    python experiments/wsd_vs_cosine.py --quick    # a 2-layer model, under a minute (the smoke test)
-    python experiments/wsd_vs_cosine.py --source my.txt --tokenizer byte --data_dir /tmp/data ...
+    python experiments/wsd_vs_cosine.py                  # cpu scale, ~10 min on 2 cores
+    python experiments/wsd_vs_cosine.py --quick          # a 1-layer model, under a minute (the smoke test)
+    python experiments/wsd_vs_cosine.py --scale gpu --device cuda --workers 4   # 2.8M non-embedding, 1 GPU
 
-Writes to --out (default experiments/out): wsd_vs_cosine.png (lr and validation loss against
-tokens, branch points marked), wsd_vs_cosine.csv (run, step, tokens, lr, train_loss, val_loss,
-val_bpb) and runs/<run>/ (each run's metrics.jsonl and train.py log); prints a summary table.
+Writes to --out (default experiments/out): wsd_vs_cosine.png (schedules, Figure-5 curves, lr sweep),
+wsd_anytime.png (the envelope and its fit), wsd_vs_cosine.csv (every logged row of every run),
+wsd_vs_cosine_grid.csv (each run's final loss: the full grid) and wsd_vs_cosine_runs/<run>/.
 """
 import argparse
 import csv
+import os
 import pathlib
 import shutil
 import sys
 import time
 
-from common import ROOT, read_metrics, run_train
+from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+import data  # noqa: E402  (after common, which puts the repo root on the path)
 
-# tiny preset with short sequences: 0.1-0.45 s a step on our shared 2 cores, ~1300 steps in all
-FULL = dict(totals=(240, 480), model=["--preset", "tiny", "--batch_size", "8", "--seq_len", "128"],
-            eval_interval=10, eval_batches=4, log_interval=5)
-QUICK = dict(totals=(80, 160), model=["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
-                                      "--ffn_dim", "160", "--block_size", "64", "--batch_size", "8", "--seq_len", "64"],
-             eval_interval=12, eval_batches=2, log_interval=1)
-DECAY_FRACS = (0.1, 0.025)   # §4: ~10% of the total is enough to match Cosine(T); 2.5% is not
+# cpu: 2 layers of width 64 on bytes: 86,336 non-embedding parameters (the 257 x 64 embedding is 16K
+# more), 2,048 tokens a step, ~63K tokens/s on one core. Horizons 440 and 880 steps are 10.4 and 20.9
+# tokens per non-embedding parameter (§4.3's runs see 20N-80N; the issue asks >= 10N and >= 20N).
+# The lr grid reaches below 0.005, the best of a first probe at this size.
+SCALES = {
+    "cpu": dict(model=dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160), batch=16, seq=128,
+                totals=(440, 880), lrs=(0.00125, 0.0025, 0.005, 0.01), warmup=22, eval_interval=88,
+                eval_tokens=65536, log_interval=4),
+    "quick": dict(model=dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=64), batch=4, seq=32,
+                  totals=(40, 80), lrs=(0.005, 0.01), warmup=4, eval_interval=20, eval_tokens=1024,
+                  log_interval=1),
+    # one GPU (not measured here): 4 layers of width 256, 2.75M non-embedding parameters, 16K tokens a
+    # step; 10N and 20N are 1,680 and 3,360 steps. Run 4 workers on the one GPU.
+    "gpu": dict(model=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, ffn_dim=640), batch=64, seq=256,
+                totals=(1680, 3360), lrs=(0.00125, 0.0025, 0.005, 0.01), warmup=84, eval_interval=336,
+                eval_tokens=131072, log_interval=8),
+}
+DECAY_FRACS = (0.025, 0.1, 0.2)      # §4: 10% matches Cosine(T); Hägele et al.: 20% beats it, 2.5% is short
+SHAPES = ("exp", "1-sqrt")
+FINAL_FRAC = 0.02                    # both decay shapes end at 2% of the peak, as the paper's exp decay
+ANYTIME = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)   # any-time decays end at these fractions of the longer T
+
+
+def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim):
+    """N of the paper's scaling laws: attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm
+    gains per layer and the final one (tests check it against minicpm.py)."""
+    hd = n_embd // n_head
+    return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
+
+
+def eval_flags(tokens, batch, seq):
+    # A fixed validation set of `tokens` tokens spread over the val split: the same windows at every
+    # evaluation, for every run and every seed, so differences between runs are the runs'.
+    return ["--eval_tokens", tokens]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a tiny model and few steps: under a minute")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
-    p.add_argument("--totals", type=lambda s: tuple(int(x) for x in s.split(",")),
-                   help="total steps of each WSD branch / cosine run (default 240,480; quick 80,160)")
-    p.add_argument("--decay_fracs", type=lambda s: tuple(float(x) for x in s.split(",")), default=DECAY_FRACS,
-                   help="decay lengths as fractions of the total")
+    p.add_argument("--quick", action="store_true", help="the quick scale: under a minute")
+    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model, batch and horizons")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNGs, CSVs and runs")
+    p.add_argument("--lrs", help="comma-separated peak lrs (default: the scale's grid)")
+    p.add_argument("--seeds", default="1337,1338", help="first seed: the whole grid; second: each family's best lr")
     p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="bpe:4096", help="tokenizer, passed to train.py")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
-    p.add_argument("--seed", type=int, default=1337)
-    # One thread: on our busy 2-core machine two threads ran 15x slower than one (148 against 2,277
-    # tokens/s), each waiting on the other whenever it lost its core.
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="passed to train.py")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
+    args = p.parse_args(argv)
+    try:
+        args.lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
+        args.seeds = tuple(int(x) for x in args.seeds.split(","))
+    except ValueError:
+        p.exit(2, f"{p.prog}: --lrs and --seeds take comma-separated numbers, e.g. --lrs 0.0025,0.005,0.01\n")
+    if len(args.seeds) != 2:
+        p.exit(2, f"{p.prog}: --seeds takes two seeds, e.g. --seeds 1337,1338\n")
+    return args
 
 
-def run_all(args, setup, runs_dir):
-    """Train the stable run (in segments), its decay branches and the cosine runs. -> {run name:
-    dict(T=total or None, D=decay or None, k=branch point or None, rows=metrics)}, stable run first."""
-    totals = sorted(args.totals)
-    warmup = max(1, round(0.05 * totals[0]))   # the same warmup for every run, so only the decay differs
-    common = [*setup["model"], "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
-              "--seed", args.seed, "--warmup_steps", warmup, "--eval_interval", setup["eval_interval"],
-              "--eval_batches", setup["eval_batches"], "--log_interval", setup["log_interval"],
-              "--ckpt_interval", 10**9]   # a checkpoint only where each segment ends
-    # branches: (name, total T, decay D, branch point k = T - D), sorted by branch point
-    branches = sorted(((f"wsd_T{T}_decay{max(1, round(f * T))}", T, max(1, round(f * T)))
-                       for T in totals for f in args.decay_fracs), key=lambda b: b[1] - b[2])
-    stable = runs_dir / "stable"
-    # The stable run is a WSD run whose decay starts at the longest total, never reached (the
-    # schedule's name must stay "wsd" across a resume). Each segment ends at a branch point k by
-    # resuming with --max_steps k: the lr stays constant, and the run evaluates and saves at k.
-    stable_flags = [*common, "--schedule", "wsd", "--decay_start", totals[-1], "--decay_steps", 1, "--out_dir", stable]
-    runs, at = {}, 0
+# ----------------------------------------------------------------------------- the runs
 
-    def stable_to(step):   # train the stable run on to `step`, where it evaluates and saves a checkpoint
-        nonlocal at
-        if step > at:
-            run_train((stable_flags if at == 0 else ["--resume", stable]) + ["--max_steps", step], stable)
-            at = step
-    for name, T, D in branches:
-        k = T - D
-        for T_done in [T_ for T_ in totals if at < T_ <= k]:   # its constant-lr loss at each total, too
-            stable_to(T_done)
-        stable_to(k)
-        branch = runs_dir / name
-        shutil.copytree(stable, branch, ignore=shutil.ignore_patterns("log.txt"))
-        t0 = time.time()
-        run_train(["--resume", branch, "--max_steps", T, "--decay_start", k, "--decay_steps", D], branch)
-        print(f"  {name}: decay {D} steps from step {k} of the stable run ({time.time() - t0:.0f} s)", flush=True)
-        (branch / "ckpt.pt").unlink()   # keep the output small: only the stable run is continued
-        runs[name] = dict(T=T, D=D, k=k, rows=[r for r in read_metrics(branch) if r["step"] >= k])   # from k on
-    for T in totals:   # the rest of the stable run, at constant lr
-        stable_to(T)
-    (stable / "ckpt.pt").unlink()
-    runs = {"stable": dict(T=None, D=None, k=None, rows=read_metrics(stable)), **runs}
-    for T in totals:
-        t0 = time.time()
-        run_train([*common, "--schedule", "cosine", "--max_steps", T, "--out_dir", runs_dir / f"cosine_T{T}"],
-                  runs_dir / f"cosine_T{T}")
-        print(f"  cosine_T{T}: Cosine(T={T}) ({time.time() - t0:.0f} s)", flush=True)
-        (runs_dir / f"cosine_T{T}" / "ckpt.pt").unlink()
-        runs[f"cosine_T{T}"] = dict(T=T, D=None, k=None, rows=read_metrics(runs_dir / f"cosine_T{T}"))
+def base_flags(args, setup, lr, seed):
+    m = setup["model"]
+    return ["--n_layer", m["n_layer"], "--n_embd", m["n_embd"], "--n_head", m["n_head"], "--n_kv_head",
+            m["n_kv_head"], "--ffn_dim", m["ffn_dim"], "--block_size", setup["seq"], "--batch_size", setup["batch"],
+            "--seq_len", setup["seq"], "--source", args.source, "--tokenizer", args.tokenizer,
+            "--data_dir", args.data_dir, "--device", args.device, "--lr", lr, "--seed", seed,
+            "--warmup_steps", setup["warmup"],   # the same warmup for every run: only the decay differs
+            "--eval_interval", setup["eval_interval"], *eval_flags(setup["eval_tokens"], setup["batch"], setup["seq"]),
+            "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9]   # checkpoints only at segment ends
+
+
+def branches_of(setup):
+    """(T, D, shape) of every decay branched from a trunk: the Figure-5 grid, then the any-time decays."""
+    totals = setup["totals"]
+    out = [(T, max(1, round(f * T)), s) for T in totals for f in DECAY_FRACS for s in SHAPES]
+    anytime = [round(f * totals[-1]) for f in ANYTIME]
+    out += [(T, max(1, round(0.1 * T)), "exp") for T in anytime if T not in totals]
+    return out
+
+
+def trunk_job(args, setup, runs_dir, lr, seed):
+    """One worker's job: the trunk in segments, each decay resumed from the trunk's checkpoint at its
+    branch point into its own folder (train.py keeps the trunk's optimizer, step and data position)."""
+    totals, name = setup["totals"], f"wsd_lr{lr:g}_s{seed}"
+    trunk = runs_dir / name
+    # The trunk is a WSD run whose decay starts at the longest total, never reached: its lr stays constant.
+    # Each segment ends at a branch point k (--max_steps k), where the run evaluates and saves.
+    trunk_flags = [*base_flags(args, setup, lr, seed), "--schedule", "wsd", "--decay_start", totals[-1],
+                   "--decay_steps", 1, "--out_dir", trunk]
+    branches = branches_of(setup)
+    stops = sorted({T - D for T, D, _ in branches} | set(totals))
+    job, runs = [], {name: dict(family="stable", lr=lr, seed=seed, T=None, D=None, shape=None, k=None)}
+    for i, stop in enumerate(stops):
+        job.append(((trunk_flags if i == 0 else ["--resume", trunk]) + ["--max_steps", stop], trunk))
+        for T, D, shape in (b for b in branches if b[0] - b[1] == stop):
+            bname = f"{name}_T{T}_{shape}{D}"
+            job.append((["--resume", trunk, "--out_dir", runs_dir / bname, "--max_steps", T, "--decay_start", stop,
+                         "--decay_steps", D, "--decay_shape", shape, "--final_lr_frac", FINAL_FRAC], runs_dir / bname))
+            runs[bname] = dict(family="wsd", lr=lr, seed=seed, T=T, D=D, shape=shape, k=stop)
+    return job, runs
+
+
+def cosine_job(args, setup, runs_dir, lr, seed, T, family):
+    """Cosine(T) to 10% (wsd.cosine, Appendix B.1) or to 0 (--final_lr_frac 0: the cosine's floor)."""
+    name = f"{family}_lr{lr:g}_s{seed}_T{T}"
+    flags = [*base_flags(args, setup, lr, seed), "--max_steps", T, "--out_dir", runs_dir / name]
+    flags += ["--schedule", "cosine", "--final_lr_frac", 0.1 if family == "cos10" else 0.0]
+    return [(flags, runs_dir / name)], {name: dict(family=family, lr=lr, seed=seed, T=T, D=None, shape=None, k=None)}
+
+
+def run_phase(args, setup, runs_dir, plan):
+    """plan: [(lr, seed, family)]. Builds the jobs, runs them in parallel (longest first), reads back
+    every run's metrics. -> {run name: info dict with 'rows'}."""
+    jobs, runs = [], {}
+    for lr, seed, family in plan:
+        if family == "wsd":
+            parts = [trunk_job(args, setup, runs_dir, lr, seed)]
+        else:
+            parts = [cosine_job(args, setup, runs_dir, lr, seed, T, family) for T in setup["totals"]]
+        for job, info in parts:
+            jobs.append(job)
+            runs.update(info)
+    steps = lambda job: sum(int(a[a.index("--max_steps") + 1]) for a, _ in job)
+    run_parallel(sorted(jobs, key=steps, reverse=True), workers=args.workers)
+    for name, info in runs.items():
+        info["rows"] = read_metrics(runs_dir / name)
+        (runs_dir / name / "ckpt.pt").unlink(missing_ok=True)   # keep the output small
     return runs
 
 
-def write_csv(runs, path):
+# ----------------------------------------------------------------------------- results
+
+def final(run):
+    """The run's last validation loss (nats/token) and bits/byte, and its tokens."""
+    r = [r for r in run["rows"] if "val_loss" in r][-1]
+    return r["val_loss"], r["val_bpb"], r["tokens"]
+
+
+def variant(run):
+    """The arm a run belongs to, e.g. 'WSD exp 10%', 'Cosine to 10%', 'stable (no decay)'."""
+    if run["family"] == "wsd":
+        return f"WSD {run['shape']} {100 * run['D'] / run['T']:g}%"
+    return {"cos10": "Cosine(T) to 10%", "cos0": "Cosine(T) to 0"}.get(run["family"], "stable (no decay)")
+
+
+def grid_points(runs, totals):
+    """{(variant, T, lr, seed): final val loss} for the Figure-5 arms; the stable trunk at each T."""
+    pts = {}
+    for name, run in runs.items():
+        if run["family"] == "stable":
+            for T in totals:
+                at = [r["val_loss"] for r in run["rows"] if r["step"] == T and "val_loss" in r]
+                pts[("stable (no decay)", T, run["lr"], run["seed"])] = at[-1]
+        elif run["T"] in totals:
+            pts[(variant(run), run["T"], run["lr"], run["seed"])] = final(run)[0]
+    return pts
+
+
+def best_lrs(pts, seed, lrs, totals):
+    """Each family's best lr: the lowest mean final loss over both horizons (for WSD, over all its decays)."""
+    def mean_loss(prefix, lr):
+        v = [x for (var, T, l, s), x in pts.items() if var.startswith(prefix) and l == lr and s == seed]
+        return sum(v) / len(v)
+    best = {fam: min(lrs, key=lambda lr: mean_loss(prefix, lr))
+            for fam, prefix in (("wsd", "WSD"), ("cos10", "Cosine(T) to 10%"), ("cos0", "Cosine(T) to 0"))}
+    for fam, lr in best.items():
+        if len(lrs) >= 3 and lr in (min(lrs), max(lrs)):
+            print(f"  warning: the best lr of {fam} ({lr:g}) is on the edge of the grid; widen --lrs", flush=True)
+    return best
+
+
+def fit_envelope(points):
+    """Fit L(C) = beta C^-alpha + L0 (Appendix B.2) to (C, L) points by least squares (scipy's
+    curve_fit, as the paper). C is scaled by its smallest value so the fit is well conditioned.
+    -> dict(alpha, beta, L0, C0, errors), beta in units of C / C0."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+    C, L = np.asarray([p[0] for p in points], float), np.asarray([p[1] for p in points], float)
+    C0 = C.min()
+    f = lambda x, beta, alpha, L0: beta * x ** -alpha + L0
+    p0 = (L.max() - L.min() + 1e-3, 0.5, max(0.0, L.min() - 0.1))
+    popt, pcov = curve_fit(f, C / C0, L, p0=p0, bounds=([0, 0, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    err = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else [float("nan")] * 3
+    return dict(beta=popt[0], alpha=popt[1], L0=popt[2], C0=C0, err=dict(beta=err[0], alpha=err[1], L0=err[2]))
+
+
+def write_csvs(runs, out, n_params):
     keys = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb"]
-    with open(path, "w", newline="") as f:
+    meta = ["family", "shape", "lr_peak", "seed", "T", "D", "k"]
+    info = lambda run: [run["family"], run["shape"] or "", run["lr"], run["seed"], run["T"] or "", run["D"] or "",
+                        run["k"] if run["k"] is not None else ""]
+    with open(out / "wsd_vs_cosine.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", *keys])
+        w.writerow(["run", *meta, *keys])
         for name, run in runs.items():   # floats written with repr: they read back bitwise
-            w.writerows([name, *(repr(r[k]) if k in r else "" for k in keys)] for r in run["rows"])
+            w.writerows([name, *info(run), *(repr(r[k]) if k in r else "" for k in keys)] for r in run["rows"])
+    with open(out / "wsd_vs_cosine_grid.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "variant", *meta, "tokens", "tokens_per_param", "val_loss", "val_bpb"])
+        for name, run in runs.items():
+            if run["family"] != "stable":
+                loss, bpb, tokens = final(run)
+                w.writerow([name, variant(run), *info(run), tokens, f"{tokens / n_params:.2f}", repr(loss), repr(bpb)])
 
 
-def plot(runs, path):
+ARMS = ["stable (no decay)", *(f"WSD {s} {100 * f:g}%" for s in SHAPES for f in DECAY_FRACS),
+        "Cosine(T) to 10%", "Cosine(T) to 0"]
+
+
+def family(arm):
+    return "cos10" if arm == "Cosine(T) to 10%" else "cos0" if arm.startswith("Cos") else "wsd"
+
+
+def paired_differences(pts, best, seeds, totals):
+    """{arm: {(T, seed): loss - Cosine(T) to 10% loss}}, each at its family's best lr. The seed sets the
+    validation windows too (train.py evaluates on windows of seed + 1), so only same-seed differences
+    compare like with like; the two seeds' differences give the spread."""
+    ref = lambda T, s: pts.get(("Cosine(T) to 10%", T, best["cos10"], s))
+    return {arm: {(T, s): pts[(arm, T, best[family(arm)], s)] - ref(T, s) for T in totals for s in seeds
+                  if (arm, T, best[family(arm)], s) in pts and ref(T, s) is not None}
+            for arm in ARMS if arm != "Cosine(T) to 10%"}
+
+
+def verdict_table(pts, best, seeds, totals, tokens_per_step, n_params):
+    """Markdown: each arm at its family's best lr: the loss of each seed, and its difference from
+    Cosine(T) to 10% for each seed (negative: the arm is better)."""
+    diffs = paired_differences(pts, best, seeds, totals)
+    head = [f"T = {T} ({T * tokens_per_step / n_params:.1f} N): loss, seeds {seeds[0]} / {seeds[1]}" for T in totals]
+    head += [f"T = {T}: minus Cosine 10%, per seed" for T in totals]
+    lines = ["| arm (its best lr) | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for arm in ARMS:
+        lr = best[family(arm)]
+        cells = [" / ".join(f"{pts[(arm, T, lr, s)]:.4f}" if (arm, T, lr, s) in pts else "n/a" for s in seeds)
+                 for T in totals]
+        cells += [" / ".join(f"{diffs[arm][(T, s)]:+.4f}" if (T, s) in diffs.get(arm, {}) else "0" for s in seeds)
+                  for T in totals]
+        lines.append(f"| {arm} (lr {lr:g}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(pts, lrs, seed, totals):
+    """Markdown: the final loss of each arm at every lr of the grid (first seed), longer horizon."""
+    arms = sorted({k[0] for k in pts})
+    lines = [f"| arm, T = {totals[-1]} | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(f"{pts[(arm, totals[-1], lr, seed)]:.4f}" for lr in lrs) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot(runs, pts, best, seeds, lrs, totals, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (lr_ax, ax) = plt.subplots(1, 2, figsize=(13, 5))
-    color = {T: f"C{i}" for i, T in enumerate(sorted({r["T"] for r in runs.values() if r["T"]}))}
-    val = {n: [(r["tokens"], r["val_loss"]) for r in run["rows"] if "val_loss" in r] for n, run in runs.items()}
+    fig, (lr_ax, ax, sw_ax, d_ax) = plt.subplots(1, 4, figsize=(24, 5.5))
+    s1 = seeds[0]
+    trunk = runs[f"wsd_lr{best['wsd']:g}_s{s1}"]
+    at_k = lambda k: [(r["tokens"], r["val_loss"]) for r in trunk["rows"] if r["step"] == k and "val_loss" in r]
+    color = {T: f"C{i}" for i, T in enumerate(totals)}
+    show = {("exp", 0.1): "-", ("exp", 0.025): "--", ("1-sqrt", 0.2): "-."}   # the arms drawn as curves
     for name, run in runs.items():
-        T, D, k, rows = run["T"], run["D"], run["k"], run["rows"]
-        style = (dict(color="k", lw=2, label="WSD stable stage (constant lr)") if T is None else
-                 dict(color=color[T], ls=":", label=f"Cosine(T={T})") if k is None else
-                 dict(color=color[T], ls="-" if D >= 0.05 * T else "--", label=f"WSD, decay {D} of {T} steps"))
-        lr_ax.plot([r["tokens"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], **style)
-        points = val[name]
-        if k is not None:   # start a branch's curve at the stable run's last evaluation at or before k
-            points = [p for p in val["stable"] if p[0] <= rows[0]["tokens"]][-1:] + points
-            ax.axvline(rows[0]["tokens"], color=style["color"], lw=0.5, alpha=0.5)   # the branch point
-        ax.plot(*zip(*points), marker="." if k is not None else None, **style)
-    stable = val["stable"]   # zoom on where the runs differ: below the stable loss at a fifth of the run
-    ax.set_ylim(min(v for pts in val.values() for _, v in pts) - 0.05, stable[max(1, len(stable) // 5)][1])
-    ax.set(xlabel="tokens", ylabel="validation loss (nats/token)",
-           title="WSD decays branched from one stable run vs Cosine(T) (cf. Figure 5)")
-    lr_ax.set(xlabel="tokens", ylabel="learning rate", title="schedules (thin lines on the right: branch points)")
-    lr_ax.legend(fontsize=8)
+        if run["seed"] != s1:
+            continue
+        if run["family"] == "stable" and run["lr"] == best["wsd"]:
+            style = dict(color="k", lw=2, label=f"WSD stable trunk (lr {run['lr']:g})")
+        elif run["family"] == "wsd" and run["lr"] == best["wsd"] and (run["shape"], round(run["D"] / run["T"], 3)) in show \
+                and run["T"] in totals:
+            style = dict(color=color[run["T"]], ls=show[(run["shape"], round(run["D"] / run["T"], 3))],
+                         label=f"{variant(run)}, T={run['T']}")
+        elif run["family"] in ("cos10", "cos0") and run["lr"] == best[run["family"]]:
+            style = dict(color=color[run["T"]], ls=":" if run["family"] == "cos10" else (0, (1, 4)), lw=2,
+                         label=f"{variant(run)}, T={run['T']} (lr {run['lr']:g})")
+        else:
+            continue
+        lr_rows = [r for r in run["rows"] if "lr" in r]
+        lr_ax.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], **style)
+        val = ([] if run["k"] is None else at_k(run["k"])) + [(r["tokens"], r["val_loss"]) for r in run["rows"]
+                                                              if "val_loss" in r]
+        ax.plot(*zip(*val), marker="." if run["k"] is not None else None, **style)
+    shown = [v for (arm, T, lr, s), v in pts.items() if s == s1 and lr == best[family(arm)]]   # zoom on the ends
+    ax.set_ylim(min(shown) - 0.03, max(shown) + 0.12)
+    ax.set_xlim(0.3 * totals[0] * trunk["rows"][-1]["tokens"] / trunk["rows"][-1]["step"], None)
+    ax.set(xlabel="tokens", ylabel="validation loss (nats/byte)", title=f"decays from one trunk vs Cosine(T) (cf. Figure 5), seed {s1}")
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="schedules at each family's best lr")
+    lr_ax.legend(fontsize=7)
+    # the lr sweep: each arm's final loss at the longer horizon against lr; the second seed as a cross
+    for i, arm in enumerate(["WSD exp 10%", "WSD 1-sqrt 20%", "WSD exp 2.5%", "Cosine(T) to 10%", "Cosine(T) to 0"]):
+        for T, ls in zip(totals[-2:], ("--", "-")):
+            sw_ax.plot(lrs, [pts[(arm, T, lr, s1)] for lr in lrs], ls, marker="o", color=f"C{i}",
+                       label=f"{arm}, T={T}" if ls == "-" else None, alpha=1 if ls == "-" else 0.5)
+    sw_ax.set_xscale("log")
+    sw_ax.set(xlabel="peak lr", ylabel="final validation loss", title=f"lr sweep, seed {s1} (dashed: shorter T)")
+    sw_ax.legend(fontsize=7)
+    # the verdict: each arm minus Cosine(T) to 10% at the same T and seed (the same validation windows),
+    # every arm at its family's best lr; one marker per seed shows the spread
+    for arm, d in paired_differences(pts, best, seeds, totals).items():
+        for (T, seed), v in d.items():
+            d_ax.plot(v, arm, "o" if seed == s1 else "s", color=color[T], ms=6, alpha=0.8,
+                      label=f"T={T}, seed {seed}" if arm.startswith("stable") else None)
+    d_ax.axvline(0, color="k", lw=0.8)
+    d_ax.set(xlabel="loss minus Cosine(T) to 10% (nats/byte; < 0: better)", title="each arm at its best lr, both seeds")
+    d_ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def summary(runs):
-    """Markdown table: final val loss at each total for the stable run (no decay), each decay, Cosine(T)."""
-    def final(rows, step=None):
-        vals = [r["val_loss"] for r in rows if "val_loss" in r and step in (None, r["step"])]
-        return f"{vals[-1]:.4f}" if vals else "n/a"
-    totals = sorted(r["T"] for r in runs.values() if r["T"] and r["k"] is None)
-    fracs = sorted({round(r["D"] / r["T"], 4) for r in runs.values() if r["k"] is not None}, reverse=True)
-    head = ["total steps", "tokens", "no decay (stable)", *(f"WSD, decay {100 * f:g}%" for f in fracs), "Cosine(T)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for T in totals:
-        branches = sorted((r for r in runs.values() if r["T"] == T and r["k"] is not None), key=lambda r: -r["D"])
-        cells = [T, f"{runs[f'cosine_T{T}']['rows'][-1]['tokens']:,}", final(runs["stable"]["rows"], T),
-                 *(final(r["rows"]) for r in branches), final(runs[f"cosine_T{T}"]["rows"])]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+def plot_anytime(runs, best, seeds, fits, n_params, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    flops = lambda tokens: 6 * n_params * tokens   # C = 6 N D, N non-embedding
+    for seed, mk in zip(seeds, ("o", "s")):
+        trunk = runs[f"wsd_lr{best['wsd']:g}_s{seed}"]
+        tv = [(flops(r["tokens"]), r["val_loss"]) for r in trunk["rows"] if "val_loss" in r and r["step"] > 0]
+        ax.plot(*zip(*tv), color="k", lw=1.5 if seed == seeds[0] else 0.7, label=f"stable trunk, seed {seed}")
+        for run in runs.values():   # the 10% exp decays of this trunk: the any-time curves
+            if run["family"] == "wsd" and run["lr"] == best["wsd"] and run["seed"] == seed and run["shape"] == "exp" \
+                    and run["D"] == max(1, round(0.1 * run["T"])):
+                pts = [(flops(r["tokens"]), r["val_loss"]) for r in run["rows"] if "val_loss" in r]
+                ax.plot(*zip(*pts), color="C0", lw=0.8)
+                ax.plot(*pts[-1], mk, color="C0", ms=6)
+    for (seed, fit), ls in zip(fits.items(), ("--", ":")):
+        C = np.geomspace(fit["C0"], max(flops(r["tokens"]) for r in trunk["rows"]) * 1.5, 200)
+        ax.plot(C, fit["beta"] * (C / fit["C0"]) ** -fit["alpha"] + fit["L0"], "r", ls=ls,
+                label=f"seed {seed}: L = {fit['beta']:.3f} (C/C0)^-{fit['alpha']:.3f} + {fit['L0']:.3f}, C0 = {fit['C0']:.2e}")
+    ax.set_xscale("log")
+    ends = [p[1] for fit in fits.values() for p in fit["points"]]
+    ax.set_ylim(min(ends) - 0.05, max(ends) + 0.3)
+    ax.set(xlabel="compute C = 6 N D (FLOPs)", ylabel="validation loss (nats/byte)",
+           title=f"any-time decays (10% exp) from one trunk, lr {best['wsd']:g} (§4.3, Appendix B.2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup = QUICK if args.quick else FULL
-    args.totals = args.totals or setup["totals"]
-    import torch
-    torch.set_num_threads(args.threads)
+    setup = SCALES["quick" if args.quick else args.scale]
+    lrs, totals, seeds = sorted(args.lrs or setup["lrs"]), setup["totals"], args.seeds
+    n_params = non_embedding_params(**setup["model"])
+    tokens_per_step = setup["batch"] * setup["seq"]
     out = pathlib.Path(args.out)
     runs_dir = out / "wsd_vs_cosine_runs"
-    shutil.rmtree(runs_dir, ignore_errors=True)   # branches are copies: start from a clean folder
+    shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"model: {n_params:,} non-embedding parameters; {tokens_per_step:,} tokens/step; horizons "
+          + ", ".join(f"{T} steps = {T * tokens_per_step / n_params:.1f} N" for T in totals), flush=True)
+    # prepare the data here, once: in the pool's workers data.py could not start its own pool,
+    # and two workers would prepare the same folder at once
+    data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
     t0 = time.time()
-    runs = run_all(args, setup, runs_dir)
-    write_csv(runs, out / "wsd_vs_cosine.csv")
-    plot(runs, out / "wsd_vs_cosine.png")
-    print(f"\nfinal validation loss (nats/token), {time.time() - t0:.0f} s in all:\n{summary(runs)}")
-    print(f"\nwrote {out / 'wsd_vs_cosine.png'}, {out / 'wsd_vs_cosine.csv'}, runs in {runs_dir}")
+    try:   # phase 1: the whole lr grid, first seed; phase 2: each family's best lr, second seed
+        runs = run_phase(args, setup, runs_dir, [(lr, seeds[0], fam) for lr in lrs for fam in ("wsd", "cos10", "cos0")])
+        print(f"  lr grid done ({time.time() - t0:.0f} s)", flush=True)
+        best = best_lrs(grid_points(runs, totals), seeds[0], lrs, totals)
+        runs.update(run_phase(args, setup, runs_dir, [(lr, seeds[1], fam) for fam, lr in best.items()]))
+    except RunFailed as e:
+        fail(str(e))
+    wall = time.time() - t0
+    pts = grid_points(runs, totals)
+    # any-time: the ends of the 10% exp decays of the best WSD trunk (both seeds) are the envelope
+    # (fitted per seed: the seeds' validation windows differ, see paired_differences)
+    fits = {}
+    for seed in seeds:
+        env = [(6 * n_params * final(r)[2], final(r)[0]) for r in runs.values() if r["family"] == "wsd"
+               and r["lr"] == best["wsd"] and r["seed"] == seed and r["shape"] == "exp" and r["D"] == max(1, round(0.1 * r["T"]))]
+        fits[seed] = {**fit_envelope(env), "points": env}
+    write_csvs(runs, out, n_params)
+    plot(runs, pts, best, seeds, lrs, totals, out / "wsd_vs_cosine.png")
+    plot_anytime(runs, best, seeds, fits, n_params, out / "wsd_anytime.png")
+    print(f"\nbest lr: WSD {best['wsd']:g}, Cosine to 10% {best['cos10']:g}, Cosine to 0 {best['cos0']:g}; "
+          f"{len(runs)} runs in {wall:.0f} s on {args.workers or os.cpu_count()} workers")
+    print(f"\nfinal validation loss (nats/byte) at each family's best lr, seeds {seeds[0]} and {seeds[1]} "
+          f"(mean ± half the difference):\n{verdict_table(pts, best, seeds, totals, tokens_per_step, n_params)}")
+    print(f"\nlr sweep, seed {seeds[0]}:\n{sweep_table(pts, lrs, seeds[0], totals)}")
+    for seed, fit in fits.items():
+        e = fit["err"]
+        print(f"any-time envelope, seed {seed} ({len(fit['points'])} decay ends): L(C) = {fit['beta']:.4f}±{e['beta']:.4f}"
+              f" (C/{fit['C0']:.3e})^-({fit['alpha']:.4f}±{e['alpha']:.4f}) + {fit['L0']:.4f}±{e['L0']:.4f}")
+    print(f"\nwrote {out / 'wsd_vs_cosine.png'}, {out / 'wsd_anytime.png'}, {out / 'wsd_vs_cosine.csv'}, "
+          f"{out / 'wsd_vs_cosine_grid.csv'}; runs in {runs_dir}")
     return 0
 
 

@@ -1,14 +1,22 @@
 """Smoke tests of the scripts in experiments/: each runs in --quick mode on a small corpus and its
-outputs are checked for the claims the experiment rests on."""
+outputs are checked for the claims the experiment rests on; the fitting code is checked on points
+generated from the formula it fits."""
 import csv
+import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
-import train
 import wsd
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import scaling_law  # noqa: E402
+import wsd_vs_cosine  # noqa: E402
 
 STDLIB_FILES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py", "string.py",
                 "bisect.py", "heapq.py", "fnmatch.py", "glob.py"]
@@ -23,39 +31,176 @@ def small_corpus(root):
     return str(root)
 
 
-def test_wsd_vs_cosine_quick(repo_root, tmp_path):
+def run_script(repo_root, tmp_path, script, *extra):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "experiments/wsd_vs_cosine.py", "--quick", "--out", str(out),
-                           "--source", small_corpus(tmp_path / "corpus"), "--tokenizer", "byte",
-                           "--data_dir", str(tmp_path / "data")],
+    proc = subprocess.run([sys.executable, f"experiments/{script}", "--quick", "--out", str(out),
+                           "--source", small_corpus(tmp_path / "corpus"), "--data_dir", str(tmp_path / "data"), *extra],
                           cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert open(out / "wsd_vs_cosine.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    rows = list(csv.DictReader(open(out / "wsd_vs_cosine.csv")))
+    return out, proc.stdout
+
+
+def by_run(path):
     runs = {}
-    for r in rows:
-        runs.setdefault(r["run"], []).append(r)
-    # quick: totals 80 and 160 steps, decays of 10% and 2.5% of each
-    branches = {"wsd_T80_decay8": (80, 8), "wsd_T80_decay2": (80, 2), "wsd_T160_decay16": (160, 16),
-                "wsd_T160_decay4": (160, 4)}
-    assert set(runs) == {"stable", "cosine_T80", "cosine_T160", *branches}
-    by_step = lambda name: {int(r["step"]): r for r in runs[name]}
-    stable = by_step("stable")
-    lr_max = train.TrainConfig.lr
-    for name, (T, D) in branches.items():
-        k, branch = T - D, by_step(name)
-        assert min(branch) == k and max(branch) == T
-        # the branch continued from the stable checkpoint at k: its row at k is the stable run's, and its
-        # first step, taken at lr_max (the decay starts at 1), gives the stable run's loss bitwise
-        assert branch[k]["val_loss"] and branch[k] == {**stable[k], "run": name}
-        assert branch[k + 1]["train_loss"] == stable[k + 1]["train_loss"]
-        # the lr of the last step (logged after it, at step T) is the decay's last: lr(T - 1), near 2%
-        expected = wsd.wsd(T - 1, lr_max=lr_max, warmup=0, decay_start=k, decay_steps=D)
-        assert float(branch[T]["lr"]) == expected == pytest.approx(lr_max * wsd.FINAL_LR_FRAC ** ((D - 1) / D))
-        assert branch[T]["val_loss"]
-    for T in (80, 160):
-        cosine = by_step(f"cosine_T{T}")
-        assert max(cosine) == T and float(cosine[T]["lr"]) == wsd.cosine(T - 1, lr_max=lr_max, warmup=0, T=T)
-        assert cosine[T]["val_loss"] and cosine[0]["val_loss"] == stable[0]["val_loss"]   # same init, same val set
-    assert stable[80]["val_loss"] and max(stable) == 160
-    assert "| 160 |" in proc.stdout and "Cosine(T)" in proc.stdout   # the summary table
+    for r in csv.DictReader(open(path)):
+        runs.setdefault(r["run"], {})[int(r["step"])] = r
+    return runs
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160),
+                                   dict(n_layer=3, n_embd=96, n_head=6, n_kv_head=3, ffn_dim=256)])
+def test_non_embedding_params_match_the_model(shape):
+    from minicpm import MiniCPM, MiniCPMConfig
+    model = MiniCPM(MiniCPMConfig(vocab_size=257, block_size=64, **shape))
+    assert wsd_vs_cosine.non_embedding_params(**shape) == model.num_params(non_embedding=True)
+    assert scaling_law.non_embedding_params(**shape) == model.num_params(non_embedding=True)
+
+
+def test_wsd_vs_cosine_quick(repo_root, tmp_path):
+    out, stdout = run_script(repo_root, tmp_path, "wsd_vs_cosine.py")
+    for png in ("wsd_vs_cosine.png", "wsd_anytime.png"):
+        assert open(out / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    header = next(csv.reader(open(out / "wsd_vs_cosine.csv")))
+    assert header == ["run", "family", "shape", "lr_peak", "seed", "T", "D", "k",
+                      "step", "tokens", "lr", "train_loss", "val_loss", "val_bpb"]
+    runs = by_run(out / "wsd_vs_cosine.csv")
+    grid = list(csv.DictReader(open(out / "wsd_vs_cosine_grid.csv")))
+    setup, W = wsd_vs_cosine.SCALES["quick"], wsd_vs_cosine.SCALES["quick"]["warmup"]
+    (T1, T2), lrs = setup["totals"], setup["lrs"]
+    # the full grid with the first seed: every lr has a trunk, its 12 Figure-5 branches and 4 cosines
+    for lr in lrs:
+        trunk = runs[f"wsd_lr{lr:g}_s1337"]
+        assert max(trunk) == T2 and trunk[T1]["val_loss"] and trunk[T2]["val_loss"]
+        for T in (T1, T2):
+            for frac in wsd_vs_cosine.DECAY_FRACS:
+                for shape in wsd_vs_cosine.SHAPES:
+                    D = max(1, round(frac * T))
+                    assert f"wsd_lr{lr:g}_s1337_T{T}_{shape}{D}" in runs
+            for fam in ("cos10", "cos0"):
+                assert f"{fam}_lr{lr:g}_s1337_T{T}" in runs
+    assert len([g for g in grid if g["seed"] == "1337" and g["family"] == "wsd" and g["lr_peak"] == str(lrs[0])]) == 12 + 4
+    # the second seed only at one lr per family
+    for fam in ("wsd", "cos10", "cos0"):
+        assert len({g["lr_peak"] for g in grid if g["seed"] == "1338" and g["family"] == fam}) == 1
+    for name, rows in runs.items():
+        first = rows[min(rows)]
+        lr_max, seed = float(first["lr_peak"]), int(first["seed"])
+        if first["family"] == "wsd":
+            T, D, k, shape = int(first["T"]), int(first["D"]), int(first["k"]), first["shape"]
+            trunk = runs[f"wsd_lr{lr_max:g}_s{seed}"]
+            # resumed from the trunk's checkpoint at k: the trunk evaluated there, and the branch's first
+            # step (lr_max: the decay starts at 1) gives the trunk's training loss bitwise, when the trunk went on
+            assert min(rows) == k + 1 and max(rows) == T and trunk[k]["val_loss"]
+            if k + 1 in trunk:
+                assert rows[k + 1]["train_loss"] == trunk[k + 1]["train_loss"] and rows[k + 1]["lr"] == trunk[k + 1]["lr"]
+            for s, r in rows.items():   # the lr logged at step s is the one step s - 1 trained with
+                assert float(r["lr"]) == wsd.wsd(s - 1, lr_max=lr_max, warmup=W, decay_start=k, decay_steps=D,
+                                                  shape=shape, final_frac=wsd_vs_cosine.FINAL_FRAC)
+            assert rows[T]["val_loss"]
+        elif first["family"] == "cos10":
+            T = int(first["T"])
+            assert max(rows) == T and rows[T]["val_loss"]
+            assert all(float(r["lr"]) == wsd.cosine(s - 1, lr_max=lr_max, warmup=W, T=T) for s, r in rows.items() if s)
+        elif first["family"] == "cos0":
+            T = int(first["T"])
+            # Cosine(T) with floor 0 (--final_lr_frac 0), and by hand: 0.5 (1 + cos(pi s / T)) after warmup
+            assert all(float(r["lr"]) == wsd.cosine(s - 1, lr_max=lr_max, warmup=W, T=T, floor=0.0) for s, r in rows.items() if s)
+            s = T // 2 + 1
+            assert float(rows[s]["lr"]) == pytest.approx(lr_max * 0.5 * (1 + math.cos(math.pi * (s - 1) / T)), rel=1e-12)
+            assert float(rows[T]["lr"]) < 0.01 * lr_max
+        if 0 in rows:   # same init (the seed), same validation windows: the same loss at step 0
+            assert rows[0]["val_loss"] == runs[f"wsd_lr{lrs[0]:g}_s{seed}"][0]["val_loss"]
+    assert "best lr: WSD" in stdout and "| WSD exp 10% (lr" in stdout and "any-time envelope, seed 1338" in stdout
+
+
+def test_envelope_fit_recovers_a_power_law():
+    C = np.geomspace(1e9, 2e11, 7)
+    L = 0.9 * (C / C[0]) ** -0.42 + 1.3   # Appendix B.2's form, known parameters
+    fit = wsd_vs_cosine.fit_envelope(list(zip(C, L)))
+    assert fit["alpha"] == pytest.approx(0.42, rel=1e-5) and fit["L0"] == pytest.approx(1.3, rel=1e-5)
+    assert fit["beta"] == pytest.approx(0.9, rel=1e-5)
+
+
+TRUE = dict(C_N=30.0, alpha=0.35, C_D=80.0, beta=0.3, L0=1.2)
+
+
+def synthetic_points(noise=0.0, seed=0):
+    N = np.repeat([25e3, 86e3, 139e3, 203e3], 4)
+    D = N * np.tile([10, 20, 40, 60], 4)
+    L = TRUE["C_N"] * N ** -TRUE["alpha"] + TRUE["C_D"] * D ** -TRUE["beta"] + TRUE["L0"]   # Eq. 2 by hand
+    return N, D, L + np.random.default_rng(seed).normal(0, noise, L.shape)
+
+
+def test_scaling_law_fit_recovers_known_parameters():
+    fit = scaling_law.fit_scaling_law(*synthetic_points())
+    for k, v in TRUE.items():
+        assert fit[k] == pytest.approx(v, rel=1e-4), k
+    # with noise of 0.003 bits/byte the exponents stay close, and the bootstrap band is a real band
+    N, D, L = synthetic_points(noise=0.003)
+    noisy = scaling_law.fit_scaling_law(N, D, L)
+    assert abs(noisy["alpha"] - 0.35) < 0.05 and abs(noisy["beta"] - 0.3) < 0.05
+    band, n_ok = scaling_law.bootstrap(N, D, L, noisy, C=1e13, n=40)
+    assert n_ok >= 30 and band["alpha"][0] < noisy["alpha"] < band["alpha"][1]
+
+
+def test_compute_optimal_matches_brute_force():
+    # Eq. 3 against minimising Eq. 2 along a line of constant compute C = 6 N D on a fine grid
+    for C in (1e12, 1e15, 1e18):
+        opt = scaling_law.compute_optimal(TRUE, C)
+        n = np.geomspace(1e1, 1e12, 400001)
+        L = TRUE["C_N"] * n ** -TRUE["alpha"] + TRUE["C_D"] * (C / 6 / n) ** -TRUE["beta"] + TRUE["L0"]
+        n_best = n[L.argmin()]
+        assert opt["N_opt"] == pytest.approx(n_best, rel=1e-3)
+        assert opt["D_over_N"] == pytest.approx(C / 6 / n_best / n_best, rel=2e-3)
+        assert opt["eta"] == pytest.approx((0.3 - 0.35) / 0.65)
+        assert opt["N_opt"] / opt["D_opt"] == pytest.approx(opt["K2"] * (C / 6) ** opt["eta"])
+
+
+def test_scaling_law_from_run_folders(repo_root, tmp_path):
+    # --from: folders shaped like train.py's (metrics.jsonl, ckpt.pt with the model_config); their
+    # losses come from Eq. 2, so the fit must give back the exponents
+    shapes = [dict(n_layer=1, n_embd=48, n_head=4, n_kv_head=2, ffn_dim=128),
+              dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160),
+              dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=2, ffn_dim=256)]
+    folders = []
+    for i, shape in enumerate(shapes):
+        N = scaling_law.non_embedding_params(**shape)
+        for m in (10, 20, 40, 60):
+            D = m * N
+            L = TRUE["C_N"] * N ** -TRUE["alpha"] + TRUE["C_D"] * D ** -TRUE["beta"] + TRUE["L0"]
+            folder = tmp_path / f"run{i}_{m}"
+            folder.mkdir()
+            (folder / "metrics.jsonl").write_text(json.dumps(dict(step=1, tokens=D // 2, lr=0.01, train_loss=9.0)) + "\n"
+                                                  + json.dumps(dict(step=2, tokens=D, val_loss=L * math.log(2), val_bpb=L)) + "\n")
+            torch.save(dict(model_config=dict(shape, vocab_size=257, block_size=128)), folder / "ckpt.pt")
+            folders.append(str(folder))
+    proc = subprocess.run([sys.executable, "experiments/scaling_law.py", "--out", str(tmp_path / "out"), "--from", *folders],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alpha = 0.350" in proc.stdout and "beta = 0.300" in proc.stdout
+    bad = subprocess.run([sys.executable, "experiments/scaling_law.py", "--from", str(tmp_path)],
+                         cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--from" in bad.stderr
+
+
+def test_scaling_law_quick(repo_root, tmp_path):
+    out, stdout = run_script(repo_root, tmp_path, "scaling_law.py")
+    assert open(out / "scaling_law.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    points = list(csv.DictReader(open(out / "scaling_law.csv")))
+    assert list(points[0]) == ["run", "N", "D", "D_over_N", "val_loss", "bpb", "stable_bpb"]
+    setup = scaling_law.SCALES["quick"]
+    Ns = sorted({int(p["N"]) for p in points})
+    assert len(Ns) == 3 and Ns[-1] >= 4 * Ns[0] and len(points) == 3 * len(setup["multiples"])
+    tps = setup["batch"] * setup["seq"]
+    for p in points:
+        N, D = int(p["N"]), int(p["D"])
+        assert D % tps == 0 and min(abs(D / N - m) for m in setup["multiples"]) <= tps / N   # D = m N, whole steps
+        # the decay lowers the loss below the stable run's at its branch point
+        assert float(p["bpb"]) < float(p["stable_bpb"])
+        rows = [json.loads(line) for line in open(out / "scaling_law_runs" / p["run"] / "metrics.jsonl")]
+        T = rows[-1]["step"]
+        k = T - max(1, round(scaling_law.DECAY_FRAC * T))
+        assert float(rows[-1]["val_bpb"]) == float(p["bpb"])
+        assert rows[-1]["lr"] == wsd.wsd(T - 1, lr_max=setup["lr"], warmup=setup["warmup"], decay_start=k,
+                                         decay_steps=T - k, final_frac=scaling_law.FINAL_FRAC)
+    assert "alpha =" in stdout and "compute-optimal D/N" in stdout

@@ -125,6 +125,16 @@ def test_cosine_warmup_counts_from_step_zero():
     assert abs(cosine(W, **run) - cosine(W - 1, **run)) <= LR / W
 
 
+def test_cosine_final_frac_zero():
+    # cosine to zero: 0.5 * (1 + cos(pi * s / T)), by hand at a quarter, half and the end
+    run = dict(lr_max=LR, warmup=0, T=1000, floor=0.0)
+    assert cosine(250, **run) == approx(LR * 0.5 * (1 + 0.5 ** 0.5))
+    assert cosine(500, **run) == approx(LR * 0.5)
+    assert abs(cosine(1000, **run)) < 1e-15 and abs(cosine(2000, **run)) < 1e-15
+    with pytest.raises(ValueError):
+        cosine(1, lr_max=LR, warmup=0, T=10, floor=-0.1)
+
+
 def test_cosine_loop_follows_appendix_b1_past_T():
     # Appendix B.1, as intended: eta (0.1 + 0.45 (1 + cos(pi s / T))) for every s, a smooth curve of
     # period 2T (the printed 0.9 eta cos(pi s/T) + 0.1 eta is a typo: -0.8 eta at s = T).

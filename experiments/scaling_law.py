@@ -1,0 +1,327 @@
+"""The data-model scaling law of MiniCPM (Hu et al. 2024, §4.5), measured the paper's way: with WSD.
+
+For each model size, one WSD stable run (constant lr after warmup) is trained once; at each data size
+D it is branched into a 10% exponential decay (§4.3) whose final loss is the point L(N, D). The cost
+is linear in the number of models and nearly free along D: that is the point of §4.5. The losses (in
+bits per byte, §4.5) are fitted with Eq. 2,
+
+    L(N, D) = C_N N^-alpha + C_D D^-beta + L0          N: non-embedding parameters, D: tokens,
+
+and minimising L at fixed compute C = 6 N D gives Eq. 3,
+
+    N_opt / D_opt = K^2 (C / 6)^eta,   K^2 = (alpha C_N / (beta C_D))^(2 / (alpha + beta)),
+                                        eta = (beta - alpha) / (alpha + beta),
+
+so the compute-optimal tokens per parameter D/N = 1 / (K^2 (C/6)^eta). Uncertainties: a bootstrap
+over the points (refit on resampled points, the 16th-84th percentiles).
+
+    python experiments/scaling_law.py                     # 4 sizes, 25K-203K params, 10N-60N: ~8 min on 2 cores
+    python experiments/scaling_law.py --quick             # 3 tiny sizes, under a minute (the smoke test)
+    python experiments/scaling_law.py --scale gpu --device cuda --workers 4
+    python experiments/scaling_law.py --from out/run1 out/run2 ...   # fit your own finished runs
+
+Writes to --out (default experiments/out): scaling_law.png (loss against D per model with the fitted
+curves, cf. Figure 17; equal-loss contours over N and D, cf. Figure 10), scaling_law.csv (the points)
+and scaling_law_runs/<run>/.
+"""
+import argparse
+import csv
+import math
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+import data  # noqa: E402  (after common, which puts the repo root on the path)
+
+# cpu: widths 48-96 on bytes (vocabulary 257, so the embedding stays small), 2,048 tokens a step.
+# Non-embedding sizes 25K, 86K, 139K, 203K (8x). Throughput on one core: 125K, 63K, ~48K, 38K tokens/s,
+# so the largest model's 60N (12M tokens) plus its decays is ~6.5 minutes on one core, while the other
+# core runs the three smaller ones. The lr is wsd_vs_cosine.py's best WSD lr at this width (muP lets
+# it carry over widths, §3.1).
+SCALES = {
+    "cpu": dict(sizes=[dict(n_layer=1, n_embd=48, n_head=4, n_kv_head=2, ffn_dim=128),
+                       dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160),
+                       dict(n_layer=2, n_embd=80, n_head=4, n_kv_head=2, ffn_dim=208),
+                       dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=2, ffn_dim=256)],
+                batch=16, seq=128, multiples=(10, 20, 40, 60), lr=0.005, warmup=20, eval_tokens=65536),
+    "quick": dict(sizes=[dict(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, ffn_dim=48),
+                         dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=64),
+                         dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=64)],
+                  batch=8, seq=32, multiples=(2, 4, 6, 8), lr=0.01, warmup=4, eval_tokens=1024),
+    # one GPU (not measured here): 0.4M-6.3M non-embedding parameters (16x), 16K tokens a step
+    "gpu": dict(sizes=[dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, ffn_dim=320),
+                       dict(n_layer=4, n_embd=192, n_head=4, n_kv_head=2, ffn_dim=480),
+                       dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, ffn_dim=640),
+                       dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=3, ffn_dim=960)],
+                batch=64, seq=256, multiples=(10, 20, 40, 60), lr=0.005, warmup=100, eval_tokens=131072),
+}
+DECAY_FRAC, FINAL_FRAC = 0.1, 0.02     # §4: decays of ~10% of the run, exponential to 2% of the peak
+BOOTSTRAP = 200
+
+
+def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim, **_):
+    """N: attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm gains per layer, the final one."""
+    hd = n_embd // n_head
+    return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
+
+
+def eval_flags(tokens, batch, seq):
+    # A fixed validation set of `tokens` tokens spread over the val split, the same for every run.
+    return ["--eval_tokens", tokens]
+
+
+# ----------------------------------------------------------------------------- Eq. 2 and Eq. 3
+
+def loss_model(N, D, C_N, alpha, C_D, beta, L0):
+    """Eq. 2."""
+    return C_N * N ** -alpha + C_D * D ** -beta + L0
+
+
+def fit_scaling_law(N, D, L, starts=None):
+    """Least-squares fit of Eq. 2 (scipy's curve_fit, as the paper). N and D are scaled by their
+    geometric means so every parameter is O(1); several starting points guard against a local
+    minimum. -> dict(C_N, alpha, C_D, beta, L0) in the original units, and the residual sum."""
+    from scipy.optimize import curve_fit
+    N, D, L = (np.asarray(x, float) for x in (N, D, L))
+    N0, D0 = math.exp(np.log(N).mean()), math.exp(np.log(D).mean())
+    f = lambda X, cn, a, cd, b, l0: cn * X[0] ** -a + cd * X[1] ** -b + l0
+    spread = L.max() - L.min() + 1e-3
+    starts = starts or [(spread, a, spread, b, max(0.0, L.min() - spread)) for a in (0.3, 0.7) for b in (0.3, 0.7)]
+    best = None
+    for p0 in starts:
+        try:
+            p, _ = curve_fit(f, (N / N0, D / D0), L, p0=p0, bounds=([0, 0, 0, 0, 0], [np.inf, 4, np.inf, 4, np.inf]),
+                             maxfev=5000)
+        except (RuntimeError, ValueError):   # no convergence from this start
+            continue
+        sse = float(((f((N / N0, D / D0), *p) - L) ** 2).sum())
+        if best is None or sse < best[1]:
+            best = (p, sse)
+    if best is None:
+        return None
+    (cn, a, cd, b, l0), sse = best
+    # C_N (N/N0)^-a = (C_N N0^a) N^-a: back to unscaled N and D
+    return dict(C_N=cn * N0 ** a, alpha=a, C_D=cd * D0 ** b, beta=b, L0=l0, sse=sse, scaled=tuple(best[0]))
+
+
+def compute_optimal(fit, C):
+    """Eq. 3 at compute C (FLOPs): K^2, eta, the optimal N and D, and D/N."""
+    a, b = fit["alpha"], fit["beta"]
+    with np.errstate(divide="ignore", over="ignore"):   # a degenerate fit (alpha ~ 0) gives inf, not a warning
+        K = np.float64(a * fit["C_N"] / (b * fit["C_D"])) ** (1 / (a + b))
+        eta = (b - a) / (a + b)
+        N_opt = K * (C / 6) ** (b / (a + b))
+        return dict(K2=K * K, eta=eta, N_opt=N_opt, D_opt=C / 6 / N_opt, D_over_N=1 / (K * K * (C / 6) ** eta))
+
+
+def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
+    """Refit on points resampled with replacement. -> {name: (16th, 84th percentile)}."""
+    rng = np.random.default_rng(seed)
+    N, D, L = (np.asarray(x, float) for x in (N, D, L))
+    draws = []
+    for _ in range(n):
+        i = rng.integers(0, len(L), len(L))
+        if len(set(N[i])) < 2 or len(set(D[i])) < 3:   # Eq. 2 needs spread along both axes
+            continue
+        f = fit_scaling_law(N[i], D[i], L[i], starts=[fit["scaled"]])
+        if f:
+            draws.append({**f, **compute_optimal(f, C)})
+    keys = ("alpha", "beta", "L0", "K2", "eta", "D_over_N")
+    return {k: tuple(np.percentile([d[k] for d in draws], [16, 84])) for k in keys} if draws else {}, len(draws)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+def size_job(args, setup, runs_dir, size):
+    """A worker's job: one model's stable trunk in segments and a 10% decay branched at each data size."""
+    N = non_embedding_params(**size)
+    tps = setup["batch"] * setup["seq"]
+    name = f"N{N}"
+    trunk = runs_dir / name
+    totals = sorted({max(2, round(m * N / tps)) for m in setup["multiples"]})   # steps of each data size
+    flags = ["--n_layer", size["n_layer"], "--n_embd", size["n_embd"], "--n_head", size["n_head"],
+             "--n_kv_head", size["n_kv_head"], "--ffn_dim", size["ffn_dim"], "--block_size", setup["seq"],
+             "--batch_size", setup["batch"], "--seq_len", setup["seq"], "--source", args.source,
+             "--tokenizer", args.tokenizer, "--data_dir", args.data_dir, "--device", args.device,
+             "--lr", args.lr or setup["lr"], "--seed", args.seed, "--warmup_steps", setup["warmup"],
+             *eval_flags(setup["eval_tokens"], setup["batch"], setup["seq"]),
+             "--eval_interval", 10**9, "--log_interval", 10**9, "--ckpt_interval", 10**9,   # only at segment ends
+             # a WSD run whose decay starts at the last total, never reached: the stable trunk
+             "--schedule", "wsd", "--decay_start", totals[-1], "--decay_steps", 1, "--out_dir", trunk]
+    job, points = [], []
+    for i, T in enumerate(totals):
+        D = max(1, round(DECAY_FRAC * T))
+        job.append(((flags if i == 0 else ["--resume", trunk]) + ["--max_steps", T - D], trunk))
+        branch = runs_dir / f"{name}_D{T * tps}"
+        job.append((["--resume", trunk, "--out_dir", branch, "--max_steps", T, "--decay_start", T - D,
+                     "--decay_steps", D, "--decay_shape", "exp", "--final_lr_frac", FINAL_FRAC], branch))
+        points.append(dict(run=branch.name, N=N, k=T - D, **size))
+    return job, points
+
+
+def train_points(args, setup, runs_dir):
+    jobs, points = [], []
+    for size in sorted(setup["sizes"], key=lambda s: -non_embedding_params(**s)):
+        job, pts = size_job(args, setup, runs_dir, size)
+        jobs.append(job)   # largest first: the pool then fills the other worker with the smaller models
+        points += pts
+    run_parallel(jobs, workers=args.workers)
+    for p in points:
+        rows = read_metrics(runs_dir / p["run"])
+        last = [r for r in rows if "val_bpb" in r][-1]
+        trunk = [r for r in read_metrics(runs_dir / f"N{p['N']}") if r["step"] == p["k"] and "val_bpb" in r]
+        p.update(D=last["tokens"], val_loss=last["val_loss"], bpb=last["val_bpb"],
+                 stable_bpb=trunk[-1]["val_bpb"] if trunk else float("nan"))
+    for ckpt in runs_dir.glob("*/ckpt.pt"):
+        ckpt.unlink()   # keep the output small
+    return points
+
+
+def points_from(folders):
+    """One point per finished run folder of train.py: its last evaluation (a WSD run after its decay),
+    N from the architecture saved in its checkpoint."""
+    import torch
+    points = []
+    for folder in map(pathlib.Path, folders):
+        if not (folder / "metrics.jsonl").exists() or not (folder / "ckpt.pt").exists():
+            fail_usage(f"--from {folder}: needs a train.py run folder with metrics.jsonl and ckpt.pt")
+        cfg = torch.load(folder / "ckpt.pt", map_location="cpu", weights_only=False)["model_config"]
+        rows = [r for r in read_metrics(folder) if "val_bpb" in r]
+        if not rows:
+            fail_usage(f"--from {folder}: its metrics.jsonl has no evaluation; train with --eval_interval > 0")
+        points.append(dict(run=folder.name, N=non_embedding_params(**cfg), D=rows[-1]["tokens"],
+                           val_loss=rows[-1]["val_loss"], bpb=rows[-1]["val_bpb"], stable_bpb=float("nan")))
+    return points
+
+
+def fail_usage(message):
+    print(f"scaling_law.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_csv(points, path):
+    keys = ["run", "N", "D", "D_over_N", "val_loss", "bpb", "stable_bpb"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for p in points:
+            w.writerow([p["run"], p["N"], p["D"], f"{p['D'] / p['N']:.2f}", repr(p["val_loss"]), repr(p["bpb"]),
+                        repr(p["stable_bpb"])])
+
+
+def plot(points, fit, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, cx) = plt.subplots(1, 2, figsize=(14, 5.5))
+    Ns = sorted({p["N"] for p in points})
+    for i, N in enumerate(Ns):   # Figure 17: loss against data, one model per colour, Eq. 2's curve
+        pts = sorted((p["D"], p["bpb"], p["stable_bpb"]) for p in points if p["N"] == N)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=f"C{i}", label=f"N = {N:,} (decayed)")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x", color=f"C{i}", alpha=0.5)
+        D = np.geomspace(pts[0][0] / 1.5, pts[-1][0] * 3, 100)
+        ax.plot(D, loss_model(N, D, *(fit[k] for k in ("C_N", "alpha", "C_D", "beta", "L0"))), "-", color=f"C{i}", lw=1)
+    ax.set_xscale("log")
+    ax.set(xlabel="training tokens D", ylabel="validation loss (bits/byte)",
+           title="loss against data (cf. Figure 17); lines: Eq. 2 fit; x: stable run before its decay")
+    ax.legend(fontsize=8)
+    # Figure 10: equal-loss contours over (N, D), constant-compute lines and the compute-optimal path
+    n = np.geomspace(min(Ns) / 4, max(Ns) * 8, 200)
+    d = np.geomspace(min(p["D"] for p in points) / 4, max(p["D"] for p in points) * 8, 200)
+    NN, DD = np.meshgrid(n, d)
+    LL = loss_model(NN, DD, *(fit[k] for k in ("C_N", "alpha", "C_D", "beta", "L0")))
+    cs = cx.contour(NN, DD, LL, levels=12, cmap="viridis")
+    cx.clabel(cs, fontsize=7, fmt="%.2f")
+    C = 6 * NN * DD
+    cx.contour(NN, DD, C, levels=np.geomspace(C.min(), C.max(), 8), colors="gray", linestyles=":", linewidths=0.7)
+    Cs = np.geomspace(6 * n[0] * d[0], 6 * n[-1] * d[-1], 100)
+    opt = compute_optimal(fit, Cs)
+    ok = (opt["N_opt"] >= n[0]) & (opt["N_opt"] <= n[-1]) & (opt["D_opt"] >= d[0]) & (opt["D_opt"] <= d[-1])
+    cx.plot(opt["N_opt"][ok], opt["D_opt"][ok], "r-", lw=2, label="compute-optimal (Eq. 3)")
+    cx.plot([p["N"] for p in points], [p["D"] for p in points], "k.", label="measured points")
+    cx.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="tokens D",
+           title="equal-loss contours of the fit (cf. Figure 10); dotted: equal compute 6ND")
+    cx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(points, fit, C_ref):
+    N, D, L = ([p[k] for p in points] for k in ("N", "D", "bpb"))
+    opt = compute_optimal(fit, C_ref)
+    ci, n_ok = bootstrap(N, D, L, fit, C_ref)
+    band = lambda k: f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else ""
+    rms = math.sqrt(fit["sse"] / len(L))
+    return "\n".join([
+        f"Eq. 2 fit to {len(L)} points (rms residual {rms:.4f} bits/byte), bootstrap 16-84% over {n_ok} refits in []:",
+        f"  L(N, D) = {fit['C_N']:.4g} N^-{fit['alpha']:.4f} + {fit['C_D']:.4g} D^-{fit['beta']:.4f} + {fit['L0']:.4f}",
+        f"  alpha = {fit['alpha']:.3f}{band('alpha')}, beta = {fit['beta']:.3f}{band('beta')}, L0 = {fit['L0']:.3f}{band('L0')}",
+        f"Eq. 3: N_opt/D_opt = K^2 (C/6)^eta with K^2 = {opt['K2']:.4g}{band('K2')}, eta = {opt['eta']:.3f}{band('eta')}",
+        f"  at C = {C_ref:.3g} FLOPs (the largest run here): N_opt = {opt['N_opt']:,.0f}, D_opt = {opt['D_opt']:,.0f},"
+        f" compute-optimal D/N = {opt['D_over_N']:.1f}{band('D_over_N')} tokens per parameter",
+    ])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="three tiny models: under a minute")
+    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model sizes, batch")
+    p.add_argument("--from", dest="from_runs", nargs="+", metavar="RUN_DIR",
+                   help="fit the last evaluation of these finished train.py run folders instead of training")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
+    p.add_argument("--lr", type=float, help="peak lr (default: the scale's)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
+    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
+    p.add_argument("--device", default="cpu", help="passed to train.py")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup = SCALES["quick" if args.quick else args.scale]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.from_runs:
+        points = points_from(args.from_runs)
+    else:
+        runs_dir = out / "scaling_law_runs"
+        shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
+        sizes = ", ".join(f"{non_embedding_params(**s):,}" for s in setup["sizes"])
+        print(f"models (non-embedding parameters): {sizes}; data sizes {setup['multiples']} x N; "
+              f"{setup['batch'] * setup['seq']:,} tokens/step", flush=True)
+        # prepare the data here, once: in the pool's workers data.py could not start its own pool,
+        # and two workers would prepare the same folder at once
+        data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
+        try:
+            points = train_points(args, setup, runs_dir)
+        except RunFailed as e:
+            fail(str(e))
+    wall = time.time() - t0
+    if len({p["N"] for p in points}) < 2 or len({p["D"] for p in points}) < 3 or len(points) < 6:
+        fail_usage("Eq. 2 has 5 parameters: give at least 6 points over 2+ model sizes and 3+ data sizes")
+    fit = fit_scaling_law(*([p[k] for p in points] for k in ("N", "D", "bpb")))
+    if fit is None:
+        fail("the Eq. 2 fit did not converge from any starting point; add points or check the losses")
+    write_csv(points, out / "scaling_law.csv")
+    plot(points, fit, out / "scaling_law.png")
+    print("\n| N | D | D/N | bits/byte (decayed) | bits/byte (stable, before the decay) |\n|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['N']:,} | {p['D']:,} | {p['D'] / p['N']:.1f} | {p['bpb']:.4f} | {p['stable_bpb']:.4f} |")
+    print(f"\n{report(points, fit, max(6 * p['N'] * p['D'] for p in points))}")
+    print(f"\n{len(points)} points, {wall:.0f} s; wrote {out / 'scaling_law.png'}, {out / 'scaling_law.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
