@@ -156,7 +156,9 @@ def run_phase(args, setup, runs_dir, plan):
     steps = lambda job: sum(int(a[a.index("--max_steps") + 1]) for a, _ in job)
     run_parallel(sorted(jobs, key=steps, reverse=True), workers=args.workers)
     for name, info in runs.items():
-        info["rows"] = read_metrics(runs_dir / name)
+        # a branch's folder starts with its trunk's history (train.py --resume into another --out_dir):
+        # keep only what the branch itself trained, the steps after its branch point k
+        info["rows"] = [r for r in read_metrics(runs_dir / name) if info.get("k") is None or r["step"] > info["k"]]
         (runs_dir / name / "ckpt.pt").unlink(missing_ok=True)   # keep the output small
     return runs
 

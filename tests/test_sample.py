@@ -2,6 +2,7 @@
 (top-k, top-p) on hand-made distributions, seeds, the end-of-text stop, streaming of multi-byte
 characters, and the command line (checkpoints from checkpoint.save, HF folders from checkpoint.save_hf)."""
 import collections
+import dataclasses
 import itertools
 import json
 import math
@@ -253,7 +254,7 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     text = capsys.readouterr().out
-    for f in sample.fields(sample.SampleConfig):
+    for f in dataclasses.fields(sample.SampleConfig):
         assert f"--{f.name}" in text and f.metadata["help"][:20] in " ".join(text.split())
 
 
