@@ -111,6 +111,18 @@ def parse_tokenizer(spec: str) -> int | None:
     raise DataError(f"unknown tokenizer {spec!r}: use bpe:N (e.g. bpe:4096), byte, {', '.join(TIKTOKEN_NAMES)}")
 
 
+def read_rank_file(path) -> dict[bytes, int]:
+    """A rank file read here, not with tiktoken.load: tiktoken caches every file it loads in a temp
+    folder keyed by the path's *name*, so a dataset prepared again at the same path (or another
+    checkout's data/stdlib-bpe4096/) would silently get the old merges back."""
+    with open(path, "rb") as f:
+        pairs = [line.split() for line in f.read().splitlines() if line.strip()]
+    try:
+        return {base64.b64decode(token): int(rank) for token, rank in pairs}
+    except ValueError:
+        raise DataError(f"{path} is not a tiktoken rank file (base64 token, rank per line): prepare the data again") from None
+
+
 def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding:
     """A tiktoken Encoding for spec that knows EOT; bpe:N reads its merges from rank_file."""
     n = parse_tokenizer(spec)
@@ -124,7 +136,7 @@ def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding
     if spec != "byte" and (rank_file is None or not os.path.isfile(rank_file)):
         raise DataError(f"tokenizer {spec!r} needs its rank file, and {rank_file!r} is not a file: "
                         f"prepare the data again or pass the tokenizer.tiktoken saved beside it")
-    ranks = {bytes([b]): b for b in range(256)} if spec == "byte" else tiktoken.load.load_tiktoken_bpe(str(rank_file))
+    ranks = {bytes([b]): b for b in range(256)} if spec == "byte" else read_rank_file(rank_file)
     if n and len(ranks) != n - 1:   # n is None for byte
         raise DataError(f"{rank_file} holds {len(ranks)} tokens, but {spec} needs {n - 1} (+ EOT)")
     # EOT gets the id after the last rank, so vocab_size = ranks + 1

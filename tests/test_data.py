@@ -1,4 +1,5 @@
 """Tests for data.py: the BPE trainer against a naive one, preparation, the split, the loader, downloads, errors."""
+import collections
 import http.server
 import json
 import pathlib
@@ -438,3 +439,16 @@ def test_command_line_prints_one_line_and_exits_2(tmp_path):
     for flag in ("--source", "--tokenizer", "--data_dir", "--name", "--workers", "--bpe_sample_mb", "--force",
                  "--quiet"):
         assert flag in help_text
+
+
+def test_a_rank_file_prepared_again_at_the_same_path_is_read_anew(tmp_path):
+    """tiktoken's own loader caches local files by their path: a BPE learned again into the same file
+    must not come back with the old merges."""
+    path = tmp_path / "tokenizer.tiktoken"
+    first, _ = data.learn_bpe(collections.Counter(data.split_chunks("aaaa bbbb aaaa")), 259)
+    data.write_rank_file(path, first)
+    assert data.load_tokenizer("bpe:260", str(path)).encode("aaaa") != data.load_tokenizer("byte").encode("aaaa")
+    second, _ = data.learn_bpe(collections.Counter(data.split_chunks("cccc dddd cccc")), 259)
+    data.write_rank_file(path, second)
+    enc = data.load_tokenizer("bpe:260", str(path))
+    assert enc.decode_single_token_bytes(256) == second[256] != first[256]
