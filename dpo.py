@@ -42,7 +42,7 @@ class DPOConfig:
     # starting point: any ckpt.pt of this project (pretrain or dpo), or the released Hugging Face layout
     init_from: str = flag("out/tiny", "checkpoint to fine-tune (file or folder, any kind); also the frozen reference")
     hf: str = flag("", "instead: a Hugging Face-layout folder (config.json + weights)")
-    tokenizer: str = flag("", "with --hf: SPEC[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken "
+    tokenizer: str = flag("", "with --hf: NAME[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken "
                               "('': DIR/tokenizer_record.json)")
     resume: str = flag("", "continue the dpo.py run saved in this folder exactly (optimizer, step, batch order)")
     # data
@@ -206,7 +206,7 @@ def load_tokenizer(cfg, ckpt, model):
         if not spec and os.path.isfile(path):   # checkpoint.save_hf writes it beside the weights
             record = json.load(open(path))
             spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
-        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer SPEC[@RANK_FILE]")])
+        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer NAME[@RANK_FILE]")])
     enc = data.load_tokenizer(spec, rank_file or None)
     cli.check([(enc.n_vocab > model.config.vocab_size, f"tokenizer {spec} has {enc.n_vocab} tokens, more than "
                 f"the model's {model.config.vocab_size}")])

@@ -11,8 +11,8 @@ recomputes the whole sequence each step: the slow reference). Sampling applies t
 top-k, then top-p; temperature 0 is greedy. A sample ends at the end-of-text token (not printed) or
 after --max_new_tokens, which is capped (with a note) so that prompt + new tokens fit block_size.
 --hf folders exported by this project carry tokenizer_record.json ({"spec": "bpe:4096", "rank_file":
-"tokenizer.tiktoken"}, the file relative to the folder, or null); --tokenizer SPEC[@RANK_FILE] gives
-one instead (SPEC: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is not supported.
+"tokenizer.tiktoken"}, the file relative to the folder, or null); --tokenizer NAME[@RANK_FILE] gives
+one instead (NAME: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is not supported.
 Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa here, whatever
 implementation the run trained with (that is the running script's choice, not the model's).
 """
@@ -33,7 +33,7 @@ BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends 
 class SampleConfig:
     ckpt: str = flag("out/tiny", "train.py checkpoint: ckpt.pt or the run folder holding it")
     hf: str = flag("", "sample from this Hugging Face layout folder instead of --ckpt")
-    tokenizer: str = flag("", "SPEC[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken ('': the checkpoint's)")
+    tokenizer: str = flag("", "NAME[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken ('': the checkpoint's)")
     prompt: str = flag("", "text to continue, or @FILE to read it from a file ('': a new document, i.e. end-of-text)")
     num_samples: int = flag(1, "independent samples of the same prompt")
     max_new_tokens: int = flag(256, "new tokens per sample at most (capped to fit block_size)")
@@ -132,8 +132,8 @@ def hf_tokenizer(folder):
     # the released MiniCPM folders carry a sentencepiece model; guessing a tiktoken one would give garbage
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         raise UsageError(f"{folder} holds a sentencepiece tokenizer.model, which is not supported here: "
-                          "pass --tokenizer SPEC[@RANK_FILE] with a tiktoken tokenizer matching the model")
-    raise UsageError(f"{folder} has no tokenizer_record.json: pass --tokenizer SPEC[@RANK_FILE]")
+                          "pass --tokenizer NAME[@RANK_FILE] with a tiktoken tokenizer matching the model")
+    raise UsageError(f"{folder} has no tokenizer_record.json: pass --tokenizer NAME[@RANK_FILE]")
 
 
 def load(cfg, device, dtype):
@@ -141,7 +141,7 @@ def load(cfg, device, dtype):
     ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
     # the model file, then the weights: either layout; sdpa attention runs on every device
     model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
-    # the tokenizer: --tokenizer SPEC[@RANK_FILE] when given, else the checkpoint's own record
+    # the tokenizer: --tokenizer NAME[@RANK_FILE] when given, else the checkpoint's own record
     if cfg.tokenizer:
         spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"
         enc = data.load_tokenizer(spec, rank_file or None)

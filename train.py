@@ -182,8 +182,7 @@ def build_data(cfg, ddp):
     """The dataset folder and its meta.json, prepared on first use by rank 0 only."""
     if cfg.dry_run and not os.path.exists(os.path.join(cfg.data_dir, data.default_name(cfg.source, cfg.tokenizer), "meta.json")):
         return None, None   # a plan needs no data: the preset's vocabulary stands in
-    if ddp.rank == 0:   # one writer: 8 ranks tokenizing into the same files would race
-        data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)
+    if ddp.rank == 0: data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)   # one writer: 8 would race
     parallel.barrier(ddp)   # the other ranks wait, then only read what rank 0 wrote
     folder = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
     return folder, data.load_meta(folder)
@@ -286,8 +285,7 @@ def evaluate(run):
         total += torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
     parallel.total(total, run.ddp)   # summed, then divided: ranks may hold different numbers of windows
     model.train()
-    val = (total[0] / total[1]).item()
-    # bits per byte = nats/token / ln 2 / (bytes per token): comparable across tokenizers (§4.5)
+    val = (total[0] / total[1]).item()   # bits/byte = nats/token / ln 2 / bytes per token: any tokenizer (§4.5)
     return dict(val_loss=val, val_bpb=val / math.log(2) / run.bytes_per_token)
 
 
@@ -445,7 +443,7 @@ def run(argv):
         parallel.teardown()
 
 
-def main(argv=None):
+def main(argv=None):   # -> exit code (0, 1, 2, 130, 143): see cli.py
     return cli.main("train.py", run, argv)
 
 

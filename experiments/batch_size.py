@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, read_metrics, run_parallel
+from common import add_data_flags, read_metrics, run_parallel
 
 LR = 0.01                          # §3.2: every batch-size run at lr 0.01 (the wind tunnel's best)
 PAPER_A, PAPER_B = 1.21e9, 6.24    # §3.2, Figure 2: bs (tokens) = 1.21e9 / L^6.24, L = C4 loss in nats/token
@@ -56,10 +56,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and budget: under a minute")
     p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (wider, deeper, longer)")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
-    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="byte", help="byte: tokens are bytes, so nats/token = bits/byte x ln 2")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
+    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--reanalyse", action="store_true", help="no training: analyse the runs already in --out")
     return p.parse_args(argv)

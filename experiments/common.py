@@ -68,6 +68,16 @@ def run_parallel(jobs, workers=None, allow_failures=False):
         return pool.map(run, jobs, chunksize=1)
 
 
+def add_data_flags(p):
+    """The flags every experiment shares: where outputs go and the data its runs train on. Bytes by
+    default: a 257-token vocabulary keeps the embedding from dominating models this small."""
+    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNGs, CSVs and runs")
+    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
+    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
+    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
+    return p
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in open(pathlib.Path(run_dir) / "metrics.jsonl")]
 

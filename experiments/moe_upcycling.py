@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 
-from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
 
 # Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
 # model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
@@ -66,16 +66,13 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and few steps (the smoke test)")
     p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="model size and batch (see SCALES)")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
+    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--trunk_steps", type=int, help="dense steps before the branch (default: the scale's)")
     p.add_argument("--cont_steps", type=int, help="steps of each continuation (default: the scale's)")
     p.add_argument("--seeds", type=int, help="number of seeds (default 2)")
     p.add_argument("--no_fresh_adam", action="store_true", help="skip the fresh-Adam control run")
     p.add_argument("--workers", type=int, default=0,
                    help="parallel runs (default: one per CPU core; 1 with --scale gpu, the runs take the GPU in turn)")
-    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (small vocabulary)")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--seed", type=int, default=1337, help="first seed; the others follow it")
     args = p.parse_args(argv)
     for name in ("trunk_steps", "cont_steps", "seeds"):

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 
-from common import ROOT, read_metrics, run_parallel
+from common import add_data_flags, read_metrics, run_parallel
 
 BASE_LR = 0.01   # §3.3: the lr found in the wind tunnel; every grid is BASE_LR * 2^k
 # CPU default. Depth 2 and head dim 16 at every width, so only the width changes. EleutherAI's
@@ -56,10 +56,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny widths and 3 lrs: under a minute")
     p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (EleutherAI-sized widths)")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
-    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer: small, so the embedding does not dominate")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
+    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="default 1337,1338")
     return p.parse_args(argv)
 

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
 import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: widths 48-96 on bytes (vocabulary 257, so the embedding stays small), 2,048 tokens a step.
@@ -275,12 +275,9 @@ def parse_args(argv):
     p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model sizes, batch")
     p.add_argument("--from", dest="from_runs", nargs="+", metavar="RUN_DIR",
                    help="fit the last evaluation of these finished train.py run folders instead of training")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNG, CSV and runs")
+    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--lr", type=float, help="peak lr (default: the scale's)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--device", default="cpu", help="passed to train.py")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
     return p.parse_args(argv)

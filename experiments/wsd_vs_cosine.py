@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 
-from common import ROOT, RunFailed, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
 import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: 2 layers of width 64 on bytes: 86,336 non-embedding parameters (the 257 x 64 embedding is 16K
@@ -70,12 +70,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the quick scale: under a minute")
     p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model, batch and horizons")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNGs, CSVs and runs")
+    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--lrs", help="comma-separated peak lrs (default: the scale's grid)")
     p.add_argument("--seeds", default="1337,1338", help="first seed: the whole grid; second: each family's best lr")
-    p.add_argument("--source", default="stdlib", help="corpus, passed to train.py")
-    p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     p.add_argument("--device", default="cpu", help="passed to train.py")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
     args = p.parse_args(argv)
