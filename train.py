@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import cli
@@ -322,7 +323,6 @@ def train_step(run, lr):
 
 def train(run):
     """The loop: step, log, evaluate, checkpoint, until max_steps (or --stop_at, or a signal). -> exit code."""
-    from tqdm import tqdm   # imported here: --dry_run and --bench do not need it
     cfg, master = run.cfg, run.ddp.rank == 0
     say = print if master else (lambda *a, **k: None)   # one copy of each message, not one per rank
     # --stop_at ends early but the lr keeps following max_steps' schedule, so a later resume continues it
