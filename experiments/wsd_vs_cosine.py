@@ -48,14 +48,15 @@ SCALES = {
                 eval_tokens=131072, log_interval=8),
 }
 DECAY_FRACS = (0.025, 0.1, 0.2)      # §4: 10% matches Cosine(T); Hägele et al.: 20% beats it, 2.5% is short
-SHAPES = ("exp", "1-sqrt")
+SHAPES = ("exp", "1-sqrt")            # exp: the paper's decay (§4.3); 1-sqrt: the best shape of Hägele et al.
 FINAL_FRAC = 0.02                    # both decay shapes end at 2% of the peak, as the paper's exp decay
 ANYTIME = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)   # any-time decays end at these fractions of the longer T
 
 
 def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim):
-    """N of the paper's scaling laws: attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm
-    gains per layer and the final one (tests check it against minicpm.py)."""
+    """N of the paper's scaling laws, the non-embedding parameters (tests check it against minicpm.py)."""
+    # attention q/o (n_head heads) and k/v (n_kv_head heads, grouped), the SwiGLU's three matrices, two
+    # RMSNorm gains per layer and the final one; tokens per parameter are counted against this N (§4.5)
     hd = n_embd // n_head
     return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
 
@@ -63,7 +64,7 @@ def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim):
 def eval_flags(tokens, batch, seq):
     # A fixed validation set of `tokens` tokens spread over the val split: the same windows at every
     # evaluation, for every run and every seed, so differences between runs are the runs'.
-    return ["--eval_tokens", tokens]
+    return ["--eval_tokens", tokens]   # batch, seq unused since --eval_tokens: kept so callers need not change
 
 
 def parse_args(argv):
@@ -76,6 +77,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", help="passed to train.py")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
     args = p.parse_args(argv)
+    # two seeds, no more: the verdict must hold for both, and a third would not fit the 10-minute budget
     try:
         args.lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
         args.seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -90,6 +92,8 @@ def parse_args(argv):
 
 def base_flags(args, setup, lr, seed):
     m = setup["model"]
+    # every arm shares model, data, seed, warmup and eval set: a difference in final loss is the schedule's;
+    # the same seed also means the same batches in the same order (the loader is a function of seed and step)
     return ["--n_layer", m["n_layer"], "--n_embd", m["n_embd"], "--n_head", m["n_head"], "--n_kv_head",
             m["n_kv_head"], "--ffn_dim", m["ffn_dim"], "--block_size", setup["seq"], "--batch_size", setup["batch"],
             "--seq_len", setup["seq"], "--source", args.source, "--tokenizer", args.tokenizer,
@@ -102,15 +106,18 @@ def base_flags(args, setup, lr, seed):
 def branches_of(setup):
     """(T, D, shape) of every decay branched from a trunk: the Figure-5 grid, then the any-time decays."""
     totals = setup["totals"]
+    # T: the horizon in steps; D: decay steps ending at T, so the branch point is k = T - D (at least one
+    # step of decay at the quick scale); 3 lengths x 2 shapes x 2 horizons = the Figure-5 grid
     out = [(T, max(1, round(f * T)), s) for T in totals for f in DECAY_FRACS for s in SHAPES]
+    # §4.3: a decay from any point of the trunk gives a finished model; their ends trace the envelope
     anytime = [round(f * totals[-1]) for f in ANYTIME]
     out += [(T, max(1, round(0.1 * T)), "exp") for T in anytime if T not in totals]
     return out
 
 
 def trunk_job(args, setup, runs_dir, lr, seed):
-    """One worker's job: the trunk in segments, each decay resumed from the trunk's checkpoint at its
-    branch point into its own folder (train.py keeps the trunk's optimizer, step and data position)."""
+    """One worker's job: the trunk in segments, each decay resumed from the trunk's checkpoint."""
+    # train.py --resume keeps the trunk's optimizer, step and data position: a branch continues it exactly
     totals, name = setup["totals"], f"wsd_lr{lr:g}_s{seed}"
     trunk = runs_dir / name
     # The trunk is a WSD run whose decay starts at the longest total, never reached: its lr stays constant.
@@ -118,11 +125,12 @@ def trunk_job(args, setup, runs_dir, lr, seed):
     trunk_flags = [*base_flags(args, setup, lr, seed), "--schedule", "wsd", "--decay_start", totals[-1],
                    "--decay_steps", 1, "--out_dir", trunk]
     branches = branches_of(setup)
-    stops = sorted({T - D for T, D, _ in branches} | set(totals))
+    stops = sorted({T - D for T, D, _ in branches} | set(totals))   # segment ends: branch points and horizons
+    # the trunk itself is an arm too: "no decay", read at each horizon T
     job, runs = [], {name: dict(family="stable", lr=lr, seed=seed, T=None, D=None, shape=None, k=None)}
     for i, stop in enumerate(stops):
         job.append(((trunk_flags if i == 0 else ["--resume", trunk]) + ["--max_steps", stop], trunk))
-        for T, D, shape in (b for b in branches if b[0] - b[1] == stop):
+        for T, D, shape in (b for b in branches if b[0] - b[1] == stop):   # decays that start here
             bname = f"{name}_T{T}_{shape}{D}"
             job.append((["--resume", trunk, "--out_dir", runs_dir / bname, "--max_steps", T, "--decay_start", stop,
                          "--decay_steps", D, "--decay_shape", shape, "--final_lr_frac", FINAL_FRAC], runs_dir / bname))
@@ -132,6 +140,7 @@ def trunk_job(args, setup, runs_dir, lr, seed):
 
 def cosine_job(args, setup, runs_dir, lr, seed, T, family):
     """Cosine(T) to 10% (wsd.cosine, Appendix B.1) or to 0 (--final_lr_frac 0: the cosine's floor)."""
+    # one run per horizon T: a cosine must know T in advance, the cost that WSD avoids (§4.3)
     name = f"{family}_lr{lr:g}_s{seed}_T{T}"
     flags = [*base_flags(args, setup, lr, seed), "--max_steps", T, "--out_dir", runs_dir / name]
     flags += ["--schedule", "cosine", "--final_lr_frac", 0.1 if family == "cos10" else 0.0]
@@ -139,8 +148,8 @@ def cosine_job(args, setup, runs_dir, lr, seed, T, family):
 
 
 def run_phase(args, setup, runs_dir, plan):
-    """plan: [(lr, seed, family)]. Builds the jobs, runs them in parallel (longest first), reads back
-    every run's metrics. -> {run name: info dict with 'rows'}."""
+    """plan: [(lr, seed, family)] -> {run name: info dict with 'rows'}, after running them all."""
+    # a WSD family is one job (the trunk and its branches, in order); a cosine family one job per T
     jobs, runs = [], {}
     for lr, seed, family in plan:
         if family == "wsd":
@@ -151,6 +160,7 @@ def run_phase(args, setup, runs_dir, plan):
             jobs.append(job)
             runs.update(info)
     steps = lambda job: sum(int(a[a.index("--max_steps") + 1]) for a, _ in job)
+    # longest first: the pool ends on short jobs instead of one worker idling while the other runs a long one
     run_parallel(sorted(jobs, key=steps, reverse=True), workers=args.workers)
     for name, info in runs.items():
         # a branch's folder starts with its trunk's history (train.py --resume into another --out_dir):
@@ -182,8 +192,8 @@ def grid_points(runs, totals):
         if run["family"] == "stable":
             for T in totals:
                 at = [r["val_loss"] for r in run["rows"] if r["step"] == T and "val_loss" in r]
-                pts[("stable (no decay)", T, run["lr"], run["seed"])] = at[-1]
-        elif run["T"] in totals:
+                pts[("stable (no decay)", T, run["lr"], run["seed"])] = at[-1]   # the trunk's eval at T
+        elif run["T"] in totals:   # the any-time decays end elsewhere: they are not arms of Figure 5
             pts[(variant(run), run["T"], run["lr"], run["seed"])] = final(run)[0]
     return pts
 
@@ -193,8 +203,10 @@ def best_lrs(pts, seed, lrs, totals):
     def mean_loss(prefix, lr):
         v = [x for (var, T, l, s), x in pts.items() if var.startswith(prefix) and l == lr and s == seed]
         return sum(v) / len(v)
+    # one lr per family, not per decay length: the trunk is shared by all WSD decays, so they share its lr
     best = {fam: min(lrs, key=lambda lr: mean_loss(prefix, lr))
             for fam, prefix in (("wsd", "WSD"), ("cos10", "Cosine(T) to 10%"), ("cos0", "Cosine(T) to 0"))}
+    # a best lr on the grid's edge may not be the best lr at all: the comparison would favour one family
     for fam, lr in best.items():
         if len(lrs) >= 3 and lr in (min(lrs), max(lrs)):
             print(f"  warning: the best lr of {fam} ({lr:g}) is on the edge of the grid; widen --lrs", flush=True)
@@ -202,16 +214,18 @@ def best_lrs(pts, seed, lrs, totals):
 
 
 def fit_envelope(points):
-    """Fit L(C) = beta C^-alpha + L0 (Appendix B.2) to (C, L) points by least squares (scipy's
-    curve_fit, as the paper). C is scaled by its smallest value so the fit is well conditioned.
-    -> dict(alpha, beta, L0, C0, errors), beta in units of C / C0."""
+    """Fit L(C) = beta C^-alpha + L0 (Appendix B.2) to (C, L) points. -> dict(alpha, beta, L0, C0, err)."""
+    # least squares by scipy's curve_fit, as the paper; C (~1e11 FLOPs) is scaled by its smallest value C0
+    # so beta is O(1) rather than ~1e5 and the fit is well conditioned: beta is then per unit of C/C0
     import numpy as np
     from scipy.optimize import curve_fit
     C, L = np.asarray([p[0] for p in points], float), np.asarray([p[1] for p in points], float)
     C0 = C.min()
     f = lambda x, beta, alpha, L0: beta * x ** -alpha + L0
-    p0 = (L.max() - L.min() + 1e-3, 0.5, max(0.0, L.min() - 0.1))
+    p0 = (L.max() - L.min() + 1e-3, 0.5, max(0.0, L.min() - 0.1))   # start: the loss range, L0 just below it
+    # alpha <= 5: with ~6 points an unbounded fit can trade a huge alpha against L0
     popt, pcov = curve_fit(f, C / C0, L, p0=p0, bounds=([0, 0, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    # 1-sigma errors; pcov is inf when the points cannot pin a parameter down
     err = np.sqrt(np.diag(pcov)) if np.all(np.isfinite(pcov)) else [float("nan")] * 3
     return dict(beta=popt[0], alpha=popt[1], L0=popt[2], C0=C0, err=dict(beta=err[0], alpha=err[1], L0=err[2]))
 
@@ -235,6 +249,7 @@ def write_csvs(runs, out, n_params):
                 w.writerow([name, variant(run), *info(run), tokens, f"{tokens / n_params:.2f}", repr(loss), repr(bpb)])
 
 
+# the arms of the verdict, in table order: the trunk, 2 shapes x 3 decay lengths, the two cosines
 ARMS = ["stable (no decay)", *(f"WSD {s} {100 * f:g}%" for s in SHAPES for f in DECAY_FRACS),
         "Cosine(T) to 10%", "Cosine(T) to 0"]
 
@@ -244,9 +259,9 @@ def family(arm):
 
 
 def paired_differences(pts, best, seeds, totals):
-    """{arm: {(T, seed): loss - Cosine(T) to 10% loss}}, each at its family's best lr. The seed sets the
-    validation windows too (train.py evaluates on windows of seed + 1), so only same-seed differences
-    compare like with like; the two seeds' differences give the spread."""
+    """{arm: {(T, seed): loss - Cosine(T) to 10% loss}}, each at its family's best lr."""
+    # the seed sets the validation windows too (train.py evaluates on windows of seed + 1), so only
+    # same-seed differences compare like with like; the two seeds' differences give the spread
     ref = lambda T, s: pts.get(("Cosine(T) to 10%", T, best["cos10"], s))
     return {arm: {(T, s): pts[(arm, T, best[family(arm)], s)] - ref(T, s) for T in totals for s in seeds
                   if (arm, T, best[family(arm)], s) in pts and ref(T, s) is not None}
@@ -254,8 +269,8 @@ def paired_differences(pts, best, seeds, totals):
 
 
 def verdict_table(pts, best, seeds, totals, tokens_per_step, n_params):
-    """Markdown: each arm at its family's best lr: the loss of each seed, and its difference from
-    Cosine(T) to 10% for each seed (negative: the arm is better)."""
+    """Markdown: each arm at its family's best lr: its loss and its difference from Cosine(T) to 10%."""
+    # per seed, never averaged: the verdict must hold for each seed (a negative difference: the arm is better)
     diffs = paired_differences(pts, best, seeds, totals)
     head = [f"T = {T} ({T * tokens_per_step / n_params:.1f} N): loss, seeds {seeds[0]} / {seeds[1]}" for T in totals]
     head += [f"T = {T}: minus Cosine 10%, per seed" for T in totals]
@@ -285,9 +300,11 @@ def plot(runs, pts, best, seeds, lrs, totals, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # four panels: the lr schedules, loss against tokens (Figure 5), the lr sweep, the verdict
     fig, (lr_ax, ax, sw_ax, d_ax) = plt.subplots(1, 4, figsize=(24, 5.5))
     s1 = seeds[0]
     trunk = runs[f"wsd_lr{best['wsd']:g}_s{s1}"]
+    # the trunk's (tokens, loss) at branch point k, where a branch's curve starts
     at_k = lambda k: [(r["tokens"], r["val_loss"]) for r in trunk["rows"] if r["step"] == k and "val_loss" in r]
     color = {T: f"C{i}" for i, T in enumerate(totals)}
     show = {("exp", 0.1): "-", ("exp", 0.025): "--", ("1-sqrt", 0.2): "-."}   # the arms drawn as curves
@@ -345,7 +362,8 @@ def plot_anytime(runs, best, seeds, fits, n_params, path):
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    flops = lambda tokens: 6 * n_params * tokens   # C = 6 N D, N non-embedding
+    flops = lambda tokens: 6 * n_params * tokens   # C = 6 N D, N non-embedding (§4.5)
+    # per seed: the trunk (constant lr) and its 10% exp decays; the decays' ends lie below the trunk (§4.3)
     for seed, mk in zip(seeds, ("o", "s")):
         trunk = runs[f"wsd_lr{best['wsd']:g}_s{seed}"]
         tv = [(flops(r["tokens"]), r["val_loss"]) for r in trunk["rows"] if "val_loss" in r and r["step"] > 0]
@@ -375,7 +393,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup = SCALES["quick" if args.quick else args.scale]
     lrs, totals, seeds = sorted(args.lrs or setup["lrs"]), setup["totals"], args.seeds
-    n_params = non_embedding_params(**setup["model"])
+    n_params = non_embedding_params(**setup["model"])   # N: horizons are read as tokens per parameter
     tokens_per_step = setup["batch"] * setup["seq"]
     out = pathlib.Path(args.out)
     runs_dir = out / "wsd_vs_cosine_runs"
