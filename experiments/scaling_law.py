@@ -60,17 +60,20 @@ SCALES = {
                 batch=64, seq=256, multiples=(10, 20, 40, 60), lr=0.005, warmup=100, eval_tokens=131072),
 }
 DECAY_FRAC, FINAL_FRAC = 0.1, 0.02     # §4: decays of ~10% of the run, exponential to 2% of the peak
-BOOTSTRAP = 200
+BOOTSTRAP = 200                        # refits: enough for stable 16th/84th percentiles, each a few ms
 
 
 def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim, **_):
-    """N: attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm gains per layer, the final one."""
+    """N of Eq. 2, the non-embedding parameters (**_ takes a checkpoint's other config fields)."""
+    # attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm gains per layer, the final one;
+    # the embedding is left out as in §4.5 (with 257 tokens it would be a large share of a tiny model)
     hd = n_embd // n_head
     return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
 
 
 def eval_flags(tokens, batch, seq):
     # A fixed validation set of `tokens` tokens spread over the val split, the same for every run.
+    # (batch, seq unused since --eval_tokens; the bits/byte of this set are the L of Eq. 2)
     return ["--eval_tokens", tokens]
 
 
@@ -78,22 +81,27 @@ def eval_flags(tokens, batch, seq):
 
 def loss_model(N, D, C_N, alpha, C_D, beta, L0):
     """Eq. 2."""
+    # N, D: scalars or arrays of one shape (a meshgrid for Figure 10's contours); L is in bits/byte
     return C_N * N ** -alpha + C_D * D ** -beta + L0
 
 
 def fit_scaling_law(N, D, L, starts=None):
-    """Least-squares fit of Eq. 2 (scipy's curve_fit, as the paper). N and D are scaled by their
-    geometric means so every parameter is O(1); several starting points guard against a local
-    minimum. -> dict(C_N, alpha, C_D, beta, L0) in the original units, and the residual sum."""
+    """Least-squares fit of Eq. 2 -> dict(C_N, alpha, C_D, beta, L0, sse, scaled), or None."""
+    # scipy's curve_fit, as the paper. It assumes every point has the same noise and that the law holds
+    # over the whole range: if the smallest D (10N) is still in an early, steeper regime, beta absorbs it.
+    # N and D are scaled by their geometric means so every parameter is O(1)
     from scipy.optimize import curve_fit
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     N0, D0 = math.exp(np.log(N).mean()), math.exp(np.log(D).mean())
     f = lambda X, cn, a, cd, b, l0: cn * X[0] ** -a + cd * X[1] ** -b + l0
     spread = L.max() - L.min() + 1e-3
+    # four starts (alpha, beta in {0.3, 0.7}): the sum of two power laws has local minima where one term
+    # takes over the other's role; the best of the four by residual is kept
     starts = starts or [(spread, a, spread, b, max(0.0, L.min() - spread)) for a in (0.3, 0.7) for b in (0.3, 0.7)]
     best = None
     for p0 in starts:
         try:
+            # exponents bounded to [0, 4] and every coefficient >= 0: the loss must fall with N and D
             p, _ = curve_fit(f, (N / N0, D / D0), L, p0=p0, bounds=([0, 0, 0, 0, 0], [np.inf, 4, np.inf, 4, np.inf]),
                              maxfev=5000)
         except (RuntimeError, ValueError):   # no convergence from this start
@@ -110,16 +118,19 @@ def fit_scaling_law(N, D, L, starts=None):
 
 def compute_optimal(fit, C):
     """Eq. 3 at compute C (FLOPs): K^2, eta, the optimal N and D, and D/N."""
+    # minimising Eq. 2 under C = 6 N D: C a scalar or an array (then every result has C's shape)
     a, b = fit["alpha"], fit["beta"]
     with np.errstate(divide="ignore", over="ignore"):   # a degenerate fit (alpha ~ 0) gives inf, not a warning
         K = np.float64(a * fit["C_N"] / (b * fit["C_D"])) ** (1 / (a + b))
-        eta = (b - a) / (a + b)
+        eta = (b - a) / (a + b)   # eta < 0: D_opt/N_opt grows with compute (more tokens per parameter)
         N_opt = K * (C / 6) ** (b / (a + b))
         return dict(K2=K * K, eta=eta, N_opt=N_opt, D_opt=C / 6 / N_opt, D_over_N=1 / (K * K * (C / 6) ** eta))
 
 
 def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
-    """Refit on points resampled with replacement. -> {name: (16th, 84th percentile)}."""
+    """Refit on points resampled with replacement. -> {name: (16th, 84th percentile)}, refits."""
+    # the points are few (16 at cpu scale) and not independent (one trunk per model), so the band is a
+    # rough guide; a fixed seed makes the printed band the same on every run
     rng = np.random.default_rng(seed)
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     draws = []
@@ -127,7 +138,7 @@ def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
         i = rng.integers(0, len(L), len(L))
         if len(set(N[i])) < 2 or len(set(D[i])) < 3:   # Eq. 2 needs spread along both axes
             continue
-        f = fit_scaling_law(N[i], D[i], L[i], starts=[fit["scaled"]])
+        f = fit_scaling_law(N[i], D[i], L[i], starts=[fit["scaled"]])   # start at the full fit: one start suffices
         if f:
             draws.append({**f, **compute_optimal(f, C)})
     keys = ("alpha", "beta", "L0", "K2", "eta", "D_over_N")
@@ -138,6 +149,8 @@ def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
 
 def size_job(args, setup, runs_dir, size):
     """A worker's job: one model's stable trunk in segments and a 10% decay branched at each data size."""
+    # §4.5 measured the WSD way: the trunk is trained once to the longest D and each D only costs its decay,
+    # so a model's 4 data sizes cost ~1.1 runs instead of the ~2.2 runs of separate Cosine(T) runs per D
     N = non_embedding_params(**size)
     tps = setup["batch"] * setup["seq"]
     name = f"N{N}"
@@ -149,17 +162,18 @@ def size_job(args, setup, runs_dir, size):
              "--tokenizer", args.tokenizer, "--data_dir", args.data_dir, "--device", args.device,
              "--lr", args.lr or setup["lr"], "--seed", args.seed, "--warmup_steps", setup["warmup"],
              *eval_flags(setup["eval_tokens"], setup["batch"], setup["seq"]),
-             "--eval_interval", 10**9, "--log_interval", 10**9, "--ckpt_interval", 10**9,   # only at segment ends
+             # eval, logs and checkpoints only at segment ends (max_steps): a point needs only the final loss
+             "--eval_interval", 10**9, "--log_interval", 10**9, "--ckpt_interval", 10**9,
              # a WSD run whose decay starts at the last total, never reached: the stable trunk
              "--schedule", "wsd", "--decay_start", totals[-1], "--decay_steps", 1, "--out_dir", trunk]
     job, points = [], []
     for i, T in enumerate(totals):
-        D = max(1, round(DECAY_FRAC * T))
+        D = max(1, round(DECAY_FRAC * T))   # decay steps (here D is steps; the points' D is tokens)
         job.append(((flags if i == 0 else ["--resume", trunk]) + ["--max_steps", T - D], trunk))
         branch = runs_dir / f"{name}_D{T * tps}"
         job.append((["--resume", trunk, "--out_dir", branch, "--max_steps", T, "--decay_start", T - D,
                      "--decay_steps", D, "--decay_shape", "exp", "--final_lr_frac", FINAL_FRAC], branch))
-        points.append(dict(run=branch.name, N=N, k=T - D, **size))
+        points.append(dict(run=branch.name, N=N, k=T - D, **size))   # k: the branch point in the trunk
     return job, points
 
 
@@ -173,6 +187,7 @@ def train_points(args, setup, runs_dir):
     for p in points:
         rows = read_metrics(runs_dir / p["run"])
         last = [r for r in rows if "val_bpb" in r][-1]
+        # the trunk's loss at the branch point: the plot's x, to show what the decay itself gained (§4.3)
         trunk = [r for r in read_metrics(runs_dir / f"N{p['N']}") if r["step"] == p["k"] and "val_bpb" in r]
         p.update(D=last["tokens"], val_loss=last["val_loss"], bpb=last["val_bpb"],
                  stable_bpb=trunk[-1]["val_bpb"] if trunk else float("nan"))
@@ -182,8 +197,8 @@ def train_points(args, setup, runs_dir):
 
 
 def points_from(folders):
-    """One point per finished run folder of train.py: its last evaluation (a WSD run after its decay),
-    N from the architecture saved in its checkpoint."""
+    """One point per finished run folder of train.py: its last evaluation, N from its checkpoint."""
+    # a WSD run's last evaluation comes after its decay; a run stopped mid-stable would bias its point up
     import torch
     points = []
     for folder in map(pathlib.Path, folders):
@@ -198,6 +213,7 @@ def points_from(folders):
     return points
 
 
+# bad input (a --from folder, too few points): one line on stderr, exit 2 (a failed run: fail(), exit 1)
 def fail_usage(message):
     print(f"scaling_law.py: {message}", file=sys.stderr)
     sys.exit(2)
@@ -234,7 +250,7 @@ def plot(points, fit, path):
     # Figure 10: equal-loss contours over (N, D), constant-compute lines and the compute-optimal path
     n = np.geomspace(min(Ns) / 4, max(Ns) * 8, 200)
     d = np.geomspace(min(p["D"] for p in points) / 4, max(p["D"] for p in points) * 8, 200)
-    NN, DD = np.meshgrid(n, d)
+    NN, DD = np.meshgrid(n, d)   # (200, 200) grids: rows over D, columns over N
     LL = loss_model(NN, DD, *(fit[k] for k in ("C_N", "alpha", "C_D", "beta", "L0")))
     cs = cx.contour(NN, DD, LL, levels=12, cmap="viridis")
     cx.clabel(cs, fontsize=7, fmt="%.2f")
@@ -242,6 +258,7 @@ def plot(points, fit, path):
     cx.contour(NN, DD, C, levels=np.geomspace(C.min(), C.max(), 8), colors="gray", linestyles=":", linewidths=0.7)
     Cs = np.geomspace(6 * n[0] * d[0], 6 * n[-1] * d[-1], 100)
     opt = compute_optimal(fit, Cs)
+    # draw the optimal path only inside the plotted box: outside it the fit is an extrapolation anyway
     ok = (opt["N_opt"] >= n[0]) & (opt["N_opt"] <= n[-1]) & (opt["D_opt"] >= d[0]) & (opt["D_opt"] <= d[-1])
     cx.plot(opt["N_opt"][ok], opt["D_opt"][ok], "r-", lw=2, label="compute-optimal (Eq. 3)")
     cx.plot([p["N"] for p in points], [p["D"] for p in points], "k.", label="measured points")
@@ -256,7 +273,7 @@ def plot(points, fit, path):
 def report(points, fit, C_ref):
     N, D, L = ([p[k] for p in points] for k in ("N", "D", "bpb"))
     opt = compute_optimal(fit, C_ref)
-    ci, n_ok = bootstrap(N, D, L, fit, C_ref)
+    ci, n_ok = bootstrap(N, D, L, fit, C_ref)   # resamples with too little spread in N or D are skipped
     band = lambda k: f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else ""
     rms = math.sqrt(fit["sse"] / len(L))
     return "\n".join([
@@ -305,6 +322,7 @@ def main(argv=None):
         except RunFailed as e:
             fail(str(e))
     wall = time.time() - t0
+    # Eq. 2 separates N and D only with 2+ sizes and 3+ data sizes, and needs more points than its 5 parameters
     if len({p["N"] for p in points}) < 2 or len({p["D"] for p in points}) < 3 or len(points) < 6:
         fail_usage("Eq. 2 has 5 parameters: give at least 6 points over 2+ model sizes and 3+ data sizes")
     fit = fit_scaling_law(*([p[k] for p in points] for k in ("N", "D", "bpb")))
@@ -315,6 +333,7 @@ def main(argv=None):
     print("\n| N | D | D/N | bits/byte (decayed) | bits/byte (stable, before the decay) |\n|---|---|---|---|---|")
     for p in points:
         print(f"| {p['N']:,} | {p['D']:,} | {p['D'] / p['N']:.1f} | {p['bpb']:.4f} | {p['stable_bpb']:.4f} |")
+    # Eq. 3 is read at the largest compute measured here, not extrapolated to the paper's scale
     print(f"\n{report(points, fit, max(6 * p['N'] * p['D'] for p in points))}")
     print(f"\n{len(points)} points, {wall:.0f} s; wrote {out / 'scaling_law.png'}, {out / 'scaling_law.csv'}")
     return 0
