@@ -48,8 +48,8 @@ QUICK = dict(FULL, widths=(16, 32, 64, 128), head_dim=8, n_layer=1, seq_len=32, 
 GPU = dict(FULL, widths=(256, 512, 1024, 2048), head_dim=64, n_layer=4, seq_len=256, batch_size=32, steps=120,
            warmup=12, lr_exps=dict(mup=range(-6, 3), sp=range(-6, 3)), seed2_lrs=0, eval_tokens=262144, workers=1)
 SCALES = dict(cpu=FULL, gpu=GPU)
-ARMS = ("mup", "sp")
-ACTIVATIONS = ("embedding", "attention", "mlp", "logits")
+ARMS = ("mup", "sp")   # the claim (§3.1) is a contrast: the best lr holds across widths under muP, not under SP
+ACTIVATIONS = ("embedding", "attention", "mlp", "logits")   # the coordinates muP keeps O(1) in width
 
 
 def parse_args(argv):
@@ -57,13 +57,15 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny widths and 3 lrs: under a minute")
     p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (EleutherAI-sized widths)")
     add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
+    # 2 seeds by default: a best lr that moves by one grid step with the seed alone is not a width effect
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="default 1337,1338")
     return p.parse_args(argv)
 
 
 def model_flags(setup, width, arm):
     """Fixed depth and head dim; SwiGLU 2.5 d as in every MiniCPM (Table 8)."""
-    heads = width // setup["head_dim"]
+    # fixed depth and head dim: width is the only thing muP scales, so it is the only thing that varies
+    heads = width // setup["head_dim"]   # full multi-head attention (no grouping), so heads grow with width
     return ["--n_layer", setup["n_layer"], "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
             "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--mup", str(arm == "mup").lower()]
 
@@ -79,8 +81,10 @@ def run_name(arm, width, k, seed):
 
 
 def sweep(args, setup, runs_dir, points):
-    """Train every (arm, width, lr exponent k, seed) in `points` in parallel -> {point: val_loss or inf}.
-    A run that diverges (train.py stops on a NaN loss) counts as infinitely bad."""
+    """Train every (arm, width, lr exponent k, seed) in `points` in parallel -> {point: val_loss or inf}."""
+    # a run that diverges (train.py stops on a NaN loss) counts as infinitely bad: too high an lr is a
+    # result of the sweep (the grid's high end), not a failure of the experiment
+    # a constant lr after warmup: the loss then reflects the peak lr alone, not a decay shape (Figure 3)
     steps = setup["steps"]
     common = ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
               "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--schedule", "constant",
@@ -90,7 +94,7 @@ def sweep(args, setup, runs_dir, points):
     jobs = [[([*common, *model_flags(setup, w, arm), "--lr", BASE_LR * 2.0**k, "--seed", seed,
                "--out_dir", runs_dir / run_name(arm, w, k, seed)], runs_dir / run_name(arm, w, k, seed))]
             for arm, w, k, seed in points]
-    done = run_parallel(jobs, workers=setup["workers"], allow_failures=True)
+    done = run_parallel(jobs, workers=setup["workers"], allow_failures=True)   # None for a diverged run
     results = {}
     for point, ok in zip(points, done):
         run_dir = runs_dir / run_name(*point)
@@ -101,8 +105,10 @@ def sweep(args, setup, runs_dir, points):
 
 
 def best_exponent(ks, losses):
-    """The best lr as a (fractional) grid exponent: the parabola through the lowest point and its two
-    neighbours, in log2 lr. -> (k*, on_edge): on_edge when the lowest point is the grid's first or last."""
+    """The best lr as a (fractional) grid exponent -> (k*, on_edge)."""
+    # the parabola through the lowest point and its two neighbours, in log2 lr: the loss is near-quadratic
+    # in log lr around its minimum, so a grid a factor 2 apart still resolves shifts of a fraction of a step.
+    # on_edge when the lowest point is the grid's first or last: then the true best lies outside the grid
     i = min(range(len(ks)), key=lambda j: losses[j])
     if i in (0, len(ks) - 1) or not math.isfinite(losses[i - 1] + losses[i + 1]):
         return float(ks[i]), True
@@ -112,6 +118,7 @@ def best_exponent(ks, losses):
 
 def seed2_window(ks, k_best, n):
     """n consecutive grid exponents centred on seed 1's best (shifted to stay inside the grid)."""
+    # the second seed only re-measures around the optimum: fewer runs, enough to locate the best lr
     ks = list(ks)
     if n <= 0 or n >= len(ks):
         return ks
@@ -122,11 +129,11 @@ def seed2_window(ks, k_best, n):
 # ----------------------------------------------------------------------------- the coordinate check
 
 def activation_rms(model, idx):
-    """RMS of each activation class over one forward pass of idx, from forward hooks on minicpm.MiniCPM:
-    the embedding output as it enters the residual stream (after x scale_emb), every layer's attention
-    and MLP outputs (before the residual multiplier; pooled over layers), and the logits."""
+    """RMS of each activation class over one forward pass of idx (forward hooks on minicpm.MiniCPM)."""
+    # the embedding output as it enters the residual stream (after x scale_emb), every layer's attention
+    # and MLP outputs (before the residual multiplier; pooled over layers), and the logits (§3.1's scalings)
     import torch
-    sums = {name: [0.0, 0] for name in ACTIVATIONS}
+    sums = {name: [0.0, 0] for name in ACTIVATIONS}   # name -> [sum of squares (float64), element count]
 
     def record(name, x):
         sums[name][0] += x.detach().double().pow(2).sum().item()
@@ -146,16 +153,16 @@ def activation_rms(model, idx):
 
 
 def coord_check(widths, steps, batches, vocab_size, head_dim=16, n_layer=2, lr=BASE_LR, seed=0):
-    """Train each width under muP and SP for `steps` AdamW steps at the same lr (the model's own lr
-    groups, as train.py builds them) and take activation_rms on a fixed batch before and after.
-    batches(t) -> (x, y) is step t's batch; batches(-1) is the probe batch.
-    -> rows (arm, width, activation, step, rms)."""
+    """Train each width under muP and SP for `steps` AdamW steps -> rows (arm, width, activation, step, rms)."""
+    # the same lr for every width and the model's own lr groups (as train.py builds them): under muP the
+    # update's effect on each activation is width-independent, so after a few steps the RMS stays flat.
+    # batches(t) -> (x, y) is step t's batch; batches(-1) is the fixed probe batch, (batch, seq) token ids
     import torch
     from minicpm import MiniCPM, MiniCPMConfig
     rows, probe = [], batches(-1)[0]
     for arm in ARMS:
         for width in widths:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed)   # every width and arm starts from the same seed: only width and arm differ
             cfg = MiniCPMConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=width, n_head=width // head_dim,
                                 n_kv_head=width // head_dim, ffn_dim=width * 5 // 2, block_size=probe.shape[1],
                                 mup=arm == "mup")
@@ -174,6 +181,7 @@ def coord_check(widths, steps, batches, vocab_size, head_dim=16, n_layer=2, lr=B
 
 def growth_exponents(rows, step):
     """Slope of log RMS against log width at `step`, per (arm, activation): 0 is flat, 1 grows like width."""
+    # a power-law fit over the widths (8x): one number per curve for the verdict table
     import numpy as np
     out = {}
     for arm in ARMS:
@@ -188,9 +196,10 @@ def run_coord_check(args, setup):
     import data
     dataset = data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
     train_bin = os.path.join(dataset, "train.bin")
+    # the probe batch is step 10**6's window (the loader is a function of seed and step): never trained on
     batches = lambda t: data.get_batch(train_bin, setup["batch_size"], setup["seq_len"], seed=args.seeds[0],
                                        step=t if t >= 0 else 10**6)
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)   # one thread like the pool's workers (small matmuls gain little from two)
     return coord_check(setup["widths"], setup["coord_steps"], batches, data.load_meta(dataset)["vocab_size"],
                        setup["head_dim"], setup["n_layer"], seed=args.seeds[0])
 
@@ -213,6 +222,7 @@ def plot(results, best, coord_rows, steps, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # three panels: loss against lr under muP and under SP (Figure 3), then the coordinate check
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     widths = sorted({p[1] for p in results})
     seeds = sorted({p[3] for p in results})
@@ -222,12 +232,13 @@ def plot(results, best, coord_rows, steps, path):
             for si, seed in enumerate(seeds):
                 pts = sorted((k, v) for (a, w_, k, s), v in results.items() if (a, w_, s) == (arm, w, seed))
                 ks, vs = zip(*pts)
+                # diverged runs (inf) are drawn at 99, off the zoomed axes, so the line still ends there
                 ax.plot([BASE_LR * 2.0**k for k in ks], [min(v, 99) for v in vs], marker="o" if si == 0 else "x",
                         ls="-" if si == 0 else "--", color=f"C{ci}", label=f"d={w}" + (f", seed {seed}" if si else ""))
                 k_best = best[arm, w, seed][0]
                 ax.axvline(BASE_LR * 2.0**k_best, color=f"C{ci}", lw=0.8, ls=":" if si else "-", alpha=0.6)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(min(finite) - 0.03, min(finite) + 1.0)
+        ax.set_ylim(min(finite) - 0.03, min(finite) + 1.0)   # zoom on the minima, where the best lr is read
         ax.set(xlabel="peak learning rate (muP: matrices get lr / m)", ylabel="validation loss (nats/byte)",
                title=f"{'muP' if arm == 'mup' else 'standard parameterisation'}: loss vs lr (cf. Figure 3)")
         ax.legend(fontsize=7)
@@ -255,6 +266,7 @@ def verdict(results, best, growth):
         for seed in seeds:
             ks = [best[arm, w, seed] for w in widths]
             cells = [f"{BASE_LR * 2.0**k:.4f}{' (edge)' if edge else ''}" for k, edge in ks]
+            # the verdict: how far the best lr moves over the widths (8x), in factors of 2 (< 1: within one grid step)
             spread = max(k for k, _ in ks) - min(k for k, _ in ks)
             lines.append(f"| {arm} seed {seed} | " + " | ".join(cells) + f" | {spread:.2f} |")
     lines += ["", "| coordinate check: log-log slope of RMS vs width | " + " | ".join(ACTIVATIONS) + " |",
@@ -266,7 +278,7 @@ def verdict(results, best, growth):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup = QUICK if args.quick else SCALES[args.scale]
-    args.seeds = args.seeds or setup["seeds"]
+    args.seeds = args.seeds or setup["seeds"]   # the first seed sweeps the whole grid
     out = pathlib.Path(args.out)
     runs_dir = out / "mup_transfer_runs"
     shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
@@ -279,7 +291,7 @@ def main(argv=None):
     first = [(arm, w, k, args.seeds[0]) for arm in ARMS for w in setup["widths"] for k in setup["lr_exps"][arm]]
     results = sweep(args, setup, runs_dir, first)
     print(f"seed {args.seeds[0]}: {len(first)} runs, {time.time() - t0:.0f} s", flush=True)
-    best = {}
+    best = {}   # (arm, width, seed) -> (fractional best grid exponent, on_edge)
 
     def find_best(seed):
         for arm in ARMS:
@@ -293,7 +305,7 @@ def main(argv=None):
         results.update(sweep(args, setup, runs_dir, more))
         for seed in args.seeds[1:]:
             find_best(seed)
-    growth = growth_exponents(coord_rows, setup["coord_steps"])
+    growth = growth_exponents(coord_rows, setup["coord_steps"])   # slopes after training, not at init
     write_csvs(results, coord_rows, out)
     plot(results, best, coord_rows, setup["coord_steps"], out / "mup_transfer.png")
     print(f"\n{len(results)} runs, {time.time() - t0:.0f} s in all. Best lr per width (parabola in log2 lr; "
