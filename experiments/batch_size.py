@@ -49,6 +49,8 @@ QUICK = dict(FULL, sizes=dict(S=(1, 32), M=(1, 64)), head_dim=16, seq_len=32, ba
              tokens=40_000, levels=6, eval_tokens=2048)
 GPU = dict(FULL, sizes=dict(S=(4, 256), M=(8, 512)), head_dim=64, seq_len=256, batches=(8, 16, 32, 64, 128, 256),
            tokens=40_000_000, eval_tokens=1_048_576, workers=1)
+# smooth_frac: the moving average spans 4% of the budget, wide enough to average out the per-step
+# noise of the small batches, narrow enough to keep the curves' shape; levels: loss levels per size
 SCALES = dict(cpu=FULL, gpu=GPU)
 
 
@@ -57,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes and budget: under a minute")
     p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (wider, deeper, longer)")
     add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
+    # one seed: every batch size starts from the same init, so only the batch size differs
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--reanalyse", action="store_true", help="no training: analyse the runs already in --out")
     return p.parse_args(argv)
@@ -70,17 +73,19 @@ def eval_flags(setup, batch):
 
 def run_all(args, setup, runs_dir, train=True):
     """Train every (size, batch) (unless not train) -> {(size, batch tokens): metrics rows}."""
+    # one job per (size, batch): independent runs, so both cores are busy until the last one
     jobs, keys = [], []
     for name, (n_layer, width) in setup["sizes"].items():
         heads = width // setup["head_dim"]
         for batch in setup["batches"]:
             bt = batch * setup["seq_len"]        # tokens per step
             steps = setup["tokens"] // bt        # the same budget in tokens for every batch size
-            warmup = max(1, round(setup["warmup_frac"] * steps))
+            warmup = max(1, round(setup["warmup_frac"] * steps))   # 2% of each run: the same share of tokens
             argv = ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
                     "--n_layer", n_layer, "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
                     "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--seq_len", setup["seq_len"],
                     "--batch_size", batch, "--lr", LR, "--schedule", "cosine", "--max_steps", steps,
+                    # every step's training loss is logged: the levels are read from it, not from evals
                     "--warmup_steps", warmup, "--log_interval", 1, "--eval_interval", steps,
                     "--ckpt_interval", 10**9, "--seed", args.seed, *eval_flags(setup, batch)]
             run_dir = runs_dir / f"{name}_bs{bt}"
@@ -92,25 +97,28 @@ def run_all(args, setup, runs_dir, train=True):
         run_parallel([jobs[i] for i in order], workers=setup["workers"])
     runs = {}
     for name, bt, steps in keys:
-        (runs_dir / f"{name}_bs{bt}" / "ckpt.pt").unlink(missing_ok=True)
+        (runs_dir / f"{name}_bs{bt}" / "ckpt.pt").unlink(missing_ok=True)   # keep the output small
         runs[name, bt] = read_metrics(runs_dir / f"{name}_bs{bt}")
     return runs
 
 
 def smoothed_curve(rows, batch_tokens, window, grid):
-    """The training loss on `grid` (tokens): each step's loss sits at the middle of the tokens it saw,
-    averaged over a centred window of `window` tokens (the same for every batch size)."""
+    """The training loss on `grid` (tokens), averaged over a centred window of `window` tokens."""
+    # each step's loss sits at the middle of the tokens it saw; the window is in tokens, not steps, so a
+    # small batch averages more steps than a large one and every curve has the same resolution in tokens
     pts = np.array([(r["tokens"] - batch_tokens / 2, r["train_loss"]) for r in rows if "train_loss" in r])
+    # pts: (steps, 2) of (token position, loss); a cumulative sum gives each window's mean in O(1)
     csum = np.concatenate([[0.0], np.cumsum(pts[:, 1])])
     lo = np.searchsorted(pts[:, 0], grid - window / 2)
     hi = np.searchsorted(pts[:, 0], grid + window / 2, side="right")
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(hi > lo, (csum[hi] - csum[np.minimum(lo, hi)]) / (hi - lo), np.nan)
+        return np.where(hi > lo,  # nan where a window holds no step
+                         (csum[hi] - csum[np.minimum(lo, hi)]) / (hi - lo), np.nan)
 
 
 def tokens_to_reach(grid, curve, level):
-    """The first token count at which the smoothed curve is at or below level (linear between grid
-    points); inf when it never gets there."""
+    """The first token count at which the smoothed curve is at or below level; inf when it never is."""
+    # linear between grid points: the token count varies smoothly with the level, not in grid steps
     below = np.nonzero(curve <= level)[0]
     if not len(below):
         return math.inf
@@ -122,10 +130,11 @@ def tokens_to_reach(grid, curve, level):
 
 
 def optimum(batches, tokens, half_width=2):
-    """The batch needing the fewest tokens: a least-squares parabola in (log2 batch, log tokens) over
-    the best batch and up to half_width neighbours each side (more points than 3 average out some of
-    the noise of the smoothed curves). -> (batch, on_edge); on_edge when the best batch is the
-    smallest or largest reached, or the parabola's vertex falls outside the fitted points."""
+    """The batch needing the fewest tokens -> (batch, on_edge)."""
+    # a least-squares parabola in (log2 batch, log tokens) over the best batch and up to half_width
+    # neighbours each side, as the paper fits parabolas (§3.2); more points than 3 average out some of
+    # the noise of the smoothed curves. on_edge when the best batch is the smallest or largest reached,
+    # or the vertex falls outside the fitted points: the optimum is then only bounded, not located
     tokens = [t if math.isfinite(t) else math.inf for t in tokens]
     i = int(np.argmin(tokens))
     if i in (0, len(batches) - 1) or not math.isfinite(tokens[i - 1] + tokens[i + 1]):
@@ -133,7 +142,7 @@ def optimum(batches, tokens, half_width=2):
     window = [j for j in range(i - half_width, i + half_width + 1) if 0 <= j < len(batches) and math.isfinite(tokens[j])]
     x = np.log2(np.array([batches[j] for j in window], dtype=float))
     c2, c1, _ = np.polyfit(x, np.log([tokens[j] for j in window]), 2)
-    vertex = -c1 / (2 * c2) if c2 > 0 else math.nan
+    vertex = -c1 / (2 * c2) if c2 > 0 else math.nan   # c2 <= 0: no minimum, the vertex test below fails
     if not x[0] <= vertex <= x[-1]:
         return float(batches[i]), True
     return float(2.0 ** vertex), False
@@ -141,6 +150,7 @@ def optimum(batches, tokens, half_width=2):
 
 def fit_law(points):
     """bs = a / L^b by least squares on log bs = log a - b log L. points: [(L, bs)] -> (a, b)."""
+    # a straight line in log-log space weights every optimum equally in relative terms (Figure 2's axes)
     L, bs = np.array(points, dtype=float).T
     slope, intercept = np.polyfit(np.log(L), np.log(bs), 1)
     return float(math.exp(intercept)), float(-slope)
@@ -148,6 +158,7 @@ def fit_law(points):
 
 def paper_law_bytes(bpb):
     """The paper's bs = 1.21e9 / L^6.24 with L and bs converted to bits per byte and bytes per batch."""
+    # bits/byte -> nats/token at PAPER_BYTES_PER_TOKEN; the batch in tokens -> bytes at the same ratio
     nats_per_token = bpb * math.log(2) * PAPER_BYTES_PER_TOKEN
     return PAPER_A / nats_per_token**PAPER_B * PAPER_BYTES_PER_TOKEN
 
@@ -156,7 +167,7 @@ def analyse(runs, setup):
     """Smoothed curves, tokens to reach each level, the optimum per level. -> (curves, table, optima)."""
     # the window holds at least two steps of the largest batch, so every curve is defined everywhere
     window = max(setup["smooth_frac"] * setup["tokens"], 2 * max(bt for _, bt in runs))
-    grid = np.linspace(window, setup["tokens"] - window / 2, 600)
+    grid = np.linspace(window, setup["tokens"] - window / 2, 600)   # 600 token positions, shared by all runs
     curves, table, optima = {}, [], []
     for name in setup["sizes"]:
         batches = sorted(bt for n, bt in runs if n == name)
@@ -167,6 +178,7 @@ def analyse(runs, setup):
         best_at = lambda frac: np.nanmin([c[int(frac * (len(grid) - 1))] for (n, _), c in curves.items() if n == name])
         levels = np.geomspace(best_at(0.1), best_at(1.0) + 1e-3, setup["levels"])
         for level in levels:
+            # Figure 1: at each loss level, the tokens each batch size needed; the optimum needs the fewest
             tokens = [tokens_to_reach(grid, curves[name, bt], level) for bt in batches]
             table += [(name, bt, float(level), t) for bt, t in zip(batches, tokens)]
             bs, edge = optimum(batches, tokens)
@@ -175,11 +187,10 @@ def analyse(runs, setup):
 
 
 def final_optima(curves, setup):
-    """Per size, the batch whose run ends lowest: the smoothed training loss over the last window (in
-    bits per byte), a 3-point parabola in log2 batch. This is the optimum for the whole budget, where
-    each cosine run has finished its decay. (The training loss, smoothed, as for the levels: one
-    evaluation at the end would be a single noisy point per run.)
-    -> [(size, best final loss in bpb, batch, on_edge)]."""
+    """Per size, the batch whose run ends lowest -> [(size, best final loss in bpb, batch, on_edge)]."""
+    # the smoothed training loss over the last window (in bits per byte), a 3-point parabola in log2
+    # batch: the optimum for the whole budget, where each cosine run has finished its decay. The training
+    # loss, smoothed, as for the levels: one evaluation at the end would be a single noisy point per run
     out = []
     for name in setup["sizes"]:
         batches = sorted(bt for n, bt in curves if n == name)
@@ -194,6 +205,7 @@ def plot(grid, curves, optima, law, finals, setup, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(setup["sizes"])
+    # one panel per size (Figure 1: loss against tokens per batch), then the optima against loss (Figure 2)
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(6 * (len(names) + 1), 5))
     for ax, name in zip(axes, names):
         batches = sorted(bt for n, bt in curves if n == name)
@@ -204,7 +216,7 @@ def plot(grid, curves, optima, law, finals, setup, path):
         n_layer, width = setup["sizes"][name]
         ax.set(xscale="log", xlabel="tokens", ylabel="training loss (nats/byte, smoothed)",
                title=f"{name}: {n_layer} layers, d={width}, lr {LR}, cosine (cf. Figure 1)")
-        ax.set_ylim(min(L for _, L in opt) - 0.1, max(L for _, L in opt) + 0.3)
+        ax.set_ylim(min(L for _, L in opt) - 0.1, max(L for _, L in opt) + 0.3)   # zoom on the levels
         ax.legend(fontsize=7)
     ax = axes[-1]
     bpb = lambda nats: nats / math.log(2)   # byte tokens: one token is one byte
@@ -280,6 +292,8 @@ def main(argv=None):
     runs = run_all(args, setup, runs_dir, train=not args.reanalyse)
     grid, curves, table, optima = analyse(runs, setup)
     interior = [(L / math.log(2), bs) for _, L, bs, _, edge in optima if not edge]
+    # the law is fitted to interior optima only: an edge optimum is only a bound, and would bias the slope b;
+    # it needs 2+ distinct levels to have a slope at all
     law = fit_law(interior) if len({round(L, 6) for L, _ in interior}) >= 2 else None
     finals = final_optima(curves, setup)
     write_csvs(table, optima, out)
