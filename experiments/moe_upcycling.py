@@ -53,12 +53,14 @@ SCALES = {
                 eval_tokens=262144, eval_interval=500, log_interval=50, seeds=2),
 }
 LR = 0.01          # the peak lr of every run (§3.3: muP's ~0.01; matrices get lr / m)
+# 4 experts, top-2: MiniCPM-MoE has 8 experts, top-2 (§7.3); 4 copies of the MLP keep the MoE's
+# parameters and its CPU time within the budget while the router still chooses 2 of 4
 N_EXPERTS, TOP_K = 4, 2
 
 
 def eval_flags(setup):
-    """The fixed validation set: eval_tokens (65,536 by default) spread evenly over the validation
-    split, the same windows at every evaluation and for every run and seed."""
+    """The fixed validation set: eval_tokens (65,536 by default) spread evenly over the validation split."""
+    # the same windows at every evaluation and for every run and seed: the gaps are then the runs' own
     return ["--eval_tokens", setup["eval_tokens"]]
 
 
@@ -75,6 +77,7 @@ def parse_args(argv):
                    help="parallel runs (default: one per CPU core; 1 with --scale gpu, the runs take the GPU in turn)")
     p.add_argument("--seed", type=int, default=1337, help="first seed; the others follow it")
     args = p.parse_args(argv)
+    # bad input: one line naming the flag, exit 2 (p.exit), no traceback
     for name in ("trunk_steps", "cont_steps", "seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.exit(2, f"moe_upcycling.py: --{name} must be at least 1\n")
@@ -82,8 +85,8 @@ def parse_args(argv):
 
 
 def flops_per_token(setup, vocab_size, n_experts=0):
-    """Training FLOPs per token of the model (minicpm's count: 6 per active matrix parameter plus
-    attention), on the meta device: nothing is allocated."""
+    """Training FLOPs per token of the model (minicpm's count), on the meta device: nothing is allocated."""
+    # 6 per active matrix parameter plus attention: an MoE counts only its top-k experts, not all of them
     import torch
     from minicpm import MiniCPM, MiniCPMConfig
     with torch.device("meta"):
@@ -92,14 +95,16 @@ def flops_per_token(setup, vocab_size, n_experts=0):
 
 
 def plan(args, setup, runs_dir, ratio):
-    """-> (trunk jobs, continuation jobs, {(run, seed): folder}, k). ratio = dense / MoE FLOPs per
-    token fixes where the equal-FLOPs MoE decays: its k + D steps cost what the dense run's C do."""
+    """-> (trunk jobs, continuation jobs, {(run, seed): folder}, k)."""
+    # ratio = dense / MoE FLOPs per token fixes where the equal-FLOPs MoE decays: its k + D steps cost
+    # what the dense run's C do (both see the same tokens per step, so FLOPs scale with steps)
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
     k = max(0, round(ratio * C) - D)       # the equal-FLOPs branch leaves the MoE's stable phase at k
-    model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]
+    model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]   # the dense shape, as flags
     common = [*model, "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--lr", LR,
               "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
               "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9, *eval_flags(setup)]
+    # how a continuation is watched, stated explicitly (a resume may change these; else it keeps the trunk's)
     observe = ["--eval_interval", setup["eval_interval"], "--log_interval", setup["log_interval"], *eval_flags(setup)]
     # The MoE runs are new runs (step 0 at the branch); their decay ends where the dense run's does.
     # No re-warmup: the lr goes on at the trunk's peak (He et al. 2024: resetting to the peak lr beats
@@ -107,7 +112,7 @@ def plan(args, setup, runs_dir, ratio):
     moe_schedule = ["--schedule", "wsd", "--max_steps", C, "--decay_start", C - D, "--decay_steps", D]
     trunks, conts, runs = [], [], {}
     for i in range(setup["seeds"]):
-        seed = args.seed + i
+        seed = args.seed + i   # the seed fixes init, batches and validation windows: all arms of a seed share them
         d = {name: runs_dir / f"{name}_s{seed}" for name in ("trunk", "dense", "upcycled", "upcycled_eqflops",
                                                              "upcycled_fresh_adam")}
         # A WSD run whose decay lies beyond its horizon: constant lr after warmup, and resumable
@@ -125,7 +130,7 @@ def plan(args, setup, runs_dir, ratio):
                  (["--resume", d["upcycled"], "--out_dir", d["upcycled_eqflops"], "--max_steps", k + D,
                    "--decay_start", k, *observe], d["upcycled_eqflops"]),
                  (["--resume", d["upcycled"], *observe], d["upcycled"])]
-        if 0 < k < C - D:
+        if 0 < k < C - D:   # k must fall inside (b)'s stable phase for (c) to branch from it
             conts.append(steps)
         else:   # a continuation too short for an earlier decay: no equal-FLOPs run
             conts.append([([*moe, *moe_schedule, "--warmup_steps", 0, "--out_dir", d["upcycled"]], d["upcycled"])])
@@ -136,6 +141,7 @@ def plan(args, setup, runs_dir, ratio):
                             "true", "--out_dir", d["upcycled_fresh_adam"]], d["upcycled_fresh_adam"])])
         runs.update({(name, seed): path for name, path in d.items()})
     # longest jobs first, so that two workers end close together
+    # (MoE jobs before dense ones of the same length: an MoE step costs ~1.5x a dense one)
     conts.sort(key=lambda job: -len(job) - ("--upcycle_from" in map(str, job[0][0])))
     return trunks, conts, runs, k
 
@@ -148,12 +154,13 @@ def run_all(args, setup, runs_dir):
     vocab = data.load_meta(data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True))["vocab_size"]
     fpt = {"dense": flops_per_token(setup, vocab), "moe": flops_per_token(setup, vocab, N_EXPERTS)}
     trunks, conts, runs, k = plan(args, setup, runs_dir, fpt["dense"] / fpt["moe"])
+    # on a GPU one run at a time: parallel runs would only share the one device
     workers = args.workers or (1 if args.scale == "gpu" and not args.quick else None)
     # two phases: every continuation branches from its seed's finished trunk checkpoint
     run_parallel(trunks, workers)     # the seeds' trunks side by side
     run_parallel(conts, workers)      # then every continuation
     metrics = {key: read_metrics(path) for key, path in runs.items() if (path / "metrics.jsonl").exists()}
-    branch_tokens = setup["trunk"] * setup["batch_size"] * setup["seq_len"]
+    branch_tokens = setup["trunk"] * setup["batch_size"] * setup["seq_len"]   # the trunk's tokens at the branch
     rows = []
     for (name, seed), ms in metrics.items():
         moe = name.startswith("upcycled")
@@ -178,6 +185,7 @@ def write_csv(rows, path):
 
 def finals(rows):
     """{(run, seed): the last validation row}: after the decay for every continuation."""
+    # keep each run's row with the highest step: its final evaluation
     out = {}
     for r in rows:
         key = (r["run"], r["seed"])
@@ -187,8 +195,9 @@ def finals(rows):
 
 
 def verdict(rows, setup):
-    """Per seed: the gaps (b) - (a) at equal tokens and (c) - (a) at equal FLOPs, after the decay,
-    and the control (d) - (b); and how flat the dense run was before its decay."""
+    """Per seed: the gaps (b) - (a), (c) - (a) and (d) - (b) after the decay, and the dense run's flatness."""
+    # (b) - (a) at equal tokens, (c) - (a) at equal FLOPs: §7.3's claim holds only if the MoE wins both;
+    # (d) - (b) is the control, what carrying the Adam state over is worth
     last = finals(rows)
     seeds = sorted({r["seed"] for r in rows})
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
@@ -217,6 +226,7 @@ def verdict(rows, setup):
 
 def curve(rows, name, seed, x):
     """(x, val_loss) points of one run, joined to the point it branched from (trunk or MoE run)."""
+    # x: "tokens" or "flops"; the join makes a branch's curve start where its parent's was, not in mid-air
     own = sorted((r["step"], r[x], r["val_loss"]) for r in rows if r["run"] == name and r["seed"] == seed)
     parent = {"dense": "trunk", "upcycled_eqflops": "upcycled"}.get(name)
     if own and parent:
@@ -231,13 +241,14 @@ def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # three panels: loss against tokens, loss against FLOPs (the MoE's curve shifts right), the paired gap
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     styles = {"trunk": ("k", "dense trunk (constant lr)"), "dense": ("C0", "(a) dense, continued"),
               "upcycled": ("C3", f"(b) upcycled, {N_EXPERTS} experts top-{TOP_K}, Adam carried over"),
               "upcycled_eqflops": ("C1", "(c) = (b) decayed at (a)'s final FLOPs"),
               "upcycled_fresh_adam": ("C2", "(d) = (b) with a fresh Adam + re-warmup")}
     seeds = sorted({r["seed"] for r in rows})
-    dashes = ["-", "--", ":", "-."]
+    dashes = ["-", "--", ":", "-."]   # one line style per seed, one colour per arm
     branch = {x: max(r[x] for r in rows if r["run"] == "trunk") for x in ("tokens", "flops")}
     for ax, x in zip(axes, ("tokens", "flops")):
         for name, (color, label) in styles.items():
