@@ -5,9 +5,8 @@ A Llama-style pre-norm decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, 
 with MiniCPM's muP ("Tensor Program") scalings: embedding output x scale_emb, each residual branch
 x scale_depth / sqrt(L), logits from h / m with width multiplier m = d / d_base, matrix init std
 and Adam lr divided by sqrt(m) and m. Parameter names are those of the released Hugging Face
-checkpoints, so `save_hf` / `from_hf` are a plain state-dict copy.
-
-    python minicpm.py          # table of every preset: parameters, FLOPs per token, GPU memory
+checkpoints, so checkpoint.save_hf / load_hf are a plain state-dict copy. The preset table
+(parameters, FLOPs per token, GPU memory) is `python plan.py`.
 """
 import math
 from dataclasses import dataclass
