@@ -247,8 +247,9 @@ def prepare_out_dir(run, resumed):
     """Only now, with configuration, checkpoint and data known good, is the output folder written."""
     # leftovers of a crashed writer removed, the tokenizer beside the checkpoint, the metrics begun
     cfg = run.cfg
-    if run.ddp.rank != 0 or cfg.bench:   # (a benchmark leaves the output folder alone)
-        return
+    if run.ddp.rank != 0 or cfg.bench: return   # (a benchmark leaves the output folder alone)
+    if resumed and os.path.dirname(os.path.abspath(resumed["path"])) != os.path.abspath(cfg.out_dir):   # said, not silent
+        print(f"continuing {resumed['path']} (step {resumed['step']}) in {cfg.out_dir}: its metrics.jsonl starts with that run's history")
     checkpoint.start_run_folder(cfg.out_dir, run.meta["rank_file"] and os.path.join(run.folder, run.meta["rank_file"]),
                                 run.tokenizer)
     checkpoint.atomic_write_text(json.dumps(run.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
