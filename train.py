@@ -344,8 +344,7 @@ def train(run):
                     "Try a lower --lr or --grad_clip, then --resume from it.", file=sys.stderr)
                 return 1
             run.step, run.tokens = run.step + 1, run.tokens + run.tokens_per_step
-            if run.ddp.device.startswith("cuda") and run.step % cfg.log_interval == 0:
-                torch.cuda.synchronize()               # so the step time is the GPU's, not the launch's
+            if run.ddp.device.startswith("cuda") and run.step % cfg.log_interval == 0: torch.cuda.synchronize()   # GPU time
             dt, t0 = time.time() - t0, time.time()
             # a row per step that measured something; lr is the one the step used
             row = dict(step=run.step, tokens=run.tokens, lr=lr)
@@ -428,8 +427,7 @@ def run(argv):
         folder, meta = build_data(cfg, ddp)
         mcfg = model_config(cfg, overrides, resumed, source, meta)
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
-            with torch.device("meta"):
-                model = MiniCPM(mcfg)
+            with torch.device("meta"): model = MiniCPM(mcfg)
             return print(plan.describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
