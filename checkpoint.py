@@ -1,5 +1,5 @@
-"""Our files on disk: the `ckpt.pt` format, atomic writes, the tokenizer record, and the released
-Hugging Face folder layout (config.json + pytorch_model.bin), for every script that reads or writes them.
+"""Our files on disk: the `ckpt.pt` format, atomic writes, the run folder and the tokenizer record,
+for every script that reads or writes them (the Hugging Face folder layouts are in hf.py).
 
 ckpt.pt is one dict, loaded with torch.load(weights_only=True) (tensors and plain containers only,
 so a checkpoint from elsewhere cannot run code):
@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 
 from cli import UsageError
-from minicpm import MiniCPM, MiniCPMConfig, config_from_hf
+from minicpm import MiniCPM, MiniCPMConfig
 
 KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}   # kind -> the script that writes (and resumes) it
 # Keys older checkpoints saved in model_config that are runtime choices, not architecture.
@@ -158,77 +158,3 @@ def rank_file_path(ckpt):
     """The absolute path of the checkpoint's BPE rank file (None for byte / named encodings)."""
     rel = ckpt["tokenizer"]["rank_file"]
     return rel and os.path.join(os.path.dirname(ckpt["path"]), rel)
-
-
-# ----------------------------------------------------------------------------- Hugging Face layout
-
-def save_hf(model, out_dir, tokenizer_record=None):
-    """config.json + pytorch_model.bin with the released names, keys and shapes, written atomically."""
-    # with a tokenizer record, tokenizer_record.json too (sample.py --hf reads it)
-    os.makedirs(out_dir, exist_ok=True)
-    # on the CPU and contiguous: loadable on a machine without a GPU, and no views of bigger storages
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_save(state, os.path.join(out_dir, "pytorch_model.bin"))
-    atomic_write_text(json.dumps(model.hf_config(), indent=2) + "\n", os.path.join(out_dir, "config.json"))
-    if tokenizer_record:
-        atomic_write_text(json.dumps(tokenizer_record, indent=2) + "\n", os.path.join(out_dir, "tokenizer_record.json"))
-
-
-def load_hf(ckpt_dir, device="cpu", dtype=torch.float32, **runtime):
-    """A model in the released layout: ours, or MiniCPM's own."""
-    # MiniCPM's own: pytorch_model.bin, sharded .bin with an index, or *.safetensors (needs that package)
-    path = os.path.join(ckpt_dir, "config.json")
-    if not os.path.isdir(ckpt_dir):
-        raise UsageError(f"{ckpt_dir} is not a folder: give a Hugging Face checkpoint folder (config.json + weights)")
-    if not os.path.isfile(path):
-        raise UsageError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is not a usable config.json ({type(e).__name__}: {e})") from None
-    with torch.device("meta"):   # no memory and no random init for weights about to be replaced (GBs for the 2.4B)
-        model = MiniCPM(config, **runtime)
-    state = read_hf_weights(ckpt_dir)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)    # tied: the embedding is the head
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    # every mismatch checked before loading, reported as one line: load_state_dict's error is a page long
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
-             if k in state and state[k].shape != s]
-    if missing or unexpected or wrong:
-        raise UsageError(f"checkpoint {ckpt_dir} does not fit its config.json: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}")
-    model = model.to_empty(device=device).to(dtype)   # allocated, uninitialised: load_state_dict fills it
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)   # strict=False: the tied head
-    if config.tie_word_embeddings:   # to_empty untied them
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def read_hf_weights(ckpt_dir):
-    """Every weight file of the folder merged into one state dict (shards hold disjoint keys)."""
-    names = sorted(os.listdir(ckpt_dir))
-    bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    state = {}
-    if bins:   # preferred when both exist: torch can always read them
-        for n in bins:
-            try:
-                state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
-            except Exception as e:
-                raise UsageError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from None
-    elif safetensors:
-        try:
-            from safetensors.torch import load_file   # optional: only released checkpoints need it
-        except ImportError:
-            raise UsageError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
-                             "package: pip install safetensors") from None
-        for n in safetensors:
-            state.update(load_file(os.path.join(ckpt_dir, n)))
-    else:
-        raise UsageError(f"{ckpt_dir} has neither pytorch_model*.bin nor *.safetensors weights")
-    return state
-

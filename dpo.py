@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import hf
 import cli
 import data
 import metrics
@@ -183,13 +184,13 @@ def load_models(cfg, resumed, source, device):
     # whatever a checkpoint trained with (checkpoint.load drops a saved attn_impl): a runtime choice.
     if resumed:
         policy, where = checkpoint.build_model(resumed, device, attn_impl="sdpa"), resumed["reference"]
-        reference = (checkpoint.load_hf(where["hf"], device, attn_impl="sdpa") if where["hf"] else
+        reference = (hf.load_hf(where["hf"], device, attn_impl="sdpa") if where["hf"] else
                      checkpoint.build_model(checkpoint.load(where["ckpt"]), device, attn_impl="sdpa"))
         # another reference would change every log-ratio: the run would not continue, it would restart
         cli.check([(fingerprint(reference) != where["fingerprint"], f"the reference model {where['hf'] or where['ckpt']} "
                     "has changed since this run started: restore it to resume this run exactly")])
     else:
-        policy = checkpoint.load_hf(cfg.hf, device, attn_impl="sdpa") if cfg.hf else checkpoint.build_model(source, device, attn_impl="sdpa")
+        policy = hf.load_hf(cfg.hf, device, attn_impl="sdpa") if cfg.hf else checkpoint.build_model(source, device, attn_impl="sdpa")
         reference = copy.deepcopy(policy)   # at step 0 policy == reference: loss ln 2 exactly
         where = dict(hf=cfg.hf and os.path.abspath(cfg.hf), ckpt=source and os.path.abspath(source["path"]), fingerprint=fingerprint(reference))
     return policy, reference.eval().requires_grad_(False), where   # no gradients, no optimizer state
@@ -203,7 +204,7 @@ def load_tokenizer(cfg, ckpt, model):
     else:
         path = os.path.join(cfg.hf, "tokenizer_record.json")
         spec, _, rank_file = cfg.tokenizer.partition("@")
-        if not spec and os.path.isfile(path):   # checkpoint.save_hf writes it beside the weights
+        if not spec and os.path.isfile(path):   # hf.save_hf writes it beside the weights
             record = json.load(open(path))
             spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
         cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer NAME[@RANK_FILE]")])

@@ -5,7 +5,7 @@ A Llama-style pre-norm decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, 
 with MiniCPM's muP ("Tensor Program") scalings: embedding output x scale_emb, each residual branch
 x scale_depth / sqrt(L), logits from h / m with width multiplier m = d / d_base, matrix init std
 and Adam lr divided by sqrt(m) and m. Parameter names are those of the released Hugging Face
-checkpoints, so checkpoint.save_hf / load_hf are a plain state-dict copy. The preset table
+checkpoints, so hf.save_hf / load_hf are a plain state-dict copy. The preset table
 (parameters, FLOPs per token, GPU memory) is `python plan.py`.
 """
 import math
@@ -26,15 +26,8 @@ INIT_STD = 0.1            # matrices: init_std / sqrt(m); embedding: init_std
 MUP_BASE_LR = 0.01        # matrices: lr / m; everything else: lr  (§3.3: best lr ~0.01 at all sizes)
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
-BOS_ID, EOS_ID = 1, 2     # special ids of the released tokenizers (their config.json)
+ROPE_SCALINGS = ("none", "linear", "dynamic")
 ATTN_IMPLS = ("sdpa", "eager", "triton")   # a runtime choice of the script, not part of the config
-# The released config.json's keys and the MiniCPMConfig fields they hold
-HF_CONFIG_KEYS = dict(hidden_size="n_embd", intermediate_size="ffn_dim", num_hidden_layers="n_layer",
-                      num_attention_heads="n_head", num_key_value_heads="n_kv_head", vocab_size="vocab_size",
-                      rms_norm_eps="norm_eps", rope_theta="rope_theta", max_position_embeddings="block_size",
-                      tie_word_embeddings="tie_word_embeddings", scale_emb="scale_emb", scale_depth="scale_depth",
-                      dim_model_base="dim_model_base", initializer_range="init_std", num_experts="n_experts",
-                      num_experts_per_tok="top_k")
 
 
 @dataclass
@@ -47,6 +40,8 @@ class MiniCPMConfig:
     ffn_dim: int = 640            # SwiGLU inner width (2.5 d in every MiniCPM)
     block_size: int = 256         # longest sequence (max_position_embeddings)
     rope_theta: float = ROPE_THETA
+    rope_scaling: str = "none"    # "linear" or "dynamic" (NTK) position scaling, as the released code computes it
+    rope_factor: float = 1.0      # the scaling factor of rope_scaling
     norm_eps: float = RMS_NORM_EPS
     mup: bool = True              # False: standard parameterisation (no scalings, plain init, one lr)
     scale_emb: float = SCALE_EMB
@@ -68,6 +63,14 @@ class MiniCPMConfig:
                 problems.append(f"head_dim={self.n_embd // self.n_head} must be even for RoPE")
             if self.n_head % self.n_kv_head:
                 problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling={self.rope_scaling!r} must be one of {', '.join(ROPE_SCALINGS)}")
+        elif self.rope_scaling != "none" and self.rope_factor < 1:   # < 1 would shrink the context
+            problems.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling={self.rope_scaling}")
+        elif self.rope_scaling == "dynamic" and self.n_embd // self.n_head <= 2:   # the NTK exponent hd/(hd-2)
+            problems.append("rope_scaling=dynamic needs head_dim > 2")
+        if self.rope_theta <= 1:
+            problems.append(f"rope_theta={self.rope_theta} must be > 1")
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             problems.append(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
         if problems:
@@ -95,7 +98,10 @@ class MiniCPMConfig:
 CONFIG_HELP = dict(
     vocab_size="vocabulary size (train.py: the dataset's)", n_layer="decoder layers", n_embd="model width d",
     n_head="query heads", n_kv_head="key/value heads (< n_head: grouped-query attention)", ffn_dim="SwiGLU inner width",
-    block_size="longest sequence the model accepts", rope_theta="RoPE base", norm_eps="RMSNorm epsilon",
+    block_size="longest sequence the model accepts (dynamic rope_scaling: where NTK scaling starts)",
+    rope_theta="RoPE base (§7.2 ABF: raise it to extend the context)",
+    rope_scaling="none, linear (positions / rope_factor) or dynamic (NTK: the base grows past block_size)",
+    rope_factor="the factor of --rope_scaling", norm_eps="RMSNorm epsilon",
     mup="muP scalings, init and lr groups (false: standard parameterisation)",
     scale_emb="muP embedding multiplier (§3.1: 12)", scale_depth="muP residual multiplier (§3.1: 1.4)",
     dim_model_base="muP base width: m = n_embd / dim_model_base (256)",
@@ -135,16 +141,6 @@ def get_config(preset: str, **overrides) -> MiniCPMConfig:
     return MiniCPMConfig(**{**PRESETS[preset], **overrides})
 
 
-def config_from_hf(hf: dict) -> MiniCPMConfig:
-    """A released config.json (as a dict) -> MiniCPMConfig."""
-    # absent multipliers mean a plain Llama (1, and scale_depth = sqrt(L) makes the residual factor 1);
-    # absent rope_theta means 10000, absent num_key_value_heads means no GQA
-    dims = {name: hf[key] for key, name in HF_CONFIG_KEYS.items() if hf.get(key) is not None}
-    dims = {"scale_emb": 1.0, "scale_depth": math.sqrt(dims["n_layer"]), "dim_model_base": dims["n_embd"],
-            "n_kv_head": dims["n_head"], **dims}
-    return MiniCPMConfig(**dims)
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nn.Module):
@@ -159,14 +155,28 @@ class RMSNorm(nn.Module):
         return x32.to(x.dtype) * self.weight
 
 
-def rope_tables(head_dim, positions, theta, dtype=torch.float32):
+def rope_tables(head_dim, positions, theta, dtype=torch.float32, position_scale=1.0):
     """cos, sin [T, head_dim] in fp32 (fp64 for a float64 model) for the "rotate half" layout."""
     # frequency i is used by dimensions i and i + head_dim/2, as in the released checkpoints (the
     # interleaved layout would need q_proj/k_proj's rows permuted to load them)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
-    angles = torch.outer(positions.to(dtype), inv_freq)        # [T, head_dim/2]
+    angles = torch.outer(positions.to(dtype) / position_scale, inv_freq)   # [T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)               # [T, head_dim]
     return angles.cos(), angles.sin()
+
+
+def rope_base(cfg, seq_len):
+    """(RoPE base, position divisor) for a sequence of seq_len tokens, as the released code computes them."""
+    # linear: positions / factor, the context stretched evenly (Position Interpolation). dynamic (NTK-
+    # aware): past max_position_embeddings (our block_size) the base grows with the current length,
+    # base * (factor * len / max_pos - (factor - 1)) ** (hd / (hd - 2)), so the lowest frequency
+    # stretches over the longer sequence while the highest barely moves (§7.2 uses NTK scaling for 128K)
+    if cfg.rope_scaling == "linear":
+        return cfg.rope_theta, cfg.rope_factor
+    if cfg.rope_scaling == "dynamic" and seq_len > cfg.block_size:
+        hd, f = cfg.head_dim, cfg.rope_factor
+        return cfg.rope_theta * (f * seq_len / cfg.block_size - (f - 1)) ** (hd / (hd - 2)), 1.0
+    return cfg.rope_theta, 1.0
 
 
 def apply_rope(x, cos, sin):  # x [B, H, T, hd]; rotation done in the tables' precision
@@ -345,13 +355,20 @@ class MiniCPM(nn.Module):
                        device or w.device, dtype or w.dtype)
 
     def rope(self, device, start, T):
-        """cos, sin of positions start .. start+T-1, sliced from tables made once per device and dtype."""
-        # fp32 (fp64 for a float64 model) even under bf16: bf16 angles lose whole radians at position 4000;
-        # made once, so decoding a token costs no trigonometry
-        dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
-        if getattr(self, "_rope", (None,))[0] != (device, dtype):
-            positions = torch.arange(self.config.block_size, device=device)
-            self._rope = ((device, dtype), rope_tables(self.config.head_dim, positions, self.config.rope_theta, dtype))
+        """cos, sin of positions start .. start+T-1 for a sequence now start+T tokens long."""
+        # fp32 (fp64 for a float64 model) even under bf16: bf16 angles lose whole radians at position 4000.
+        # Up to block_size the tables are made once per device and dtype, so decoding a token costs no
+        # trigonometry; past it (dynamic NTK) the base depends on the length, so they are made per call.
+        # With a KV cache that means what the released code does: the new token is rotated with the
+        # base of the current length, the cached keys keep the rotation they were stored with.
+        cfg, dtype = self.config, torch.promote_types(self.lm_head.weight.dtype, torch.float32)
+        if start + T > cfg.block_size:
+            theta, scale = rope_base(cfg, start + T)
+            return rope_tables(cfg.head_dim, torch.arange(start, start + T, device=device), theta, dtype, scale)
+        key = (device, dtype, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.block_size)
+        if getattr(self, "_rope", (None,))[0] != key:   # first call, or the RoPE settings were changed
+            theta, scale = rope_base(cfg, cfg.block_size)
+            self._rope = (key, rope_tables(cfg.head_dim, torch.arange(cfg.block_size, device=device), theta, dtype, scale))
         cos, sin = self._rope[1]
         return cos[start:start + T], sin[start:start + T]
 
@@ -366,7 +383,7 @@ class MiniCPM(nn.Module):
         if not torch.compiler.is_compiling() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
                              f"max {int(idx.max())}: was the data tokenized for another vocabulary?")
-        if start + T > cfg.block_size:
+        if start + T > cfg.block_size and cfg.rope_scaling != "dynamic":   # dynamic NTK: any length
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={cfg.block_size}")
         cos, sin = self.rope(idx.device, start, T)
         h = self.model.embed_tokens(idx) * cfg.emb_mult                     # [B, T, d]  §3.1
@@ -413,15 +430,3 @@ class MiniCPM(nn.Module):
         matrix_params = self.num_params(non_embedding=True, active=True) - (2 * cfg.n_layer + 1) * cfg.n_embd  # minus norm gains
         matrix_params += cfg.vocab_size * cfg.n_embd   # the head's V x d matmul (the embedding lookup is free)
         return 6 * matrix_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-    # -- the released Hugging Face names (file I/O: checkpoint.py) --
-
-    def hf_config(self):
-        cfg = self.config
-        hf = {key: getattr(cfg, name) for key, name in HF_CONFIG_KEYS.items()}
-        if not cfg.mup:   # multipliers that make the released code's formulas the identity
-            hf.update(scale_emb=1.0, scale_depth=math.sqrt(cfg.n_layer), dim_model_base=cfg.n_embd)
-        if not cfg.n_experts:   # a dense config.json looks exactly like the released dense ones
-            del hf["num_experts"], hf["num_experts_per_tok"]
-        return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu", **hf,
-                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, torch_dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))

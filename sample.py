@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import checkpoint
+import hf
 import cli
 import data
 from cli import UsageError, flag
@@ -117,7 +118,7 @@ class TextStream:
 
 
 def hf_tokenizer(folder):
-    """The tokenizer named by an exported folder's tokenizer_record.json (checkpoint.save_hf writes it)."""
+    """The tokenizer named by an exported folder's tokenizer_record.json (hf.save_hf writes it)."""
     if not os.path.isdir(folder):
         raise UsageError(f"--hf {folder} is not a folder: give a Hugging Face checkpoint folder")
     # the record names a tokenizer spec and rank file, never the tokenizer's contents: tiktoken builds it
@@ -140,7 +141,7 @@ def load(cfg, device, dtype):
     """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt."""
     ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
     # the model file, then the weights: either layout; sdpa attention runs on every device
-    model = checkpoint.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
+    model = hf.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
     # the tokenizer: --tokenizer NAME[@RANK_FILE] when given, else the checkpoint's own record
     if cfg.tokenizer:
         spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"

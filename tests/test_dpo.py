@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint
+import hf
 import data
 import dpo
 import preference
@@ -241,7 +242,7 @@ def test_other_scripts_on_a_dpo_checkpoint(start, tmp_path, capsys):
 def test_hugging_face_start_resumes_with_its_reference_rebuilt(start, tmp_path):
     """--hf: the tokenizer comes from the folder's tokenizer_record.json, and a resume rebuilds the
     frozen reference from the folder (the same fingerprint), so it continues as the whole run does."""
-    checkpoint.save_hf(checkpoint.build_model(checkpoint.load(start)), str(tmp_path / "hf"), BYTE)
+    hf.save_hf(checkpoint.build_model(checkpoint.load(start)), str(tmp_path / "hf"), BYTE)
     args = ["--hf", str(tmp_path / "hf"), "--data", str(start / "pairs.jsonl"), *FAST, "--max_steps", "4"]
     assert dpo.main([*args, "--out_dir", str(tmp_path / "whole")]) == 0
     assert dpo.main([*args, "--out_dir", str(tmp_path / "parts"), "--stop_at", "2"]) == 0

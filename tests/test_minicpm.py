@@ -10,6 +10,7 @@ import torch
 
 from conftest import small_config
 import checkpoint
+import hf
 import plan
 from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig, PRESETS, get_config
@@ -17,30 +18,38 @@ from minicpm import MiniCPM, MiniCPMConfig, PRESETS, get_config
 
 # ----------------------------------------------------------------------------- references
 
-def reference_logits(state, hf, ids):
+def reference_logits(state, hfc, ids):
     """The released MiniCPM forward pass in float64, from a state dict with the released names and
     a released-style config.json dict. Written independently of minicpm.py: explicit einsum
     attention, its own RoPE tables, every scaling spelled out (§2, Table 2-2)."""
     w = {k: v.double() for k, v in state.items()}
-    d, L = hf["hidden_size"], hf["num_hidden_layers"]
-    nq, nkv = hf["num_attention_heads"], hf["num_key_value_heads"]
-    hd, eps = d // nq, hf["rms_norm_eps"]
+    d, L = hfc["hidden_size"], hfc["num_hidden_layers"]
+    nq, nkv = hfc["num_attention_heads"], hfc["num_key_value_heads"]
+    hd, eps = d // nq, hfc["rms_norm_eps"]
     B, T = ids.shape
 
     def rmsnorm(x, gain):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
 
-    # RoPE, rotate-half layout: dimension i and i + hd/2 share frequency theta^(-2i/hd)
-    freq = hf.get("rope_theta", 10000.0) ** (-torch.arange(hd // 2, dtype=torch.float64) * 2 / hd)
-    angle = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]      # [T, hd/2]
+    # RoPE, rotate-half layout: dimension i and i + hd/2 share frequency theta^(-2i/hd); rope_scaling
+    # "linear" divides the positions by its factor, "dynamic" (NTK) raises the base past max_position:
+    # theta * (factor * T / max_pos - (factor - 1)) ^ (hd / (hd - 2))
+    theta, positions = hfc.get("rope_theta", 10000.0), torch.arange(T, dtype=torch.float64)
+    scaling, max_pos = hfc.get("rope_scaling") or {}, hfc["max_position_embeddings"]
+    if scaling.get("type") == "linear":
+        positions = positions / scaling["factor"]
+    elif scaling.get("type") == "dynamic" and T > max_pos:
+        theta = theta * (scaling["factor"] * T / max_pos - (scaling["factor"] - 1)) ** (hd / (hd - 2))
+    freq = theta ** (-torch.arange(hd // 2, dtype=torch.float64) * 2 / hd)
+    angle = positions[:, None] * freq[None, :]      # [T, hd/2]
     cos, sin = angle.cos(), angle.sin()
 
     def rope(x):  # [B, H, T, hd]
         a, b = x[..., : hd // 2], x[..., hd // 2:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    residual_scale = hf["scale_depth"] / math.sqrt(L)
-    x = w["model.embed_tokens.weight"][ids] * hf["scale_emb"]
+    residual_scale = hfc["scale_depth"] / math.sqrt(L)
+    x = w["model.embed_tokens.weight"][ids] * hfc["scale_emb"]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(L):
         p = f"model.layers.{i}."
@@ -60,7 +69,7 @@ def reference_logits(state, hf, ids):
         x = x + torch.einsum("btf,df->btd", gate * torch.sigmoid(gate) * up, w[p + "mlp.down_proj.weight"]) * residual_scale
     x = rmsnorm(x, w["model.norm.weight"])
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    return torch.einsum("btd,vd->btv", x / (d / hf["dim_model_base"]), head)
+    return torch.einsum("btd,vd->btv", x / (d / hfc["dim_model_base"]), head)
 
 
 def spec_names_and_shapes(cfg):
@@ -124,7 +133,7 @@ def test_logits_equal_float64_reference(n_kv_head, attn_impl):
     model = perturbed(MiniCPM(cfg, attn_impl=attn_impl)).double()
     ids = random_ids(cfg)
     logits, _ = model(ids)
-    expected = reference_logits(model.state_dict(), model.hf_config(), ids)
+    expected = reference_logits(model.state_dict(), hf.hf_config(model), ids)
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     # and the fp32 model against the same float64 reference
     logits32, _ = model.float()(ids)
@@ -264,17 +273,17 @@ def test_save_hf_then_from_hf(tmp_path):
     torch.manual_seed(0)
     cfg = small_config()
     model = perturbed(MiniCPM(cfg))
-    checkpoint.save_hf(model, tmp_path)
+    hf.save_hf(model, tmp_path)
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     expected = spec_names_and_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
-    hf = json.loads((tmp_path / "config.json").read_text())
+    hfc = json.loads((tmp_path / "config.json").read_text())
     for key in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
                 "scale_emb", "dim_model_base", "scale_depth"]:
-        assert key in hf, key
-    assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"]) == (12.0, 1.4, 256)
-    loaded = checkpoint.load_hf(tmp_path)
+        assert key in hfc, key
+    assert (hfc["scale_emb"], hfc["scale_depth"], hfc["dim_model_base"]) == (12.0, 1.4, 256)
+    loaded = hf.load_hf(tmp_path)
     ids = random_ids(cfg)
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -286,7 +295,7 @@ def released_style_checkpoint(path, cfg, seed=0):
     torch.manual_seed(seed)
     state = {k: (torch.randn(s) * 0.1 + (1 if len(s) == 1 else 0)).to(torch.bfloat16)
              for k, s in spec_names_and_shapes(cfg).items() if k != "lm_head.weight"}
-    hf = {"architectures": ["MiniCPMForCausalLM"], "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
+    hfc = {"architectures": ["MiniCPMForCausalLM"], "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
           "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"}, "bos_token_id": 1, "eos_token_id": 2,
           "hidden_act": "silu", "hidden_size": cfg.n_embd, "initializer_range": 0.1, "intermediate_size": cfg.ffn_dim,
           "max_position_embeddings": cfg.block_size, "model_type": "minicpm", "num_attention_heads": cfg.n_head,
@@ -296,18 +305,18 @@ def released_style_checkpoint(path, cfg, seed=0):
     os.makedirs(path, exist_ok=True)
     torch.save(state, os.path.join(path, "pytorch_model.bin"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f)
-    return state, hf
+        json.dump(hfc, f)
+    return state, hfc
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2], ids=["MHA", "GQA"])
 def test_loads_released_checkpoint_layout(tmp_path, n_kv_head):
     cfg = small_config(n_kv_head=n_kv_head)
-    state, hf = released_style_checkpoint(tmp_path, cfg)
-    model = checkpoint.load_hf(tmp_path)
-    assert "rope_theta" not in hf and model.config.rope_theta == 10000.0      # absent means 10000
+    state, hfc = released_style_checkpoint(tmp_path, cfg)
+    model = hf.load_hf(tmp_path)
+    assert "rope_theta" not in hfc and model.config.rope_theta == 10000.0      # absent means 10000
     ids = random_ids(cfg)
-    expected = reference_logits(state, hf, ids)
+    expected = reference_logits(state, hfc, ids)
     torch.testing.assert_close(model(ids)[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -321,30 +330,30 @@ def test_safetensors_checkpoint_needs_the_package(tmp_path):
     except ImportError:
         (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
         with pytest.raises(UsageError, match="pip install safetensors"):
-            checkpoint.load_hf(tmp_path)
+            hf.load_hf(tmp_path)
     else:
         save_file(state, str(tmp_path / "model.safetensors"))
         ids = random_ids(cfg)
         ref = reference_logits(state, json.loads((tmp_path / "config.json").read_text()), ids)
-        torch.testing.assert_close(checkpoint.load_hf(tmp_path)(ids)[0].double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf.load_hf(tmp_path)(ids)[0].double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
     cfg = small_config()
-    checkpoint.save_hf(MiniCPM(cfg), tmp_path / "ok")
+    hf.save_hf(MiniCPM(cfg), tmp_path / "ok")
     with pytest.raises(UsageError, match="no config.json"):
-        checkpoint.load_hf(tmp_path)
+        hf.load_hf(tmp_path)
     # config says 3 layers, weights have 2
-    hf = json.loads((tmp_path / "ok" / "config.json").read_text())
-    hf["num_hidden_layers"] = 3
-    (tmp_path / "ok" / "config.json").write_text(json.dumps(hf))
+    hfc = json.loads((tmp_path / "ok" / "config.json").read_text())
+    hfc["num_hidden_layers"] = 3
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(hfc))
     with pytest.raises(UsageError, match="does not fit its config.json"):
-        checkpoint.load_hf(tmp_path / "ok")
-    hf["num_hidden_layers"] = 2
-    (tmp_path / "ok" / "config.json").write_text(json.dumps(hf))
+        hf.load_hf(tmp_path / "ok")
+    hfc["num_hidden_layers"] = 2
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(hfc))
     (tmp_path / "ok" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="corrupt"):
-        checkpoint.load_hf(tmp_path / "ok")
+        hf.load_hf(tmp_path / "ok")
 
 
 def test_bad_configs_are_clear_errors():

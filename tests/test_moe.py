@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import small_config
 import checkpoint
+import hf
 from minicpm import MiniCPM, get_config
 from moe import MoE, upcycle, upcycle_optimizer_state
 
@@ -405,9 +406,9 @@ def test_carry_over_refuses_an_optimizer_state_of_another_model():
 def test_save_hf_then_from_hf(tmp_path):
     torch.manual_seed(0)
     model = MiniCPM(moe_config())
-    checkpoint.save_hf(model, tmp_path)
-    hf = json.loads((tmp_path / "config.json").read_text())
-    assert hf["num_experts"] == 4 and hf["num_experts_per_tok"] == 2
+    hf.save_hf(model, tmp_path)
+    hfc = json.loads((tmp_path / "config.json").read_text())
+    assert hfc["num_experts"] == 4 and hfc["num_experts_per_tok"] == 2
     state = torch.load(os.path.join(tmp_path, "pytorch_model.bin"), weights_only=True)
     for i in range(2):
         p = f"model.layers.{i}.mlp."
@@ -418,7 +419,7 @@ def test_save_hf_then_from_hf(tmp_path):
             assert state[f"{p}experts.{j}.w2.weight"].shape == (64, 160)
         assert not any(k.startswith(p + "gate_proj") or k.startswith(p + "up_proj") for k in state)
     assert len([k for k in state if ".mlp." in k]) == 2 * (1 + 4 * 3)
-    loaded = checkpoint.load_hf(tmp_path)
+    loaded = hf.load_hf(tmp_path)
     assert loaded.config.n_experts == 4 and loaded.config.top_k == 2
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():

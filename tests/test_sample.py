@@ -1,6 +1,6 @@
 """Tests of sample.py: KV-cache decoding against recomputing the whole sequence, the sampling filters
 (top-k, top-p) on hand-made distributions, seeds, the end-of-text stop, streaming of multi-byte
-characters, and the command line (checkpoints from checkpoint.save, HF folders from checkpoint.save_hf)."""
+characters, and the command line (checkpoints from checkpoint.save, HF folders from hf.save_hf)."""
 import collections
 import dataclasses
 import itertools
@@ -18,6 +18,7 @@ import torch
 
 import data
 import checkpoint
+import hf
 import sample
 from conftest import ROOT, small_config
 from minicpm import MiniCPM
@@ -163,7 +164,7 @@ def ckpt_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(ckpt_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    checkpoint.save_hf(checkpoint.build_model(checkpoint.load(str(ckpt_dir))), folder)
+    hf.save_hf(checkpoint.build_model(checkpoint.load(str(ckpt_dir))), folder)
     shutil.copy(ckpt_dir / "tokenizer.tiktoken", folder / "ranks.tiktoken")
     (folder / "tokenizer_record.json").write_text(json.dumps({"spec": "bpe:300", "rank_file": "ranks.tiktoken"}))
     return folder
