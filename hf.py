@@ -93,6 +93,14 @@ def dtype_name(model):
 
 # ----------------------------------------------------------------------------- the Llama layout
 
+def check_llama(config):
+    # Mixtral's layout could hold MiniCPM-MoE (the same softmax, top-k, renormalised routing), but that
+    # export is not written: the released MiniCPM-MoE layout is what this project exports for MoE
+    if config.n_experts:
+        raise UsageError("a MoE model has no Llama layout (LlamaForCausalLM has no experts): export it without "
+                         "--llama, in MiniCPM-MoE's released layout (its modeling code: trust_remote_code)")
+
+
 def llama_state(model):
     """Our state dict with the muP multipliers folded into the weights (the function is unchanged)."""
     # embedding x scale_emb: h0 = embed[ids] * scale_emb becomes a plain lookup
@@ -100,9 +108,7 @@ def llama_state(model):
     # lm_head / m: logits = head(norm(h) / m); tied, the head is the embedding before its x scale_emb,
     #   so the two folded matrices differ and the export is untied (the paper's m = d / 256 and 12)
     cfg = model.config
-    if cfg.n_experts:   # Llama has no experts; Mixtral's router normalises top-k weights differently
-        raise UsageError("a MoE model has no Llama layout (no experts in LlamaForCausalLM): export it without "
-                         "--llama, in MiniCPM-MoE's released layout")
+    check_llama(cfg)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = state["lm_head.weight"] / cfg.width_mult   # before the embedding is scaled
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * cfg.emb_mult

@@ -1,0 +1,76 @@
+"""Export a checkpoint of train.py or dpo.py as a Hugging Face folder, to run it elsewhere.
+
+    python export.py --ckpt out/tiny --out hf/tiny              # MiniCPM's released layout
+    python export.py --ckpt out/tiny --out hf/tiny-llama --llama  # Llama's: no custom code anywhere
+
+The default layout is the released MiniCPM one (config.json with scale_emb, scale_depth,
+dim_model_base): this project's `sample.py --hf` and `dpo.py --hf` read it, and so does MiniCPM's
+own modeling code (transformers with trust_remote_code). --llama folds the muP multipliers into the
+weights (embedding x scale_emb, o_proj and down_proj x scale_depth / sqrt(L), an untied head /
+(d / dim_model_base)) and writes `model_type: llama`: transformers' LlamaForCausalLM, vLLM and
+llama.cpp's convert_hf_to_gguf.py load it as they load any Llama, with the same logits. MoE models
+have no Llama layout and are refused.
+
+Both layouts get the tokenizer twice: tokenizer_record.json (+ the BPE rank file), which sample.py
+reads with tiktoken, and tokenizer.json + tokenizer_config.json, which transformers'
+AutoTokenizer reads and which encode every text to the same ids.
+"""
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import checkpoint
+import cli
+import hf
+import tokenizer
+from cli import UsageError, flag
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = flag("out/tiny", "checkpoint to export: ckpt.pt or the run folder holding it (any kind)")
+    out: str = flag("", "the folder to write (required)")
+    llama: bool = flag(False, "Llama layout (muP folded into the weights) instead of MiniCPM's released one")
+    dtype: str = flag("float32", "weights' dtype in the folder: float32, bfloat16 or float16")
+    overwrite: bool = flag(False, "replace the files of a folder that already holds an export")
+
+
+def check_out(cfg):
+    """The folder is new, empty, or --overwrite says its files may be replaced."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a file: give a folder")
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+        raise UsageError(f"--out {cfg.out} is not empty: choose another folder, or --overwrite to replace its files")
+
+
+def run(argv):
+    """Flags -> checkpoint and tokenizer loaded and checked -> the folder written."""
+    cfg = cli.dataclass_flags(ExportConfig, __doc__, argv)
+    cli.check([(not cfg.out, "--out is required: the folder to write"),
+               (cfg.dtype not in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16")])
+    check_out(cfg)
+    # everything read and checked before the first file is written: a refused export leaves nothing
+    ckpt = checkpoint.load(cfg.ckpt)
+    model = checkpoint.build_model(ckpt).to(getattr(torch, cfg.dtype))
+    record, rank_file = ckpt["tokenizer"], checkpoint.rank_file_path(ckpt)
+    enc = tokenizer.load_tokenizer(record["spec"], rank_file)
+    if cfg.llama:
+        hf.check_llama(model.config)   # a MoE model is refused here, before the folder exists
+    hf.save_hf(model, cfg.out, tokenizer_record=record, llama=cfg.llama, eos_id=enc.eot_token)
+    if rank_file:   # beside the weights, as the record says: the folder is self-contained
+        shutil.copyfile(rank_file, os.path.join(cfg.out, record["rank_file"]))
+    tokenizer.write_hf_tokenizer(cfg.out, enc)
+    layout = "Llama (LlamaForCausalLM)" if cfg.llama else "MiniCPM's released layout"
+    print(f"export.py: {ckpt['path']} -> {cfg.out}: {layout}, {cfg.dtype}, "
+          f"{model.num_params(non_embedding=False):,} parameters, tokenizer {record['spec']}")
+
+
+def main(argv=None):
+    return cli.main("export.py", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
