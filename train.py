@@ -68,6 +68,7 @@ class TrainConfig:
     resume: str = flag("", "continue the run saved in this folder exactly (optimizer, step, data position)")
     init_from: str = flag("", "start a new run from the weights of this checkpoint (file or folder)")
     decay_only: bool = flag(False, "with --init_from: run only the WSD decay, decay_steps long (§4.3)")
+    untie_head: bool = flag(False, "with --init_from: a head of its own, starting as a copy of the embedding (§7.2)")
     upcycle_from: str = flag("", "start from a dense checkpoint upcycled to MoE (moe.py; set --n_experts)")
     upcycle_fresh_adam: bool = flag(False, "with --upcycle_from: restart Adam (default: experts get the dense MLP's moments)")
     stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of max_steps")
@@ -126,7 +127,7 @@ def check_flags(cfg):
                 "give at most one of --resume, --init_from, --upcycle_from"),
                (min(cfg.warmup_steps, cfg.decay_steps, cfg.decay_start) < -1,
                 "--warmup_steps, --decay_steps and --decay_start must be >= 0 (or -1: the default)"),
-               (cfg.decay_only and not cfg.init_from, "--decay_only goes with --init_from")])
+               ((cfg.decay_only or cfg.untie_head) and not cfg.init_from, "--decay_only and --untie_head go with --init_from")])
 
 
 def resolve(cfg, overrides, explicit):
@@ -169,6 +170,8 @@ def model_config(cfg, overrides, resumed, source, meta):
         kw = {**PRESETS[cfg.preset], **overrides}
     if source and cfg.upcycle_from:
         kw["n_experts"] = 0   # the dense source model; moe.upcycle makes the experts
+    if cfg.untie_head:   # §7.2; loading the tied weights fills lm_head.weight with the embedding
+        kw["tie_word_embeddings"] = False
     if meta and (resumed or source) and meta["vocab_size"] != kw["vocab_size"]:
         raise UsageError(f"the checkpoint's vocabulary ({kw['vocab_size']}) is not the data's ({meta['vocab_size']}): "
                          "pass the --source/--tokenizer it was trained with")
@@ -250,8 +253,7 @@ def prepare_out_dir(run, resumed):
     if run.ddp.rank != 0 or cfg.bench: return   # (a benchmark leaves the output folder alone)
     if resumed and os.path.dirname(os.path.abspath(resumed["path"])) != os.path.abspath(cfg.out_dir):   # said, not silent
         print(f"continuing {resumed['path']} (step {resumed['step']}) in {cfg.out_dir}: its metrics.jsonl starts with that run's history")
-    checkpoint.start_run_folder(cfg.out_dir, run.meta["rank_file"] and os.path.join(run.folder, run.meta["rank_file"]),
-                                run.tokenizer)
+    checkpoint.start_run_folder(cfg.out_dir, run.meta["rank_file"] and os.path.join(run.folder, run.meta["rank_file"]), run.tokenizer)
     checkpoint.atomic_write_text(json.dumps(run.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
     # a resume into another folder keeps the old folder's history up to the resumed step
     source = resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl")
@@ -330,8 +332,7 @@ def train(run):
     last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
     peak = plan.known_peak(run.ddp.device)            # MFU is logged on GPUs whose peak we know
     flops_per_token = run.raw.flops_per_token(cfg.seq_len)
-    if run.step == 0 and cfg.eval_interval:           # the loss at initialisation
-        run.log(dict(step=0, tokens=0, **evaluate(run)))
+    if run.step == 0 and cfg.eval_interval: run.log(dict(step=0, tokens=0, **evaluate(run)))   # the loss at initialisation
     with cli.StopSignals() as stop, tqdm(total=last, initial=run.step, desc="training", unit="step",
                                          dynamic_ncols=True, disable=not master) as bar:
         t0 = time.time()
@@ -431,8 +432,7 @@ def run(argv):
             return print(plan.describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
-        if ddp.rank == 0:
-            print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
+        if ddp.rank == 0: print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
         if cfg.bench:
             return bench(state)
         prepare_out_dir(state, resumed)
