@@ -3,16 +3,19 @@
     python sample.py                                   # the default run's checkpoint, out/tiny
     python sample.py --ckpt out/wt-9m --prompt "def " --num_samples 3 --top_k 50
     python sample.py --prompt @prompt.txt --temperature 0      # prompt from a file; greedy
-    python sample.py --hf export/ [--tokenizer bpe:4096@export/tokenizer.tiktoken]
+    python sample.py --hf export/                      # a folder written by export.py
+    python sample.py --hf MiniCPM-2B-sft-bf16 --chat --prompt "山东省最高的山是哪座山?"   # released weights
     python sample.py --bench                           # tokens/s with and without the KV cache
 
 KV-cache decoding: one forward pass over the prompt (prefill), then one token per step (--no_cache
 recomputes the whole sequence each step: the slow reference). Sampling applies temperature, then
 top-k, then top-p; temperature 0 is greedy. A sample ends at the end-of-text token (not printed) or
-after --max_new_tokens, which is capped (with a note) so that prompt + new tokens fit block_size.
---hf folders exported by this project carry tokenizer_record.json ({"spec": "bpe:4096", "rank_file":
-"tokenizer.tiktoken"}, the file relative to the folder, or null); --tokenizer NAME[@RANK_FILE] gives
-one instead (NAME: bpe:N, byte, gpt2, cl100k_base, o200k_base). Sentencepiece is not supported.
+after --max_new_tokens, which is capped (with a note) so that prompt + new tokens fit block_size
+(not with dynamic NTK RoPE scaling, which accepts any length, as the released 128k model does).
+The tokenizer of an --hf folder: this project's tokenizer_record.json (export.py writes it), else
+the folder's tokenizer.json, read with the `tokenizers` package (the released MiniCPM folders: a
+sentencepiece-style BPE with byte fallback; BOS is prepended as the release does); --tokenizer
+NAME[@RANK_FILE] gives a tiktoken one instead (NAME: bpe:N, byte, gpt2, cl100k_base, o200k_base).
 Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa here, whatever
 implementation the run trained with (that is the running script's choice, not the model's).
 """
@@ -22,11 +25,13 @@ from dataclasses import dataclass
 import torch
 
 import checkpoint
-import hf
 import cli
 import data
+import hf
+import tokenizer
 from cli import UsageError, flag
 
+CHAT_FORMAT = "<用户>{}<AI>"   # the released chat models' turn format (BOS before it, from the tokenizer)
 BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends over T, a recomputed one T^2
 
 
@@ -36,6 +41,7 @@ class SampleConfig:
     hf: str = flag("", "sample from this Hugging Face layout folder instead of --ckpt")
     tokenizer: str = flag("", "NAME[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken ('': the checkpoint's)")
     prompt: str = flag("", "text to continue, or @FILE to read it from a file ('': a new document, i.e. end-of-text)")
+    chat: bool = flag(False, "wrap the prompt in the released chat models' format, <用户>PROMPT<AI>, and print only the reply")
     num_samples: int = flag(1, "independent samples of the same prompt")
     max_new_tokens: int = flag(256, "new tokens per sample at most (capped to fit block_size)")
     temperature: float = flag(0.8, "softmax temperature; 0 = greedy (argmax)")
@@ -117,26 +123,6 @@ class TextStream:
         self.write(self.utf8.decode(b"", final=True))
 
 
-def hf_tokenizer(folder):
-    """The tokenizer named by an exported folder's tokenizer_record.json (hf.save_hf writes it)."""
-    if not os.path.isdir(folder):
-        raise UsageError(f"--hf {folder} is not a folder: give a Hugging Face checkpoint folder")
-    # the record names a tokenizer spec and rank file, never the tokenizer's contents: tiktoken builds it
-    record = os.path.join(folder, "tokenizer_record.json")
-    if os.path.isfile(record):
-        try:
-            rec = json.load(open(record))
-            spec, rank_file = rec["spec"], rec["rank_file"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{record} is not a tokenizer record ({type(e).__name__}): see --help") from None
-        return data.load_tokenizer(spec, rank_file and os.path.join(folder, rank_file))
-    # the released MiniCPM folders carry a sentencepiece model; guessing a tiktoken one would give garbage
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        raise UsageError(f"{folder} holds a sentencepiece tokenizer.model, which is not supported here: "
-                          "pass --tokenizer NAME[@RANK_FILE] with a tiktoken tokenizer matching the model")
-    raise UsageError(f"{folder} has no tokenizer_record.json: pass --tokenizer NAME[@RANK_FILE]")
-
-
 def load(cfg, device, dtype):
     """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt."""
     ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
@@ -146,8 +132,8 @@ def load(cfg, device, dtype):
     if cfg.tokenizer:
         spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"
         enc = data.load_tokenizer(spec, rank_file or None)
-    elif cfg.hf:
-        enc = hf_tokenizer(cfg.hf)
+    elif cfg.hf:   # this project's tokenizer record, else the folder's tokenizer.json (the released ones)
+        enc = tokenizer.load_folder_tokenizer(cfg.hf)
     else:
         enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
     if enc.n_vocab != model.config.vocab_size:   # a wrong tokenizer would index past the embedding or print noise
@@ -163,8 +149,12 @@ def prompt_ids(cfg, enc, block_size):
             text = open(text[1:], encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the prompt file {text[1:]} ({type(e).__name__})") from None
-    # end-of-text may be written in the prompt (to separate documents); training data uses the same token
-    ids = enc.encode(text, allowed_special={data.EOT}) if text else [enc.eot_token]
+    if cfg.chat:   # MiniCPM-2B-sft/dpo's template: one user turn, the reply follows <AI>
+        text = CHAT_FORMAT.format(text.strip())
+    # end-of-text may be written in the prompt (to separate documents); training data uses the same token.
+    # A released tokenizer prepends BOS itself, as the release does; an empty prompt is BOS alone there
+    bos = getattr(enc, "bos_token", None)   # our tiktoken encodings have none
+    ids = enc.encode(text, allowed_special={data.EOT}) if text else [enc.eot_token if bos is None else bos]
     if len(ids) >= block_size:   # at least one new token must fit: positions beyond block_size were never trained
         raise UsageError(f"the prompt is {len(ids)} tokens, too long for the model's context (block_size {block_size})")
     return text, ids
@@ -202,7 +192,8 @@ def run(argv):
     dtype = cli.pick_dtype(cfg.dtype, device)   # here the weights' dtype: no autocast when sampling
     where = f"{device}, {str(dtype).removeprefix('torch.')}"
     model, enc = load(cfg, device, dtype)
-    block_size = model.config.block_size
+    # dynamic NTK scaling (the released 128k) accepts any length: block_size is where its scaling starts
+    block_size = model.config.block_size if model.config.rope_scaling != "dynamic" else 2**62
     text, ids = prompt_ids(cfg, enc, block_size)
     wanted = BENCH_TOKENS if cfg.bench else cfg.max_new_tokens
     max_new = min(wanted, block_size - len(ids))   # the model refuses sequences past block_size
@@ -217,7 +208,7 @@ def run(argv):
         if i:
             sys.stdout.write("\n---------------\n")
         stream = TextStream(enc, sys.stdout)
-        stream.write(text)   # the prompt first, so each sample reads as one text
+        stream.write("" if cfg.chat else text)   # the prompt first, so each sample reads as one text
         n_tokens += len(generate(model, ids, max_new, cfg.temperature, cfg.top_k, cfg.top_p, generator,
                                  use_cache=not cfg.no_cache, stop_id=enc.eot_token, on_token=stream))
         stream.close()
