@@ -1,12 +1,18 @@
 """The tokenizers of data.py: bytes, a byte-level BPE learned on the corpus (bpe:N, written as a
 tiktoken rank file), and tiktoken's named encodings. Every one ends its vocabulary with <|endoftext|>,
 the document separator; tiktoken does the encoding, so a learned BPE encodes at tiktoken's speed.
+
+Hugging Face folders, both ways: `load_folder_tokenizer` reads a folder's tokenizer (our export's
+tokenizer_record.json, else a released MiniCPM's tokenizer.json through the optional `tokenizers`
+package), and `write_hf_tokenizer` writes ours as tokenizer.json, which transformers' AutoTokenizer reads.
 """
 import base64
 import collections
 import heapq
+import json
 import os
 import pathlib
+import re
 
 import regex
 import tiktoken.load  # also binds tiktoken
@@ -142,3 +148,203 @@ def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding
     # EOT gets the id after the last rank, so vocab_size = ranks + 1
     return tiktoken.Encoding(spec.replace(":", ""), pat_str=GPT4_SPLIT, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+
+def byte_unicode_map() -> dict[int, str]:
+    """GPT-2's byte -> character map: how byte-level tokenizer.json files spell token bytes as text."""
+    # printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) move past 255, so no
+    # token string holds whitespace, and a merge line "a b" splits unambiguously at its one space
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def read_json(path, default=None):
+    """A JSON file's contents, default when it is absent; a broken file is a one-line DataError."""
+    if default is not None and not os.path.isfile(path):
+        return default
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}): restore the file from its release") from None
+
+
+def token_text(entry):
+    """A special token as tokenizer_config.json writes it: "<s>", or {"content": "<s>", ...} (or null)."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # sentencepiece's byte-fallback pieces, e.g. <0xE4>
+
+
+class FolderTokenizer:
+    """A folder's tokenizer.json with the interface of a tiktoken Encoding (what sample.py and dpo.py call).
+
+    Released MiniCPM folders hold sentencepiece BPE converted to tokenizer.json: "▁" for spaces, a dummy
+    "▁" before the text, <0xE4>-style pieces for bytes the vocabulary lacks (byte fallback), <s> (BOS)
+    before every text. The `tokenizers` package runs the file itself, whichever normalizer/pre-tokenizer
+    its conversion chose; this class adds BOS as tokenizer_config.json asks and maps ids to bytes.
+    """
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            import tokenizers   # optional: only released folders need it, so it is imported here
+        except ImportError:
+            raise DataError(f"{path} needs the tokenizers package: pip install tokenizers") from None
+        spec = read_json(path)
+        try:
+            self.tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        except Exception as e:   # the Rust side raises plain Exceptions with multi-line messages
+            raise DataError(f"{path} is not a tokenizer the tokenizers package can read ({type(e).__name__}): "
+                            f"restore it from the release or upgrade tokenizers") from None
+        # tokenizer_config.json overrides special_tokens_map.json, as in transformers
+        config = {**read_json(os.path.join(folder, "special_tokens_map.json"), {}),
+                  **read_json(os.path.join(folder, "tokenizer_config.json"), {})}
+        self.name, self.n_vocab = os.path.basename(os.path.abspath(folder)), self.tok.get_vocab_size(with_added_tokens=True)
+        added = self.tok.get_added_tokens_decoder()
+        self.specials = {i for i, t in added.items() if t.special}   # control tokens: no text of their own
+        self.added = {i: t.content for i, t in added.items()}
+        # EOS ends a sample (sample.py stops there); "</s>" is sentencepiece's default when no file names one
+        self.eot_token = self.tok.token_to_id(token_text(config.get("eos_token")) or "</s>")
+        if self.eot_token is None:
+            raise DataError(f"{folder} names no end-of-text token in its vocabulary: its tokenizer_config.json needs eos_token")
+        bos = token_text(config.get("bos_token"))
+        self.bos_token = self.tok.token_to_id(bos) if bos else None
+        # LlamaTokenizer(Fast) adds BOS unless told not to; other classes (ours) add nothing by default
+        llama = str(config.get("tokenizer_class", "")).startswith("Llama")
+        self.add_bos = bool(config.get("add_bos_token", llama)) and self.bos_token is not None
+        self.add_eos = bool(config.get("add_eos_token", False))
+        # byte-level files spell bytes with GPT-2's map; sentencepiece-style ones with "▁" and <0x..> pieces
+        pipeline = json.dumps([spec.get("decoder"), spec.get("pre_tokenizer")], ensure_ascii=False)
+        self.byte_level = '"ByteLevel"' in pipeline
+        self.unbyte = {c: b for b, c in byte_unicode_map().items()}
+        space = re.search(r'"replacement": "(.)"', pipeline)   # a Metaspace's space mark, "▁" in every release
+        self.space = space[1] if space else "▁"
+
+    def frame(self, ids):
+        """BOS (and EOS) around a text's ids, as the folder's config asks."""
+        return [self.bos_token] * self.add_bos + ids + [self.eot_token] * self.add_eos
+
+    def encode(self, text, allowed_special=None):
+        """Text -> ids with BOS (when the release adds it)."""
+        # special tokens written in the text (e.g. "</s>") are read as those tokens, as transformers does;
+        # allowed_special is tiktoken's switch for that, taken so that callers treat both kinds alike
+        return self.frame(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_ordinary(self, text):
+        """The text alone, as tiktoken's encode_ordinary: no BOS, and special-token text is plain text."""
+        self.tok.encode_special_tokens = True   # "</s>" in a text is then the characters, not EOS
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
+
+    def decode(self, ids):
+        """Ids -> text without the control tokens; the file's decoder also drops the dummy leading space."""
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def decode_single_token_bytes(self, token):
+        """One token's bytes, so that a stream of tokens can be decoded as UTF-8 piece by piece."""
+        # a byte-fallback character arrives as several one-byte tokens: each alone is no text, only bytes
+        piece = self.tok.id_to_token(token)
+        if piece is None:
+            raise KeyError(token)   # what tiktoken raises for an id outside its vocabulary
+        if token in self.specials:
+            return b""   # BOS/EOS/unk are markers, not text (decode skips them too)
+        if token in self.added:
+            return piece.encode()   # added tokens are stored as their text, in either kind of file
+        if self.byte_level:
+            return bytes(self.unbyte[c] for c in piece)
+        byte = BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte[1], 16)]) if byte else piece.replace(self.space, " ").encode()
+
+
+def load_folder_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder: ours (tokenizer_record.json) or a release's tokenizer.json."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} is not a folder: give a Hugging Face checkpoint folder")
+    # our export names a tokenizer spec and a rank file: tiktoken builds it, exactly as in training
+    record = os.path.join(folder, "tokenizer_record.json")
+    if os.path.isfile(record):
+        rec = read_json(record)
+        try:
+            spec, rank_file = rec["spec"], rec["rank_file"]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{record} is not a tokenizer record ({type(e).__name__}): it needs spec and rank_file") from None
+        return load_tokenizer(spec, rank_file and os.path.join(folder, rank_file))
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return FolderTokenizer(folder)
+    # sentencepiece's own format would need the sentencepiece package; the releases ship both files
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        raise DataError(f"{folder} holds only a sentencepiece tokenizer.model, not supported alone: copy the release's "
+                        f"tokenizer.json beside it (the released MiniCPM folders ship one) or pass --tokenizer NAME[@RANK_FILE]")
+    raise DataError(f"{folder} has no tokenizer_record.json or tokenizer.json: pass --tokenizer NAME[@RANK_FILE]")
+
+
+def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that makes a merges-based BPE (Hugging Face's) encode as tiktoken does with ranks."""
+    # tiktoken keeps only ranks and merges any adjacent pair whose concatenation is a token, lowest rank
+    # first. A token's own merge is found by BPE on its bytes with the lower ranks only: that ends in two
+    # parts. Every other split of the token into two tokens is listed right after: tiktoken merges those
+    # too (learn_bpe lets two merges spell one token), and at the same rank.
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)   # the leftmost lowest, as tiktoken
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise DataError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens: not a BPE")
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
+        merges += [tuple(parts)] + [s for s in splits if s != tuple(parts) and s[0] in ranks and s[1] in ranks]
+    return merges
+
+
+def atomic_write_json(path, obj):
+    tmp = path + ".tmp"   # written whole, then renamed: a reader never sees half a file
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def write_hf_tokenizer(folder, enc: tiktoken.Encoding) -> None:
+    """tokenizer.json + tokenizer_config.json for our bpe:N or byte tokenizer, for transformers' AutoTokenizer."""
+    if enc.name != "byte" and not re.fullmatch(r"bpe\d+", enc.name):
+        raise DataError(f"only this project's tokenizers (bpe:N, byte) can be exported, not {enc.name!r}")
+    specials = sorted((enc.encode_single_token(text), text) for text in enc.special_tokens_set)   # [(id, EOT)]
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in dict(specials)}
+    spell = byte_unicode_map()
+    text = lambda token: "".join(spell[b] for b in token)   # noqa: E731  token bytes as tokenizer.json spells them
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)
+    spec = dict(
+        version="1.0", truncation=None, padding=None,
+        added_tokens=[dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                           special=True) for i, t in specials],
+        normalizer=None,
+        # the same pre-split as tiktoken (merges never cross a chunk), then bytes -> GPT-2's characters
+        pre_tokenizer=dict(type="Sequence", pretokenizers=[
+            dict(type="Split", pattern=dict(Regex=GPT4_SPLIT), behavior="Isolated", invert=False), byte_level]),
+        post_processor=None,   # no BOS: our models never saw one
+        decoder=byte_level,
+        # ignore_merges: a chunk that is a whole token is that token, as tiktoken looks chunks up first
+        model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
+                   fuse_unk=False, byte_fallback=False, ignore_merges=True,
+                   vocab={text(t): i for t, i in ranks.items()},
+                   merges=[f"{text(a)} {text(b)}" for a, b in recover_merges(ranks)]))
+    eot = dict(specials)[enc.eot_token]
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=None, eos_token=eot, unk_token=None,
+                  add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,   # keep " ." as is
+                  added_tokens_decoder={str(i): dict(content=t, special=True, normalized=False, lstrip=False,
+                                                     rstrip=False, single_word=False) for i, t in specials})
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(os.path.join(folder, "tokenizer.json"), spec)
+    atomic_write_json(os.path.join(folder, "tokenizer_config.json"), config)
