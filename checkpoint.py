@@ -150,7 +150,8 @@ def start_run_folder(out_dir, rank_file=None, record=None):
 def tokenizer_record(meta):
     """What a checkpoint says of its tokenizer, from a data.py meta.json."""
     # rank_file is relative to the checkpoint folder, so a copied or moved folder still finds it
-    return dict(spec=meta["tokenizer"], rank_file="tokenizer.tiktoken" if meta["rank_file"] else None,
+    name = "tokenizer.json" if meta["tokenizer"] == "tokenizer.json" else "tokenizer.tiktoken"   # a release's, or our BPE
+    return dict(spec=meta["tokenizer"], rank_file=name if meta["rank_file"] else None,
                 eot_id=meta["eot_id"], vocab_size=meta["vocab_size"])
 
 

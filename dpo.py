@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import hf
 import cli
 import data
+import hf
 import metrics
 import preference
+import tokenizer
 import wsd
 from cli import UsageError, flag
 
@@ -207,7 +208,9 @@ def load_tokenizer(cfg, ckpt, model):
         if not spec and os.path.isfile(path):   # hf.save_hf writes it beside the weights
             record = json.load(open(path))
             spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
-        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json: pass --tokenizer NAME[@RANK_FILE]")])
+        elif not spec and os.path.isfile(os.path.join(cfg.hf, "tokenizer.json")):   # a released folder's
+            spec, rank_file = tokenizer.FOLDER_SPEC, os.path.join(cfg.hf, "tokenizer.json")
+        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json or tokenizer.json: pass --tokenizer NAME[@RANK_FILE]")])
     enc = data.load_tokenizer(spec, rank_file or None)
     cli.check([(enc.n_vocab > model.config.vocab_size, f"tokenizer {spec} has {enc.n_vocab} tokens, more than "
                 f"the model's {model.config.vocab_size}")])
@@ -266,7 +269,8 @@ def build_run(cfg, resumed, source, device, dtype):
         autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
         lr_at=wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=total, warmup=cfg.warmup_steps), total=total,
         train_pairs=train_pairs, val_pairs=val_pairs, pairs_digest=digest.hexdigest(),
-        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,   # eot: bos and padding
+        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,   # eot: padding, and bos for ours
+        bos_id=enc.eot_token if getattr(enc, "bos_token", None) is None else enc.bos_token,   # a release's own BOS
         rng=random.Random(cfg.seed), order=[], log=metrics.MetricsLog(cfg.out_dir), last_ckpt=None)
     if resumed:
         restore(run, resumed)
@@ -297,6 +301,9 @@ def prepare_out_dir(run, resumed):
     dest = os.path.join(cfg.out_dir, run.record["rank_file"] or "")
     if run.rank_file and os.path.abspath(run.rank_file) != os.path.abspath(dest):   # the folder is self-contained
         checkpoint.atomic_write(dest, lambda f: f.write(open(run.rank_file, "rb").read()))
+        tk_config = os.path.join(os.path.dirname(run.rank_file), "tokenizer_config.json")   # a release's BOS rule
+        if run.record["spec"] == tokenizer.FOLDER_SPEC and os.path.isfile(tk_config):
+            checkpoint.atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"), lambda f: f.write(open(tk_config, "rb").read()))
     # a resume into another folder starts its metrics from the old folder's, up to the resumed step
     run.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
 
@@ -315,7 +322,7 @@ def save(run):
 def forward(run, batch, with_grad):
     """-> ((loss, chosen rewards, rejected rewards), response tokens scored) for a list of pairs."""
     # padding is never scored nor attended to (causal, on the right), so any id will do
-    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.eot_id))   # [2B, T]
+    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.bos_id))   # [2B, T]
     with run.autocast:
         with torch.no_grad():   # the frozen reference: no graph kept, no gradient
             ref = sequence_logps(run.reference, ids, labels)   # [2B]
