@@ -29,6 +29,8 @@ import tokenizer
 from cli import UsageError, flag
 
 
+# The flags. --dtype is the file's, not the computation's: bf16 halves the folder (the 2.4B: ~5 GB)
+# and is what the releases ship; float32 keeps the weights exactly as trained.
 @dataclass
 class ExportConfig:
     ckpt: str = flag("out/tiny", "checkpoint to export: ckpt.pt or the run folder holding it (any kind)")
@@ -40,6 +42,7 @@ class ExportConfig:
 
 def check_out(cfg):
     """The folder is new, empty, or --overwrite says its files may be replaced."""
+    # an export into a folder holding other files would mix two models' configs and weights
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file: give a folder")
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
@@ -54,15 +57,29 @@ def run(argv):
     check_out(cfg)
     # everything read and checked before the first file is written: a refused export leaves nothing
     ckpt = checkpoint.load(cfg.ckpt)
+    # any kind (pretrain, dpo): the weights and architecture are all an export needs, not the optimizer
     model = checkpoint.build_model(ckpt).to(getattr(torch, cfg.dtype))
     record, rank_file = ckpt["tokenizer"], checkpoint.rank_file_path(ckpt)
+    # the tokenizer loads now, so a missing rank file fails before the first file is written; its EOT id
+    # becomes the config's eos_token_id, where transformers' generate stops (as sample.py does)
     enc = tokenizer.load_tokenizer(record["spec"], rank_file)
     if cfg.llama:
         hf.check_llama(model.config)   # a MoE model is refused here, before the folder exists
     hf.save_hf(model, cfg.out, tokenizer_record=record, llama=cfg.llama, eos_id=enc.eot_token)
     if rank_file:   # beside the weights, as the record says: the folder is self-contained
         shutil.copyfile(rank_file, os.path.join(cfg.out, record["rank_file"]))
-    tokenizer.write_hf_tokenizer(cfg.out, enc)
+    # tokenizer.json: the same pre-split regex, merges recovered from the ranks, <|endoftext|> special,
+    # no BOS (our models never saw one), so AutoTokenizer gives the ids tiktoken gives. A released
+    # tokenizer.json (a dpo.py run on a released folder) was copied above as the rank file; tiktoken's
+    # named encodings have official Hugging Face counterparts (e.g. "gpt2"), so none is written for them.
+    if record["spec"] == tokenizer.FOLDER_SPEC:
+        config = os.path.join(os.path.dirname(rank_file), "tokenizer_config.json")
+        if os.path.isfile(config):   # its BOS rule
+            shutil.copyfile(config, os.path.join(cfg.out, "tokenizer_config.json"))
+    elif record["spec"] == "byte" or record["spec"].startswith("bpe:"):
+        tokenizer.write_hf_tokenizer(cfg.out, enc)
+    else:
+        print(f"export.py: note: no tokenizer.json for {record['spec']}: use its Hugging Face tokenizer", file=sys.stderr)
     layout = "Llama (LlamaForCausalLM)" if cfg.llama else "MiniCPM's released layout"
     print(f"export.py: {ckpt['path']} -> {cfg.out}: {layout}, {cfg.dtype}, "
           f"{model.num_params(non_embedding=False):,} parameters, tokenizer {record['spec']}")
