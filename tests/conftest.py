@@ -10,6 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Triton reads TRITON_INTERPRET when it is first imported, and transformers (test_hf.py, test_export.py)
+# imports it at collection: without CUDA, kernels.py's tests run through Triton's interpreter, so it
+# is switched on here, before any test module is imported (it changes nothing for CPU-only code).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

@@ -165,3 +165,18 @@ def test_moe_has_no_llama_layout(tmp_path):
     with pytest.raises(UsageError, match="MoE"):
         hf.save_hf(MiniCPM(small_config(n_experts=4, top_k=2)), tmp_path, llama=True)
     assert not list(tmp_path.iterdir())   # refused before anything was written
+
+
+@pytest.mark.parametrize("scaling,factor", VARIANTS[:2], ids=["abf", "linear"])
+def test_decoding_past_the_old_block_size_equals_the_full_forward(scaling, factor):
+    # a model trained at 32 tokens, extended to 96 (§7.2): ABF's larger base, or positions / factor.
+    # With settings that do not depend on the length, the cache must reproduce the full forward
+    model = model_of(scaling, factor).double()
+    model.config.block_size, model.config.rope_theta = 96, 5e5 if scaling == "none" else model.config.rope_theta
+    ids = ids_for(model, 96)[:1]
+    full = model(ids)[0]
+    cache = model.new_cache(1)
+    steps = [model(ids[:, :20], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(20, 96)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    # and the full forward is the float64 reference's, with the new settings
+    torch.testing.assert_close(full, reference_logits(model.state_dict(), hf.hf_config(model), ids), rtol=1e-10, atol=1e-10)

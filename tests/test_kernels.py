@@ -12,8 +12,8 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    # Triton reads this when its own modules are imported, so nothing may have imported triton yet.
-    # Only kernels.py uses triton, so the setting reaches no other test.
+    # Triton reads this when its own modules are imported, so nothing may have imported triton yet
+    # (conftest.py sets it first, as transformers imports triton at collection).
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/test_kernels.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -260,3 +260,37 @@ def test_triton_attention_on_a_cpu_is_one_line(corpus, tmp_path):
     out = run_cli(flags(corpus, tmp_path, "--attn", "triton", "--device", "cpu", "--max_steps", 2))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert "--attn triton needs a CUDA GPU" in out.stderr and not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- context extension (§7.2)
+
+def test_untie_head_starts_as_the_embedding_and_then_trains_on_its_own(corpus, tmp_path):
+    assert train.main(flags(corpus, tmp_path / "base", "--max_steps", 4, "--eval_interval", 4)) == 0
+    assert train.main(flags(corpus, tmp_path / "untied", "--init_from", tmp_path / "base", "--untie_head",
+                            "--max_steps", 3, "--eval_interval", 3)) == 0
+    # at the branch the function is unchanged: the same validation loss, to the last bit
+    base_final = [r["val_loss"] for r in metrics(tmp_path / "base") if "val_loss" in r][-1]
+    assert [r["val_loss"] for r in metrics(tmp_path / "untied") if "val_loss" in r][0] == base_final
+    ckpt = checkpoint.load(str(tmp_path / "untied"))
+    assert ckpt["model_config"]["tie_word_embeddings"] is False
+    head, embedding = ckpt["model"]["lm_head.weight"], ckpt["model"]["model.embed_tokens.weight"]
+    assert not torch.equal(head, embedding)   # three steps later: two tensors, trained apart
+    # muP for the new tensor: the embedding's rule (lr not divided by m, weight decay, the embedding's
+    # init class), so at the branch it moves as the tied matrix it came from moved
+    model = checkpoint.build_model(ckpt)
+    groups = {g["name"]: g for g in model.param_groups(0.01, 0.1)}
+    assert any(p is model.lm_head.weight for p in groups["embedding"]["params"])
+    assert groups["embedding"]["lr_scale"] == 1.0 and groups["embedding"]["weight_decay"] == 0.1
+
+
+def test_continued_training_at_a_longer_context_with_a_new_rope_base(corpus, tmp_path, capsys):
+    # SMALL_MODEL has block_size 64 and seq_len 32: continue at 128 tokens with ABF's larger base
+    assert train.main(flags(corpus, tmp_path / "base", "--max_steps", 3, "--eval_interval", 0)) == 0
+    longer = ["--init_from", tmp_path / "base", "--rope_theta", 160000, "--block_size", 256, "--seq_len", 128,
+              "--max_steps", 2, "--eval_interval", 2, "--grad_ckpt"]
+    assert train.main(flags(corpus, tmp_path / "plan", *longer, "--dry_run")) == 0
+    assert "x 128 tokens" in capsys.readouterr().out          # the plan is for the new length
+    assert train.main(flags(corpus, tmp_path / "long", *longer[:-1])) == 0   # flags() puts seq_len 32 first: 128 wins
+    config = checkpoint.load(str(tmp_path / "long"))["model_config"]
+    assert (config["rope_theta"], config["block_size"]) == (160000, 256)
+    assert all(r["val_loss"] < 10 for r in metrics(tmp_path / "long") if "val_loss" in r)
