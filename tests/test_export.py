@@ -112,3 +112,15 @@ def test_sample_chat_on_a_released_layout_folder(tmp_path, capsys, monkeypatch, 
     # a random model's tokens are mostly stray byte pieces (invalid UTF-8): the text checks are in
     # test_tokenizer.py; here only that the reply, not the template, is printed
     assert "<AI>" not in capsys.readouterr().out
+
+
+def test_sample_decodes_past_max_position_with_dynamic_ntk(tmp_path, capsys, monkeypatch):
+    # the released 128k config: dynamic NTK, so a sample may run past max_position_embeddings (16 here)
+    torch.manual_seed(0)
+    model = MiniCPM(small_config(vocab_size=257, block_size=16, rope_scaling="dynamic", rope_factor=4.0))
+    checkpoint.save(tmp_path, "pretrain", model, step=0, tokenizer=dict(spec="byte", rank_file=None, eot_id=256, vocab_size=257))
+    asked = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, ids, n, *a, **k: asked.append(n) or generate(m, ids, n, *a, **k))
+    assert sample.main(["--ckpt", str(tmp_path), "--prompt", "hello", "--max_new_tokens", "40", "--temperature", "0"]) == 0
+    assert asked == [40] and "note" not in capsys.readouterr().err   # not capped at 16 - 5
