@@ -124,3 +124,24 @@ def test_sample_decodes_past_max_position_with_dynamic_ntk(tmp_path, capsys, mon
     monkeypatch.setattr(sample, "generate", lambda m, ids, n, *a, **k: asked.append(n) or generate(m, ids, n, *a, **k))
     assert sample.main(["--ckpt", str(tmp_path), "--prompt", "hello", "--max_new_tokens", "40", "--temperature", "0"]) == 0
     assert asked == [40] and "note" not in capsys.readouterr().err   # not capped at 16 - 5
+
+
+def test_dpo_on_a_released_layout_folder_then_sample_and_export(tmp_path, capsys):
+    # dpo.py --hf on a released-style folder: BOS from its tokenizer, the tokenizer kept beside the
+    # checkpoint (so sample.py and export.py read it back), and the folder's tokenizer.json exported
+    import dpo
+    (tmp_path / "release").mkdir()
+    folder = released_folder(tmp_path / "release", "new")
+    raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    hf.save_hf(MiniCPM(small_config(vocab_size=raw.get_vocab_size(), block_size=64)), folder)
+    pairs = [dict(prompt=f"Question {i}: is it good?", chosen=" Yes, it is good.", rejected=" No 😀") for i in range(24)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "dpo"
+    assert dpo.main(["--hf", str(folder), "--data", str(tmp_path / "pairs.jsonl"), "--out_dir", str(out), "--max_len", "48",
+                     "--max_steps", "2", "--batch_size", "4", "--eval_interval", "2", "--val_frac", "0.3"]) == 0
+    ckpt = checkpoint.load(str(out))
+    assert ckpt["tokenizer"]["spec"] == "tokenizer.json" and (out / "tokenizer_config.json").is_file()
+    assert sample.main(["--ckpt", str(out), "--prompt", "Question", "--max_new_tokens", "4"]) == 0
+    assert export.main(["--ckpt", str(out), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
