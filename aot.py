@@ -31,19 +31,22 @@ AOT_HEAD_DIMS = (64, 128)                      # MiniCPM's head dim, and the com
 # any stack frame or local memory holds values the registers could not: a spill. (Usually at 255
 # registers; ptxas also spilled at 32 registers for some 4-warp head-dim-128 tiles on sm_80.)
 COLUMNS = ["kernel", "target", "dtype", "head_dim", "BLOCK_M", "BLOCK_N", "warps", "stages",
-           "regs", "stack", "local", "smem_bytes", "fits_99KB", "problem"]
+           "regs", "stack", "local", "smem_bytes", "fits_99KB", "mma", "problem"]
 
 
 def _kernels():
-    """{name: (JITFunction, {head dim: tiles})} for every kernel kernels.py launches; tiles are
-    (BLOCK_M, BLOCK_N, num_warps, num_stages), looked up with kernels.tiles_for as the autotuner does."""
+    """{name: (JITFunction, tiles(head_dim))} for every kernel kernels.py launches, where tiles are the
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner would time at that head dim."""
     import kernels
-    return {"fwd": (kernels._attn_fwd.fn, kernels._FWD_TILES),
-            "bwd_dkdv": (kernels._attn_bwd_dkdv.fn, kernels._DKDV_TILES),
-            "bwd_dq": (kernels._attn_bwd_dq.fn, kernels._DQ_TILES),
+
+    def tuned(autotuner):   # the autotuner's own pruning decides, so this compiles exactly what it tries
+        return lambda hd: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                           for c in autotuner.early_config_prune(autotuner.configs, {}, HEAD_DIM=hd)]
+    return {"fwd": (kernels._attn_fwd.fn, tuned(kernels._attn_fwd)),
+            "bwd_dkdv": (kernels._attn_bwd_dkdv.fn, tuned(kernels._attn_bwd_dkdv)),
+            "bwd_dq": (kernels._attn_bwd_dq.fn, tuned(kernels._attn_bwd_dq)),
             # not autotuned: one launch shape, with Triton's default warps and stages
-            "bwd_delta": (kernels._bwd_delta, {64: [(kernels.DELTA_BLOCK, None, 4, 3)],
-                                               128: [(kernels.DELTA_BLOCK, None, 4, 3)]})}
+            "bwd_delta": (kernels._bwd_delta, lambda hd: [(kernels.DELTA_BLOCK, None, 4, 3)])}
 
 
 def _source(fn, dtype, head_dim, block_m, block_n):
@@ -98,6 +101,10 @@ def compile_one(job):
     compiled = triton.compile(_source(fn, dtype, head_dim, bm, bn), target=GPUTarget("cuda", cc, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     r = _resources(compiled.asm["cubin"])
+    # Which tensor-core instruction the matmuls became: Hopper's asynchronous warpgroup wgmma on sm_90,
+    # Ampere's mma.sync on sm_80; "-" would mean tl.dot fell back to plain FMAs (the delta kernel has no dot).
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
     # Triton allocates its tiles in dynamic shared memory (metadata.shared, what the launch asks for);
     # the cubin's static part (barriers, reserved bytes) comes on top.
     smem = compiled.metadata.shared + r["static_smem"]
@@ -108,20 +115,20 @@ def compile_one(job):
         problems.append(f"smem {smem} > {smem_limit}")
     return dict(kernel=name, target=target, dtype=dtype, head_dim=head_dim, BLOCK_M=bm, BLOCK_N=bn or "-",
                 warps=warps, stages=stages, regs=r["regs"], stack=r["stack"], local=r["local"],
-                smem_bytes=smem, fits_99KB="yes" if smem <= SMALL_SMEM else "no", problem="; ".join(problems))
+                smem_bytes=smem, fits_99KB="yes" if smem <= SMALL_SMEM else "no", mma=mma, problem="; ".join(problems))
 
 
 def jobs(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS):
-    import kernels
     return [(name, t, d, hd, cfg) for name, (_, tiles) in _kernels().items() for t in targets for d in dtypes
-            for hd in head_dims for cfg in kernels.tiles_for(tiles, hd)]
+            for hd in head_dims for cfg in tiles(hd)]
 
 
 def run(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS, out_dir=None, workers=None):
     """Compile every job (in parallel processes: each compile is ~1 s of CPU), print the table, write
     aot.csv under out_dir if given; return the rows. Exits 1 when any row has a problem."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("kernels.py --aot: TRITON_INTERPRET=1 is set, which replaces the compiler; unset it")
+        print("kernels.py --aot: TRITON_INTERPRET=1 is set, which replaces the compiler; unset it", file=sys.stderr)
+        sys.exit(2)
     todo = jobs(targets, dtypes, head_dims)
     t0 = time.time()
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:

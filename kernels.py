@@ -56,7 +56,7 @@ def _configs(tiles, interpreted):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def tiles_for(tiles, head_dim):
+def _tiles_for(tiles, head_dim):
     """The tiles tried at this head dim: head dims up to 64 share the 64 list (32 needs fewer registers)."""
     return tiles[64 if head_dim <= 64 else 128]
 
@@ -64,7 +64,7 @@ def tiles_for(tiles, head_dim):
 def _per_head_dim(tiles):
     """autotune's prune_configs_by: a launch times only its own head dim's tiles."""
     def prune(configs, named_args, **kwargs):
-        keep = tiles_for(tiles, kwargs["HEAD_DIM"])
+        keep = _tiles_for(tiles, kwargs["HEAD_DIM"])
         return [c for c in configs if INTERPRET or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                                     c.num_stages) in keep]
     return {"early_config_prune": prune}
