@@ -118,6 +118,7 @@ def compile_one(job):
                 smem_bytes=smem, fits_99KB="yes" if smem <= SMALL_SMEM else "no", mma=mma, problem="; ".join(problems))
 
 
+# One job = (kernel, target, dtype, head dim, tile); the table is their product.
 def jobs(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS):
     return [(name, t, d, hd, cfg) for name, (_, tiles) in _kernels().items() for t in targets for d in dtypes
             for hd in head_dims for cfg in tiles(hd)]
@@ -129,6 +130,7 @@ def run(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS, o
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernels.py --aot: TRITON_INTERPRET=1 is set, which replaces the compiler; unset it", file=sys.stderr)
         sys.exit(2)
+    # the jobs are independent and compiling is single-threaded: one process per core
     todo = jobs(targets, dtypes, head_dims)
     t0 = time.time()
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
@@ -142,6 +144,7 @@ def run(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS, o
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             w.writerows(rows)
+    # the whole table is printed first, so a failure can be read next to the tiles that passed
     bad = [r for r in rows if r["problem"]]
     print(f"{len(rows)} kernels compiled in {time.time() - t0:.0f} s, {len(bad)} with problems")
     if bad:

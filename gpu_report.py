@@ -45,6 +45,8 @@ sys.exit(code)
 
 
 def free_port():
+    # each child is its own 1-process job with its own rendezvous: a fixed port could still be held
+    # by the previous child's socket in TIME_WAIT
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,8 +54,9 @@ def free_port():
 
 def kernel_part(out_dir, log):
     """kernel_bench.bench's rows, and the T = 4096 ratios against the targets."""
-    import kernel_bench
+    import kernel_bench   # imported here: the other parts must run even where triton is missing
     rows = kernel_bench.bench(out_dir)
+    # the issue's targets are at T = 4096, MiniCPM's training length; the whole sweep is in the CSV
     lines = ["| heads | mode | triton ms | sdpa-flash ms | eager ms | triton / flash speed | target |",
              "|---|---|---|---|---|---|---|"]
     for shape in kernel_bench.BENCH_SHAPES:
@@ -68,6 +71,7 @@ def kernel_part(out_dir, log):
             *lines, ""]
 
 
+# compile off first: its figure stands even if torch.compile fails on this machine's toolchain
 def train_runs(args):
     """(preset, compile) for every run of the training benchmark."""
     return [(p, c) for p in args.presets.split(",") for c in args.compile.split(",")]
@@ -76,6 +80,8 @@ def train_runs(args):
 def train_part(args, log_dir):
     """One subprocess per (preset, compile): train.py --bench as a 1-process DDP job."""
     lines = ["| preset | compile | tokens/s | TFLOP/s | MFU | peak memory GiB | exit |", "|---|---|---|---|---|---|---|"]
+    # one process per run: a run that runs out of memory or hangs cannot take the next one with it,
+    # and torch.compile's caches and the CUDA allocator start clean for each figure
     for preset, comp in train_runs(args):
         # torchrun's variables for one process: parallel.py then builds a real (1-rank) DDP job
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -83,7 +89,7 @@ def train_part(args, log_dir):
         cmd = [sys.executable, "-c", CHILD, "--preset", preset, "--bench", "--compile", comp, "--device", args.device,
                "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--source", args.source,
                "--tokenizer", args.tokenizer, "--data_dir", args.data_dir, "--out_dir", os.path.join(log_dir, "runs")]
-        if args.device != "cpu":
+        if args.device != "cpu":   # bf16 autocast, as the MFU targets assume (the CPU keeps fp32)
             cmd += ["--dtype", "bfloat16"]
         t0 = time.time()
         try:
@@ -93,6 +99,7 @@ def train_part(args, log_dir):
             text, code = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {args.timeout} s", "timeout"
         with open(os.path.join(log_dir, f"train_{preset}_compile-{comp}.log"), "w") as f:
             f.write(" ".join(cmd[:2] + ["CHILD"] + cmd[3:]) + "\n" + str(text))
+        # a run that failed (out of memory, a compile error) leaves dashes and its exit code in the row
         m = BENCH_LINE.search(str(text))
         mem = re.search(r"peak_memory_gib ([\d.]+)", str(text))
         cells = [m.group(2), m.group(3), f"{m.group(4)}%"] if m else ["-", "-", "-"]
@@ -104,6 +111,7 @@ def train_part(args, log_dir):
 
 def tests_part(args, log_dir):
     """pytest on the GPU tests; the summary line goes into the report, the full output into a log."""
+    # -rs lists the skipped tests with their reasons: on a GPU, a CUDA test that still skips is a finding
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", *args.tests.split(",")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # real compiles on the GPU
     try:
@@ -113,6 +121,7 @@ def tests_part(args, log_dir):
         text = f"{e.stdout or ''}\ntimed out after {args.timeout} s"
     with open(os.path.join(log_dir, "tests.log"), "w") as f:
         f.write(str(text))
+    # pytest's last line ("12 passed, 3 skipped in 40.1s") is the report's line; details stay in the log
     summary = [line for line in str(text).splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     return ["## GPU tests", "", f"`{' '.join(cmd[1:])}`: {summary[-1] if summary else 'no summary, see tests.log'}", ""]
 
@@ -132,18 +141,22 @@ def main(argv=None):
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one run counts as hung")
     p.add_argument("--device", default="cuda", help="cuda; cpu only checks this script's plumbing (train part)")
     args = p.parse_args(argv)
+    # refusals come before anything is written, each as one line (exit 2)
     args.out, args.data_dir = os.path.abspath(args.out), os.path.abspath(args.data_dir)   # children run in ROOT
     skip = set(filter(None, args.skip.split(",")))
     if not skip <= {"kernel", "train", "tests"}:
         p.error(f"--skip takes kernel, train, tests; got {args.skip}")
+    # without a GPU there is nothing to measure; --device cpu is for checking this script itself
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_report.py: no CUDA GPU here; run it on a machine with one", file=sys.stderr)
         return 2
+    # the report names the device and versions: figures without them cannot be compared with others
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (plumbing check only)"
     report = [f"# GPU report: {gpu}", "",
               f"torch {torch.__version__}, CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
-    notes = []
+    notes = []   # remarks a part adds below the tables (the kernel's largest error)
+    # the kernel first: its figures come quickest; each part writes report.md as soon as it is done
     parts = {"kernel": lambda: kernel_part(args.out, notes), "train": lambda: train_part(args, args.out),
              "tests": lambda: tests_part(args, args.out)}
     for name, part in parts.items():

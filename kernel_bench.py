@@ -29,6 +29,8 @@ def _eager(q, k, v):
 
 
 def _sdpa_flash(q, k, v):
+    # The bar to meet: PyTorch's own FlashAttention-2 kernel, forced, so SDPA cannot quietly fall
+    # back to its math or memory-efficient backends and flatter the comparison.
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         if k.shape[1] != q.shape[1]:
@@ -54,13 +56,13 @@ def bench(out_dir):
         raise SystemExit("kernels.py --bench needs a CUDA GPU and triton, without TRITON_INTERPRET; none here")
     import csv
     impls = {"triton": flash_attention, "sdpa-flash": _sdpa_flash, "eager": _eager}
-    rows = []
+    rows = []   # one dict per (shape, length, implementation, mode): the CSV's rows
     for shape, (hq, hkv) in BENCH_SHAPES.items():
         for T in BENCH_LENGTHS:
             B = max(1, BENCH_TOKENS // T)
             q, k, v = (torch.randn(B, h, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for h in (hq, hkv, hkv))
-            do = torch.randn_like(q)
+            do = torch.randn_like(q)   # one upstream gradient for every implementation
             fwd_flops = 4 * B * hq * T * T * 64 / 2
             ref = _sdpa_flash(q, k, v).float()   # a speed table is worthless if the kernel is wrong
             err = ((flash_attention(q, k, v).float() - ref).norm() / ref.norm()).item()
@@ -83,6 +85,7 @@ def bench(out_dir):
 
 
 def _plot(rows, path):
+    # TFLOP/s (not ms) on the y axis: the work grows with T, so equal heights mean equal efficiency.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

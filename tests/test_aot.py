@@ -22,6 +22,7 @@ SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
 def run(args, tmp_path, env_extra=None):
+    # a fresh process without the interpreter, and a cache of its own in the test's folder
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), **(env_extra or {}))
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -80,5 +81,6 @@ def test_the_check_catches_a_spilling_tile(tmp_path):
 def test_refusals_are_one_line(tmp_path):
     out = run(["kernels.py", "--aot"], tmp_path, {"TRITON_INTERPRET": "1"})
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "TRITON_INTERPRET" in out.stderr
+    # a target without a shared-memory limit in aot.TARGETS is refused, not compiled unchecked
     out = run(["kernels.py", "--aot", "--aot_targets", "sm_75"], tmp_path)
     assert out.returncode == 2 and "--aot_targets" in out.stderr.splitlines()[-1]

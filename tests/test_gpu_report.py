@@ -8,7 +8,7 @@ from conftest import ROOT
 
 
 def test_refuses_without_a_gpu(tmp_path):
-    import torch
+    import torch   # this test file needs no triton: the refusal comes before any kernel import
     if torch.cuda.is_available():
         return   # nothing to refuse on a GPU machine
     p = subprocess.run([sys.executable, "gpu_report.py", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -17,6 +17,8 @@ def test_refuses_without_a_gpu(tmp_path):
 
 
 def test_training_part_reads_train_py_bench_line_on_cpu(tmp_path, corpus):
+    # the tiny preset at 2 x 32 tokens on the test corpus: seconds, yet the same child, flags and parsing
+    # as the GPU runs; one thread, since pytest may run beside other work on a 2-core machine
     p = subprocess.run([sys.executable, "gpu_report.py", "--device", "cpu", "--skip", "kernel,tests", "--out",
                         str(tmp_path), "--presets", "tiny", "--compile", "false", "--batch_size", "2", "--seq_len", "32",
                         "--source", corpus["source"], "--data_dir", corpus["data_dir"]],
