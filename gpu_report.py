@@ -164,8 +164,10 @@ def main(argv=None):
             continue
         try:
             report += part()
-        except Exception as e:   # one broken part must not lose the figures of the others
+        except (Exception, SystemExit) as e:   # one broken part must not lose the others' figures
             report += [f"## {name}: failed", "", f"`{type(e).__name__}: {e}`", ""]
+        if torch.cuda.is_available():   # hand the kernel benchmark's cached memory back before a training run
+            torch.cuda.empty_cache()
         with open(os.path.join(args.out, "report.md"), "w") as f:   # rewritten after each part
             f.write("\n".join(report + notes) + "\n")
     print("\n".join(report + notes))

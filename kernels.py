@@ -93,8 +93,9 @@ _DKDV_TILES = {   # the most register-hungry kernel: four [BLOCK_N, D] tiles liv
          (32, 128, 8, 2),    # (64, 128, 8, 3) spilled on sm_80: the same key block with a smaller query tile
          (32, 64, 4, 3),     # (32, 64, 4, 4) spilled on sm_80: one stage less
          (64, 32, 4, 3)],    # (64, 64, 4, 3) spilled on both: half the key block
-    128: [(16, 128, 8, 2),   # at head dim 128 every 4-warp tile spilled, and all tiles with 3+ stages:
-          (32, 64, 8, 2),    # 8 warps, 2 stages (1 for 64 x 64), and streamed query tiles of 16 to 64 rows
+    128: [(16, 128, 8, 2),   # head dim 128: 4 warps spilled beyond 32-row key blocks, and every tile tried
+          (32, 64, 8, 2),    # with 3+ stages spilled. Hence 8 warps, 2 stages (1 for 64 x 64), and
+                             # streamed query tiles of 16 to 64 rows under key blocks of 32 to 128
           (64, 64, 8, 1),
           (32, 32, 8, 2)],
 }
@@ -105,8 +106,8 @@ _DQ_TILES = {
          (32, 64, 4, 3)],    # (64, 64, 4, 3) spilled on sm_80: half the query tile
     128: [(64, 64, 8, 3),    # (64, 64, 4, 3) sat at 255 registers on sm_80: 8 warps
           (64, 32, 4, 4),    # clean; (128, 32, 4, 4) spilled on sm_80: half the query tile
-          (32, 128, 8, 2),   # (128, 64, 8, 3) and (128, 128, ...) spilled: a narrow query tile, wide key block
-          (32, 64, 4, 3)],
+          (32, 128, 8, 2),   # (128, 64, 8, 3) spilled on sm_80 (280 B): a narrow query tile, wide key block
+          (32, 64, 4, 3)],   # a small 4-warp tile, the cheapest when there are many heads to fill the GPU
 }
 _FWD_CONFIGS = _configs(_FWD_TILES, interpreted=(32, 16, 1, 1))
 _DKDV_CONFIGS = _configs(_DKDV_TILES, interpreted=(16, 32, 1, 1))   # a key block per program
@@ -441,7 +442,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
 
 
 if __name__ == "__main__":
-    # The tools that need no import of their own in the model's path live beside this file:
+    # The tools live in modules of their own, so the model's import of this file stays lean:
     # kernel_bench.py (GPU timings against SDPA) and aot.py (compiling for GPUs absent here).
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time this kernel against SDPA (flash) and eager")
