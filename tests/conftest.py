@@ -58,5 +58,5 @@ def metrics(out_dir):
 
 
 def pytest_configure(config):
-    # tests/test_aot.py's full compile sweep (~40 s): `-m "not slow"` leaves such tests out
+    # tests/test_aot.py's full compile sweep (~30 s): `-m "not slow"` leaves such tests out
     config.addinivalue_line("markers", "slow: a test of more than ~20 s; deselect with -m 'not slow'")

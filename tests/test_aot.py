@@ -28,7 +28,7 @@ def run(args, tmp_path, env_extra=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow   # ~40 s on 2 cores: 108 compiles
+@pytest.mark.slow   # ~30 s on 2 cores: 108 compiles
 def test_every_kernel_compiles_without_spills_for_sm80_and_sm90(tmp_path):
     out = run(["kernels.py", "--aot", "--out", str(tmp_path)], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
