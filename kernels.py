@@ -15,6 +15,8 @@ How it works (Dao 2023, "FlashAttention-2"):
             another owns a query block and accumulates dQ over the key blocks.
 
 Run:    python kernels.py --bench [--out bench]      (needs a CUDA GPU; writes attention.csv and .png)
+        python kernels.py --aot                      (no GPU needed: compiles for sm_80 and sm_90, checks
+                                                      registers and shared memory; see aot.py)
 Test:   python -m pytest -q tests/test_kernels.py     (on CPU through Triton's interpreter, fp32)
 The interpreter (TRITON_INTERPRET=1) must be switched on before this module is imported.
 """
@@ -46,29 +48,72 @@ HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
-def _configs(shapes, interpreted):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates -> autotune configs."""
+def _configs(tiles, interpreted):
+    """{head dim: [(BLOCK_M, BLOCK_N, num_warps, num_stages)]} -> the autotune configs of all head dims."""
     # The interpreter gets one small tile (quick tests, nothing to tune), unequal like the GPU ones so
     # the tests exercise block boundaries that do not line up between queries and keys.
-    if INTERPRET:
-        shapes = [interpreted]
+    shapes = [interpreted] if INTERPRET else sorted({t for ts in tiles.values() for t in ts})
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# Tuning candidates for Hopper-class GPUs. Configs that overflow shared memory are skipped by the
-# autotuner. The key includes T_BUCKET (the key length rounded up to a power of two) so decoding,
-# where Tk grows by one every step, does not re-tune at every step.
+def _tiles_for(tiles, head_dim):
+    """The tiles tried at this head dim: head dims up to 64 share the 64 list (32 needs fewer registers)."""
+    return tiles[64 if head_dim <= 64 else 128]
+
+
+def _per_head_dim(tiles):
+    """autotune's prune_configs_by: a launch times only its own head dim's tiles."""
+    def prune(configs, named_args, **kwargs):
+        keep = _tiles_for(tiles, kwargs["HEAD_DIM"])
+        return [c for c in configs if INTERPRET or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                    c.num_stages) in keep]
+    return {"early_config_prune": prune}
+
+
+# Tuning candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages), per head dim. The key includes T_BUCKET
+# (the key length rounded up to a power of two) so decoding, where Tk grows by one every step, does
+# not re-tune at every step.
 # Tiling: a program keeps its own tiles on chip for its whole life and streams the other side's blocks
 # past them; the kept side is the wide one, since each streamed block is reused by every kept row. The
-# forward and dQ keep a query tile (BLOCK_M up to 128) and stream K, V; dK/dV keeps K, V, dK, dV (four
-# tiles, BLOCK_N up to 128) and streams Q, dO. num_stages > 1 prefetches the next streamed block.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-                        interpreted=(32, 16, 1, 1))
-_DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],  # a key block per program
-                         interpreted=(16, 32, 1, 1))
-_DQ_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],    # a query block per program
-                       interpreted=(32, 16, 1, 1))
+# forward and dQ keep a query tile (BLOCK_M) and stream K, V; dK/dV keeps K, V, dK, dV (four tiles of
+# BLOCK_N rows) and streams Q, dO. num_stages > 1 prefetches the next streamed block.
+# Every tile below compiles for sm_80 and sm_90 without spilling registers and within the block's shared
+# memory (`python kernels.py --aot` checks it, tests/test_aot.py in CI). Where an earlier tile spilled
+# (a stack frame at 255 registers), the comment says what replaced it. More warps split a tile's
+# registers over more threads; fewer stages keep fewer streamed blocks in flight; smaller tiles hold less.
+_FWD_TILES = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],  # all clean
+    128: [(128, 64, 8, 3),   # (128, 64, 4, 3) spilled on both targets: 8 warps halve the registers per thread
+          (128, 32, 8, 3),   # (128, 32, 4, 4) spilled on sm_80: 8 warps, one stage less
+          (64, 128, 8, 2),   # (128, 128, 8, 3) spilled on sm_80 (and used 225 KB on sm_90): half the query tile
+          (64, 64, 8, 3)],   # (64, 64, 4, 4) sat at 255 registers on sm_80: 8 warps leave a margin
+}
+_DKDV_TILES = {   # the most register-hungry kernel: four [BLOCK_N, D] tiles live across the whole loop
+    64: [(32, 128, 8, 3),    # (32, 128, 4, 4) spilled on both targets (296 B on sm_90): 8 warps, one stage less
+         (32, 128, 8, 2),    # (64, 128, 8, 3) spilled on sm_80: the same key block with a smaller query tile
+         (32, 64, 4, 3),     # (32, 64, 4, 4) spilled on sm_80: one stage less
+         (64, 32, 4, 3)],    # (64, 64, 4, 3) spilled on both: half the key block
+    128: [(16, 128, 8, 2),   # head dim 128: 4 warps spilled beyond 32-row key blocks, and every tile tried
+          (32, 64, 8, 2),    # with 3+ stages spilled. Hence 8 warps, 2 stages (1 for 64 x 64), and
+                             # streamed query tiles of 16 to 64 rows under key blocks of 32 to 128
+          (64, 64, 8, 1),
+          (32, 32, 8, 2)],
+}
+_DQ_TILES = {
+    64: [(128, 32, 4, 4),    # clean (255 registers on sm_80, without a stack frame)
+         (128, 32, 8, 3),    # (128, 64, 8, 3) spilled on sm_80: half the key block
+         (64, 32, 4, 4),     # clean
+         (32, 64, 4, 3)],    # (64, 64, 4, 3) spilled on sm_80: half the query tile
+    128: [(64, 64, 8, 3),    # (64, 64, 4, 3) sat at 255 registers on sm_80: 8 warps
+          (64, 32, 4, 4),    # clean; (128, 32, 4, 4) spilled on sm_80: half the query tile
+          (32, 128, 8, 2),   # (128, 64, 8, 3) spilled on sm_80 (280 B): a narrow query tile, wide key block
+          (32, 64, 4, 3)],   # a small 4-warp tile, the cheapest when there are many heads to fill the GPU
+}
+_FWD_CONFIGS = _configs(_FWD_TILES, interpreted=(32, 16, 1, 1))
+_DKDV_CONFIGS = _configs(_DKDV_TILES, interpreted=(16, 32, 1, 1))   # a key block per program
+_DQ_CONFIGS = _configs(_DQ_TILES, interpreted=(32, 16, 1, 1))       # a query block per program
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "T_BUCKET"]   # head dim, masking and length decide the best tile
+DELTA_BLOCK = 64   # rows per program of the delta kernel, a plain row reduction: nothing to autotune
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -109,7 +154,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, lo, hi, Tk, off, qk_sca
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_per_head_dim(_FWD_TILES))
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
               Hq, Tq, Tk, GROUPS, qk_scale, T_BUCKET,
@@ -211,7 +256,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, lo, hi, Tq, o
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_per_head_dim(_DKDV_TILES))
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
@@ -277,7 +322,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, lo, hi, Tk, off, qk
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_per_head_dim(_DQ_TILES))
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                  sdqb, sdqh, sdqt, Hq, Tq, Tk, GROUPS, qk_scale, sm_scale, T_BUCKET,
@@ -348,7 +393,7 @@ class FlashAttention(torch.autograd.Function):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         delta = torch.empty_like(lse)            # rowsum(dO * O), laid out like L
-        block = 16 if INTERPRET else 64          # a plain row reduction: nothing worth autotuning
+        block = 16 if INTERPRET else DELTA_BLOCK
         _bwd_delta[(triton.cdiv(Tq, block), B * Hq)](o, do, delta, *_s(o), *_s(do), Hq, Tq,
                                                        HEAD_DIM=D, BLOCK_M=block)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -396,102 +441,28 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     return FlashAttention.apply(q, k, v, causal, sm_scale)
 
 
-# ----------------------------------------------------------------------------------------- benchmark
-# FLOP convention (causal): the forward is two matmuls, Q K^T and P V, of 2*T*T*D flops per head each,
-# of which causality keeps half: 4*B*H*T*T*D / 2. The backward is five such matmuls, 2.5x the forward,
-# so forward+backward counts 3.5x. Every implementation is credited the same count, whatever it computes.
-BENCH_SHAPES = {"36 heads": (36, 36), "24q/8kv heads": (24, 8)}   # MiniCPM-2B and MiniCPM-1B, head dim 64
-BENCH_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
-BENCH_TOKENS = 16384                                             # batch = tokens / T, so work grows with T
-
-
-def _eager(q, k, v):
-    """The textbook computation, as minicpm.py's 'eager': repeated K/V, fp32 softmax."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])   # [B, H, T, T]: what flash avoids
-    mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
-    return s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
-
-
-def _sdpa_flash(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        if k.shape[1] != q.shape[1]:
-            try:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            except RuntimeError:  # a flash backend without GQA: give it repeated K/V
-                g = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def _time_ms(fn, grads):
-    from triton.testing import do_bench
-    try:
-        return do_bench(fn, grad_to_none=grads)  # grads reset each call, so .grad is not accumulated
-    except torch.cuda.OutOfMemoryError:          # eager's T x T scores at long T: a gap in the plot
-        torch.cuda.empty_cache()
-        return float("nan")
-
-
-def bench(out_dir):
-    if not torch.cuda.is_available() or not HAVE_TRITON or INTERPRET:
-        raise SystemExit("kernels.py --bench needs a CUDA GPU and triton, without TRITON_INTERPRET; none here")
-    import csv
-    impls = {"triton": flash_attention, "sdpa-flash": _sdpa_flash, "eager": _eager}
-    rows = []
-    for shape, (hq, hkv) in BENCH_SHAPES.items():
-        for T in BENCH_LENGTHS:
-            B = max(1, BENCH_TOKENS // T)
-            q, k, v = (torch.randn(B, h, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for h in (hq, hkv, hkv))
-            do = torch.randn_like(q)
-            fwd_flops = 4 * B * hq * T * T * 64 / 2
-            ref = _sdpa_flash(q, k, v).float()   # a speed table is worthless if the kernel is wrong
-            err = ((flash_attention(q, k, v).float() - ref).norm() / ref.norm()).item()
-            for name, fn in impls.items():
-                for mode, flops, call in (("fwd", fwd_flops, lambda: fn(q, k, v)),
-                                          ("fwd+bwd", 3.5 * fwd_flops, lambda: fn(q, k, v).backward(do))):
-                    ms = _time_ms(call, [q, k, v])
-                    rows.append(dict(shape=shape, heads=hq, kv_heads=hkv, head_dim=64, batch=B, seq_len=T,
-                                     impl=name, mode=mode, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 2),
-                                     triton_rel_err=f"{err:.1e}"))
-                    print(*(f"{rows[-1][c]}" for c in ("shape", "seq_len", "impl", "mode", "ms", "tflops")), sep="\t")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "attention.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    _plot(rows, os.path.join(out_dir, "attention.png"))
-    print(f"wrote {out_dir}/attention.csv and attention.png ({torch.cuda.get_device_name()})")
-
-
-def _plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for shape in BENCH_SHAPES:
-            for impl, style in (("triton", "o-"), ("sdpa-flash", "s--"), ("eager", "x:")):
-                pts = [(r["seq_len"], r["tflops"]) for r in rows
-                       if r["mode"] == mode and r["shape"] == shape and r["impl"] == impl]
-                ax.plot(*zip(*pts), style, label=f"{impl}, {shape}")
-        ax.set(xscale="log", xlabel="sequence length", title=f"causal attention {mode}, bf16, head dim 64")
-        ax.set_xticks(BENCH_LENGTHS, [str(t) for t in BENCH_LENGTHS])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("TFLOP/s")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 if __name__ == "__main__":
+    # The tools live in modules of their own, so the model's import of this file stays lean:
+    # kernel_bench.py (GPU timings against SDPA) and aot.py (compiling for GPUs absent here).
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time this kernel against SDPA (flash) and eager")
-    parser.add_argument("--out", default="bench", help="folder for attention.csv and attention.png")
+    parser.add_argument("--aot", action="store_true", help="compile every kernel and config for sm_80/sm_90 "
+                        "without a GPU; print registers, stack, shared memory; exit 1 on spills")
+    parser.add_argument("--aot_targets", default="sm_80,sm_90", help="--aot: comma-separated targets")
+    parser.add_argument("--aot_dtypes", default="bf16,fp16", help="--aot: comma-separated input dtypes")
+    parser.add_argument("--aot_head_dims", default="64,128", help="--aot: comma-separated head dims")
+    parser.add_argument("--out", default="bench", help="folder for attention.csv/.png (--bench), aot.csv (--aot)")
     args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench (the kernel itself is used through minicpm.py --attn triton)")
-    bench(args.out)
+    if args.aot:
+        import aot
+        lists = [args.aot_targets.split(","), args.aot_dtypes.split(","), args.aot_head_dims.split(",")]
+        for flag, given, allowed in zip(("targets", "dtypes", "head_dims"), lists,
+                                        (aot.TARGETS, aot.DTYPES, [str(d) for d in HEAD_DIMS])):
+            if not set(given) <= set(allowed):
+                parser.error(f"--aot_{flag}: {','.join(given)} not all in {','.join(allowed)}")
+        aot.run(lists[0], lists[1], [int(d) for d in lists[2]], out_dir=args.out)
+    elif args.bench:
+        import kernel_bench
+        kernel_bench.bench(args.out)
+    else:
+        parser.error("nothing to do: pass --bench or --aot (the kernel itself is used through minicpm.py --attn triton)")

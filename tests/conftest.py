@@ -55,3 +55,8 @@ def metrics(out_dir):
     """The rows of a run's metrics.jsonl."""
     import json
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def pytest_configure(config):
+    # tests/test_aot.py's full compile sweep (~30 s): `-m "not slow"` leaves such tests out
+    config.addinivalue_line("markers", "slow: a test of more than ~20 s; deselect with -m 'not slow'")
