@@ -1,39 +1,32 @@
 """Long context at small scale: does a RoPE model trained at a short context extend to 4x and 8x
-its length by NTK scaling, by ABF + a short continued training, or by both? (MiniCPM, Hu et al.
-2024, §7.2: MiniCPM-2.4B-128K, extended with Adjusted Base Frequency and NTK-aware RoPE scaling.)
+its length by NTK scaling, by ABF + a short continued training, or both? (MiniCPM, Hu et al. 2024,
+§7.2: MiniCPM-2.4B-128K, extended by Adjusted Base Frequency and NTK-aware RoPE scaling.)
 
-The design, per seed (the seed fixes the base model's init and batches):
-  corpus   the experiment writes its own: real text (standard-library .py files, one document each)
-           with passkey documents mixed in (25% of the bytes): filler cut from the real text, the
-           needle "The pass key is 71432. Remember it. 71432 is the pass key." at a random depth,
-           and the question "What is the pass key? The pass key is 71432" at the end. The base
-           corpus holds passkey documents that fit in the training length; the long corpus (for
-           the continued training) the same real text, its passkey bytes 56% short : 44% long
-           documents (up to 4x the length), the paper's 56% short : 44% long data mix.
-  trunk    a byte-level model trained at seq_len 256 by WSD, stopped at the end of its stable phase;
-  (a) base          the trunk decayed (WSD), evaluated as is: past 256 RoPE extrapolates;
-  (b) NTK           (a) with the released dynamic NTK scaling at inference (factor 4): past 256
-                    positions the RoPE base grows with the sequence length; no training;
-  (c) ABF + CT      from the trunk's stable checkpoint (§7.2: continued WSD training from the
-                    last stable checkpoint), RoPE base 1e4 -> 5e5 (ABF), seq_len 1024 on the
-                    long corpus, fresh Adam, a short WSD (warmup, stable, decay);
-  (d) NTK + CT      the same continued training with the NTK-aware base for 4x:
-                    1e4 * 4 ** (hd / (hd - 2)) ~ 4.4e4;
-  (e) ABF + CT + NTK (c) with dynamic NTK past 1024 at inference: the release's recipe (a large
-                    base, then NTK scaling on top).
-Evaluation, on text no run trained on (held-out .py files): the passkey test, lengths 128..2048 x
-depths 0..100%, 20 keys a cell, exact match of all 5 digits by greedy argmax (one teacher-forced
-forward: the argmax at each digit position given the digits before it); and the loss by position
-on 48 fixed windows of 2048 tokens (98K tokens), each the start of a held-out file, averaged over
-octaves of position. Runs and evaluations are independent processes, one torch thread each.
+Per seed (the seed fixes the base model's init and batches):
+  corpus  real text (standard-library .py files) with passkey documents mixed in (25% of the bytes):
+          filler cut from the real text, the needle "The pass key is 71432. Remember it. 71432 is
+          the pass key." at a random depth, the question "What is the pass key? The pass key is
+          71432" at the end. Base corpus: passkey documents that fit in the training length; long
+          corpus (continued training): its passkey bytes 56% short : 44% up to 4x long (§7.2's mix).
+  trunk   a byte-level model trained at seq_len 256 by WSD, stopped at the end of its stable phase;
+  (a) base        the trunk decayed, as is: past 256 RoPE extrapolates;
+  (b) NTK         (a) with the released dynamic NTK scaling at inference (factor 4), no training;
+  (c) ABF + CT    from the trunk's stable checkpoint (§7.2), RoPE base 1e4 -> 5e5, seq_len 1024 on the
+                  long corpus, fresh Adam, a short WSD;
+  (d) NTK + CT    the same continued training with the NTK-aware base for 4x, 1e4 * 4 ** (hd/(hd-2));
+  (e) (c) + NTK   (c) with dynamic NTK past 1024 at inference: the release's recipe.
+Evaluation on held-out files: the passkey test (lengths 128..2048 x depths 0..100%, 20 keys a cell,
+all 5 digits right by greedy argmax: one teacher-forced forward) and the loss by position on 48 fixed
+windows of 2048 tokens (file starts), by octave of position. Finding on CPU: no base model learned
+the passkey (README: the probes); the loss by position tells the arms apart.
 
-    python experiments/long_context.py               # d 128, 4 layers, 2 seeds: ~13 min on 2 idle cores
-    python experiments/long_context.py --quick       # a 2-layer d-32 model: the smoke test, < 1 min
+    python experiments/long_context.py               # d 128, 4 layers, 2 seeds: ~10 min on 2 idle cores
+    python experiments/long_context.py --quick       # a 2-layer d-32 model: the smoke test, ~10 s
     python experiments/long_context.py --scale gpu   # d 512, 8 layers, trained at 512, to 4096 (untested)
 
 Writes to --out (default experiments/out): long_context_passkey.png (a heatmap per arm, mean over
-seeds), long_context_loss.png (loss against position), long_context.csv (kind, arm, seed, length,
-depth, pos_lo, pos_hi, value) and runs/long_context/ (corpus, data, runs).
+seeds), long_context_loss.png, long_context.csv (kind: passkey, passkey_digit or loss; arm, seed,
+length, depth, pos_lo, pos_hi, value) and runs/long_context/ (corpus, data, runs).
 """
 import argparse
 import csv
@@ -60,12 +53,11 @@ SCALES = {
                   train_len=128, ct_len=256, batch_tokens=512, trunk=12, decay=4, warmup=2,
                   ct=6, ct_warmup=1, ct_decay=2, lengths=[128, 256, 512], keys=2,
                   loss_windows=4, corpus_mb=0.3, seeds=2),
-    # one GPU: a 25M-parameter model trained at 512 on 64K-token batches, extended to 2048 and
-    # tested to 4096 (8x). An estimate (~30 min on an H100), as no GPU was available to run it.
+    # one GPU (an estimate, not run): a 25M-parameter model trained at 512, extended to 2048, tested to 4096
     "gpu": dict(model=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=8, ffn_dim=1280),
                 train_len=512, ct_len=2048, batch_tokens=65536, trunk=4000, decay=500, warmup=200,
                 ct=600, ct_warmup=30, ct_decay=100, lengths=[256, 512, 1024, 2048, 4096], keys=50,
-                loss_windows=64, corpus_mb=30.0, seeds=2),
+                loss_windows=32, corpus_mb=30.0, seeds=2),
 }
 LR = 0.01               # the peak lr of every run (§3.3: muP's ~0.01)
 BASE_THETA = 10000.0    # the RoPE base of the trunk (MiniCPM's)
@@ -257,7 +249,7 @@ def evaluate(job):
     model = MiniCPM(MiniCPMConfig(**cfg))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    acc = {}
+    acc, digit = {}, {}
     with torch.no_grad():
         for L, (rows, keys, depths) in tests.items():
             x = torch.tensor(rows)
@@ -266,10 +258,11 @@ def evaluate(job):
                 logits, _ = model(x[b:b + 16384 // L])
                 # the 5 digits are the last 5 tokens: predicted from the 5 positions before each
                 pred = logits[:, -6:-1].argmax(-1)
-                hits += (pred == x[b:b + 16384 // L, -5:]).all(-1).tolist()
+                hits += (pred == x[b:b + 16384 // L, -5:]).tolist()
             for depth in DEPTHS:
                 cell = [h for h, dp in zip(hits, depths) if dp == depth]
-                acc[L, depth] = sum(cell) / len(cell)
+                acc[L, depth] = mean(all(h) for h in cell)            # all 5 digits right
+                digit[L, depth] = mean(sum(h) / 5 for h in cell)      # digits right (chance: 0.1)
         w = torch.tensor(windows)
         losses = []
         for b in range(0, len(w), 8):
@@ -279,7 +272,7 @@ def evaluate(job):
     # octaves of position: [1, 16), [16, 32), ..., [T/2, T) (position p predicts token p + 1)
     edges = [0, 16] + [2 ** k for k in range(5, 20) if 2 ** k < len(per_pos)] + [len(per_pos)]
     loss = {(lo, hi): per_pos[lo:hi].mean().item() for lo, hi in zip(edges, edges[1:])}
-    return acc, loss
+    return acc, loss, digit
 
 
 def evaluate_all(arms, tests, windows, max_len, workers):
@@ -296,24 +289,16 @@ def evaluate_all(arms, tests, windows, max_len, workers):
 def table(results):
     """The CSV rows: passkey accuracy per (arm, seed, length, depth), loss per (arm, seed, octave)."""
     rows = []
-    for (arm, seed), (acc, loss) in sorted(results.items()):
-        rows += [dict(kind="passkey", arm=arm, seed=seed, length=L, depth=dp, pos_lo="", pos_hi="", value=v)
-                 for (L, dp), v in sorted(acc.items())]
+    for (arm, seed), (acc, loss, digit) in sorted(results.items()):
+        rows += [dict(kind=kind, arm=arm, seed=seed, length=L, depth=dp, pos_lo="", pos_hi="", value=v)
+                 for kind, cells in (("passkey", acc), ("passkey_digit", digit)) for (L, dp), v in sorted(cells.items())]
         rows += [dict(kind="loss", arm=arm, seed=seed, length="", depth="", pos_lo=lo, pos_hi=hi, value=v)
                  for (lo, hi), v in sorted(loss.items())]
     return rows
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs)
+    return sum(xs := list(xs)) / len(xs)
 
 
 def by_length(results, arm):
@@ -330,27 +315,30 @@ def verdict(results, setup):
     out = {}
     for arm in ARMS:
         acc = by_length(results, arm)
-        ok = [L for L in sorted(acc) if min(acc[L]) >= 0.9]
-        reach = 0
-        for L in sorted(acc):   # the longest length solved with every shorter one solved too
-            if L not in ok:
-                break
-            reach = L
+        # the longest length solved with every shorter one solved too (0: not even the shortest)
+        solved = [min(acc[L]) >= 0.9 for L in sorted(acc)] + [False]
+        reach = ([0] + sorted(acc))[solved.index(False)]
         seeds = sorted(s for a, s in results if a == arm)
         octaves = sorted(results[arm, seeds[0]][1])
         inside = max(o for o in octaves if o[1] <= T)   # the last octave inside the training length
         last = octaves[-1]
-        out[arm] = dict(reach=reach, acc=acc, inside=inside, last=last,
+        digits = mean(v for s in seeds for v in results[arm, s][2].values())   # all cells and seeds
+        out[arm] = dict(reach=reach, acc=acc, digits=digits, inside=inside, last=last,
                         loss_inside=[results[arm, s][1][inside] for s in seeds],
                         loss_last=[results[arm, s][1][last] for s in seeds])
     return out
 
 
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_passkey(results, setup, path, title):
     """One heatmap per arm: passkey accuracy, length x depth, the mean over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     lengths = setup["lengths"]
     fig, axes = plt.subplots(1, len(ARMS), figsize=(4 * len(ARMS), 3.8), sharey=True)
     for ax, (arm, label) in zip(axes, ARMS.items()):
@@ -377,9 +365,7 @@ def plot_passkey(results, setup, path, title):
 
 def plot_loss(results, setup, path, title):
     """Loss against position (octave means, log axis), every seed drawn, training lengths marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     dashes = ["-", "--", ":", "-."]
     for k, (arm, label) in enumerate(ARMS.items()):
@@ -425,11 +411,9 @@ def main(argv=None):
                                     setup["ct_len"] - margin)}
     # the test set first: a corpus too small for it fails here, not after the training
     tests, windows = haystacks(held, setup), loss_windows(held, setup)
-    sources = {}
-    for name in corpora:   # prepared here, once: two runs preparing one folder at once would race
-        src = str(work / "corpus" / f"{name}.jsonl")
+    sources = {name: str(work / "corpus" / f"{name}.jsonl") for name in corpora}
+    for src in sources.values():   # prepared here, once: two runs preparing one folder at once would race
         data.prepare(src, "byte", str(work / "data"), quiet=True, force=True)
-        sources[name] = src
     trunks, cts, arms = plan(args, setup, work, sources["short"], sources["long"])
     workers = args.workers or (1 if args.scale == "gpu" else None)
     try:
@@ -442,7 +426,9 @@ def main(argv=None):
     results = evaluate_all(arms, tests, windows, max(setup["lengths"]), workers or min(2, len(arms)))
     rows = table(results)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "long_context.csv")
+    with open(out / "long_context.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(), w.writerows(rows)
     v = verdict(results, setup)
     T, TL = setup["train_len"], setup["ct_len"]
     print(f"corpora: {corpora['short'][1] / 1e6:.1f} MB real text + {corpora['short'][2] / 1e6:.1f} MB passkey "
@@ -452,13 +438,14 @@ def main(argv=None):
     for arm, label in ARMS.items():
         cells = "  ".join(f"{L}: {'/'.join(f'{a:.2f}' for a in accs)}" for L, accs in v[arm]["acc"].items())
         lo, hi = v[arm]["last"]
-        print(f"  {label:38s} {cells}  | solved to {v[arm]['reach']}; loss {v[arm]['inside']} "
+        print(f"  {label:38s} {cells}  | solved to {v[arm]['reach']}, digits right {v[arm]['digits']:.3f}; loss {v[arm]['inside']} "
               f"{'/'.join(f'{x:.3f}' for x in v[arm]['loss_inside'])} -> [{lo}, {hi}) "
               f"{'/'.join(f'{x:.3f}' for x in v[arm]['loss_last'])}")
     summary = ", ".join(f"{arm} to {v[arm]['reach']}" for arm in ARMS)
     title = f"Long context (MiniCPM §7.2), trained at {T}, CT at {TL}, {setup['seeds']} seeds: passkey solved (>= 0.9) {summary}"
     plot_passkey(results, setup, out / "long_context_passkey.png", title)
-    plot_loss(results, setup, out / "long_context_loss.png", title)
+    plot_loss(results, setup, out / "long_context_loss.png", f"Held-out loss by position (MiniCPM §7.2): trained at "
+              f"{T}, continued at {TL}, {setup['seeds']} seeds")
     print(f"{summary}; training {t_train:.0f} s, in all {time.time() - t0:.0f} s; wrote "
           f"{out / 'long_context_passkey.png'}, {out / 'long_context_loss.png'} and {out / 'long_context.csv'}")
     return 0
