@@ -130,3 +130,30 @@ def test_peak_tflops_sets_the_mfu_denominator(corpus, tmp_path, capsys):
 def test_fsdp_refuses_float16(capsys):
     assert train.main(["--fsdp", "--dtype", "float16", "--dry_run"]) == 2
     assert "--fsdp takes --dtype bfloat16 or float32" in capsys.readouterr().err
+
+
+def test_ckpt_pt_resumes_under_fsdp(corpus, tmp_path):
+    # a one-process run's ckpt.pt (optimizer keyed by position) continued by 2 sharded processes: the
+    # moments are renamed by parameter (checkpoint.optimizer_by_name), then each rank keeps its slices
+    assert train.main(flags(corpus, tmp_path / "ref", "--grad_accum", 2)) == 0
+    assert train.main(flags(corpus, tmp_path / "run", "--grad_accum", 2, "--stop_at", 2)) == 0
+    torchrun(["--resume", str(tmp_path / "run"), "--fsdp", "--grad_accum", "1"])
+    assert close(losses(tmp_path / "run"), losses(tmp_path / "ref")) and len(losses(tmp_path / "run")) == 4
+    # the sharded checkpoint replaced the ckpt.pt: a run folder holds one checkpoint, the newest
+    assert checkpoint.sharded_folder(str(tmp_path / "run")) and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_crash_while_saving_keeps_the_last_sharded_checkpoint(corpus, tmp_path, monkeypatch):
+    assert train.main(flags(corpus, tmp_path, "--fsdp", "--stop_at", 1)) == 0
+    real_save = checkpoint.dcp.save
+
+    def disk_full(state, checkpoint_id, **kw):   # the slices written, then the disk fills up
+        real_save(state, checkpoint_id=checkpoint_id, **kw)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.dcp, "save", disk_full)
+    assert train.main(["--resume", str(tmp_path), "--stop_at", "2"]) == 1   # cli.py: an OS error exits 1
+    monkeypatch.undo()
+    # LATEST still names step 1, whose folder is whole: the resume starts from it
+    assert open(tmp_path / "sharded" / "LATEST").read() == "step_00000001"
+    assert checkpoint.load(str(tmp_path))["step"] == 1
+    assert train.main(["--resume", str(tmp_path)]) == 0
