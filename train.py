@@ -7,7 +7,7 @@
     python train.py --resume out/tiny                 # continue a run exactly where it stopped
     python train.py --help                            # every flag, with its default
 
-Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"), the
+Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"; sharded/ with --fsdp), the
 tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 1 failed (NaN
 loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
 """

@@ -72,6 +72,14 @@ def test_fsdp_equals_one_process(corpus, tmp_path, model):
     assert not os.path.exists(tmp_path / "fsdp" / "ckpt.pt")
 
 
+
+def test_fsdp_with_compile_equals_one_process(corpus, tmp_path):
+    # each layer compiled before it is sharded (parallel.shard), against one compiled process. About
+    # 40 s of the suite: inductor compiles C++ for each of the 3 processes.
+    assert train.main(flags(corpus, tmp_path / "one", "--grad_accum", 2, "--compile")) == 0
+    torchrun(flags(corpus, tmp_path / "fsdp", "--fsdp", "--compile"))
+    assert close(losses(tmp_path / "fsdp"), losses(tmp_path / "one")) and len(losses(tmp_path / "fsdp")) == 4
+
 def test_sharded_resume_on_two_and_one_process_and_conversion(corpus, tmp_path):
     # the reference: one process, uninterrupted, 2 micro-batches per step
     assert train.main(flags(corpus, tmp_path / "ref", "--grad_accum", 2, *MOE)) == 0
