@@ -105,7 +105,12 @@ def load(path, kind=None, device="cpu", weights=True):
     """A checkpoint (ckpt.pt, a sharded one, or the folder holding either) as a dict, with "path" added."""
     # kind: the kind the caller can resume; another kind is one line saying which script wrote it
     if sharded_folder(path):   # weights=False: the run's state only (an FSDP resume reads its slices later)
-        return check_kind(load_sharded(sharded_folder(path), weights), kind)
+        try:
+            ckpt = load_sharded(sharded_folder(path), weights)
+        except Exception as e:   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
+            raise UsageError(f"cannot read the sharded checkpoint in {sharded_folder(path)} ({type(e).__name__}): "
+                             "incomplete, or not written by this project") from None
+        return check_kind(ckpt, kind)
     path = ckpt_path(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train one with python train.py, or give the right folder")
@@ -123,6 +128,7 @@ def load(path, kind=None, device="cpu", weights=True):
 
 
 def check_kind(ckpt, kind):
+    """ckpt, when its kind is the one the caller can resume (any kind when kind is None)."""
     path = ckpt["path"]
     # resuming a DPO run with train.py (or the reverse) would misread its optimizer and config
     if kind and ckpt["kind"] != kind:
@@ -180,7 +186,8 @@ def load_sharded(root, weights=True):
     ckpt = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     ckpt.update(path=root, sharded=folder)   # path: dirname is the run folder, as for ckpt.pt
     if weights:   # every tensor whole, in one process: for export, sampling, or a resume without --fsdp
-        # every key DCP's metadata lists (DCP's public load fills only a state dict given in advance)
+        # every key DCP's metadata lists: DCP's public load fills only a state dict given in advance
+        # (tensors of known shapes), this private helper builds it from the metadata (torch 2.13)
         full = _load_state_dict_from_keys(checkpoint_id=folder)
         ckpt["model"] = full["model"]
         ckpt["optimizer"] = optimizer_by_position(full["optimizer"])   # as optimizer.state_dict() writes it

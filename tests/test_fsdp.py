@@ -165,3 +165,7 @@ def test_crash_while_saving_keeps_the_last_sharded_checkpoint(corpus, tmp_path, 
     assert open(tmp_path / "sharded" / "LATEST").read() == "step_00000001"
     assert checkpoint.load(str(tmp_path))["step"] == 1
     assert train.main(["--resume", str(tmp_path)]) == 0
+    # a step folder deleted by hand: one line naming the folder, not a traceback from DCP
+    shutil.rmtree(tmp_path / "sharded" / open(tmp_path / "sharded" / "LATEST").read())
+    with pytest.raises(checkpoint.UsageError, match="cannot read the sharded checkpoint"):
+        checkpoint.load(str(tmp_path))
