@@ -11,11 +11,11 @@ each on each of N GPUs and all-gathers one decoder layer's weights just before i
 """
 import gc
 import os
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from contextlib import nullcontext
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -3,13 +3,14 @@
     python train.py                                   # tiny preset, default corpus, CPU, ~3 minutes
     python train.py --preset wt-9m --max_steps 2000   # any preset; model flags override it
     torchrun --nproc_per_node=8 train.py --preset minicpm-2.4b ...   # DDP (NCCL on CUDA, gloo on CPU)
-    torchrun --nproc_per_node=8 train.py --preset minicpm-moe-13.6b --fsdp ...   # sharded: FSDP2
+    torchrun --nproc_per_node=8 train.py --preset minicpm-moe-8x2b --fsdp ...   # sharded: FSDP2
     python train.py --resume out/tiny                 # continue a run exactly where it stopped
     python train.py --help                            # every flag, with its default
 
-Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"; sharded/ with --fsdp), the
-tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 1 failed (NaN
-loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
+Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"; with
+--fsdp the sharded/ folder instead), the tokenizer file, data_meta.json, metrics.jsonl and loss.png.
+Exit codes: 0 done, 1 failed (NaN loss, disk), 2 bad input (nothing written), 130/143 stopped by
+Ctrl-C/SIGTERM after a checkpoint.
 """
 import dataclasses, json, math, os, sys, time
 from contextlib import nullcontext
