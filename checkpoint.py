@@ -11,13 +11,29 @@ so a checkpoint from elsewhere cannot run code):
     config        the run's flags as given, so a resume reproduces the run
     tokenizer     {spec, rank_file, eot_id, vocab_size}: rank_file relative to the checkpoint folder
     step, optimizer, rng, ...: whatever the writing script needs to resume exactly
+
+A run with --fsdp writes a sharded checkpoint instead, through torch.distributed.checkpoint (DCP),
+each rank its own slice of every tensor, so no process ever holds the whole model:
+
+    sharded/LATEST              the name of the complete step folder, replaced atomically
+    sharded/step_00000100/      DCP's files (one per rank + .metadata) and state.pt: the ckpt.pt
+                                dict without model and optimizer, whose tensors are in DCP's files
+
+load() reads either; DCP reshards on load, so a sharded run resumes on any number of processes,
+with or without --fsdp, and export.py converts it to ckpt.pt or a Hugging Face folder.
 """
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig
@@ -81,12 +97,20 @@ def save(folder, kind, model, **state):
     """Write folder/ckpt.pt atomically; state holds the writing script's resume information."""
     assert kind in KINDS   # a programming error, not user input
     atomic_save(dict(kind=kind, model=model.state_dict(), model_config=asdict(model.config), **state), os.path.join(folder, "ckpt.pt"))
+    shutil.rmtree(os.path.join(folder, "sharded"), ignore_errors=True)   # one checkpoint per folder: the newest
     return os.path.join(folder, "ckpt.pt")
 
 
-def load(path, kind=None, device="cpu"):
-    """A checkpoint (ckpt.pt or the folder holding it) as a dict, with "path" added."""
+def load(path, kind=None, device="cpu", weights=True):
+    """A checkpoint (ckpt.pt, a sharded one, or the folder holding either) as a dict, with "path" added."""
     # kind: the kind the caller can resume; another kind is one line saying which script wrote it
+    if sharded_folder(path):   # weights=False: the run's state only (an FSDP resume reads its slices later)
+        try:
+            ckpt = load_sharded(sharded_folder(path), weights)
+        except Exception as e:   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
+            raise UsageError(f"cannot read the sharded checkpoint in {sharded_folder(path)} ({type(e).__name__}): "
+                             "incomplete, or not written by this project") from None
+        return check_kind(ckpt, kind)
     path = ckpt_path(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train one with python train.py, or give the right folder")
@@ -99,12 +123,18 @@ def load(path, kind=None, device="cpu"):
     ckpt.setdefault("config", ckpt.pop("train_config", {}))
     for key in RUNTIME_KEYS:                                # old checkpoints saved these: ignore them
         ckpt["model_config"].pop(key, None)
+    ckpt["path"] = path
+    return check_kind(ckpt, kind)
+
+
+def check_kind(ckpt, kind):
+    """ckpt, when its kind is the one the caller can resume (any kind when kind is None)."""
+    path = ckpt["path"]
     # resuming a DPO run with train.py (or the reverse) would misread its optimizer and config
     if kind and ckpt["kind"] != kind:
         raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {KINDS[ckpt['kind']]}, not a {kind} "
                          f"one: resume it with {KINDS[ckpt['kind']]}, or start a new run from its weights "
                          f"with --init_from {os.path.dirname(path)}")
-    ckpt["path"] = path
     return ckpt
 
 
@@ -119,6 +149,88 @@ def build_model(ckpt, device="cpu", **runtime):
     return model.to(device)
 
 
+# ----------------------------------------------------------------------------- sharded checkpoints (DCP)
+
+def sharded_folder(path):
+    """path/sharded (or path itself) when it holds a sharded checkpoint, else None."""
+    for folder in (os.path.join(path, "sharded"), path):
+        if os.path.isfile(os.path.join(folder, "LATEST")):
+            return folder
+    return None
+
+
+def save_sharded(folder, kind, model, optimizer, rank, **state):
+    """Every rank writes its slices into folder/sharded/step_N; LATEST names it once all are written."""
+    # atomic at the folder level: LATEST moves (atomic_write) only after the barrier, so a crash while
+    # writing leaves the previous step's folder named, complete; older step folders are deleted after
+    root, name = os.path.join(folder, "sharded"), f"step_{state['step']:08d}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)   # keyed by parameter name, each a DTensor slice
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(root, name),
+             no_dist=not dist.is_initialized())   # one process (--fsdp without torchrun): no group to ask
+    if rank == 0:
+        atomic_save(dict(kind=kind, model_config=asdict(model.config), **state), os.path.join(root, name, "state.pt"))
+    if dist.is_initialized():
+        dist.barrier()   # every rank's file is on disk
+    if rank == 0:
+        atomic_write_text(name, os.path.join(root, "LATEST"))
+        for old in set(os.listdir(root)) - {name, "LATEST"}:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        if os.path.exists(os.path.join(folder, "ckpt.pt")):   # a run folder holds one checkpoint: the newest
+            os.unlink(os.path.join(folder, "ckpt.pt"))
+    return root
+
+
+def load_sharded(root, weights=True):
+    """The ckpt.pt dict of a sharded checkpoint; weights: model and optimizer assembled whole."""
+    folder = os.path.join(root, open(os.path.join(root, "LATEST")).read().strip())
+    ckpt = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    ckpt.update(path=root, sharded=folder)   # path: dirname is the run folder, as for ckpt.pt
+    if weights:   # every tensor whole, in one process: for export, sampling, or a resume without --fsdp
+        # every key DCP's metadata lists: DCP's public load fills only a state dict given in advance
+        # (tensors of known shapes), this private helper builds it from the metadata (torch 2.13)
+        full = _load_state_dict_from_keys(checkpoint_id=folder)
+        ckpt["model"] = full["model"]
+        ckpt["optimizer"] = optimizer_by_position(full["optimizer"])   # as optimizer.state_dict() writes it
+    return ckpt
+
+
+# An optimizer's own state_dict() numbers the parameters by their position in its groups; DCP's
+# (get_state_dict) names them, which is what lets it reshard. The two converters:
+
+def optimizer_by_position(by_name):
+    # position i is the i-th parameter name listed in the groups, in order
+    position = {n: i for i, n in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
+    return dict(state={position[n]: s for n, s in by_name["state"].items()},
+                param_groups=[{**g, "params": [position[n] for n in g["params"]]} for g in by_name["param_groups"]])
+
+
+def optimizer_by_name(by_position, model, optimizer):
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return dict(state={names[i]: s for i, s in by_position["state"].items()},
+                param_groups=[{**g, "params": [names[i] for i in g["params"]]} for g in by_position["param_groups"]])
+
+
+def restore(ckpt, model, optimizer):
+    """A resumed checkpoint's weights and optimizer state into model and optimizer, sharded or not."""
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded and "sharded" in ckpt:   # each rank reads only its slices, resharded to this many ranks
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=ckpt["sharded"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return
+    if "model" not in ckpt:   # a sharded checkpoint resumed without --fsdp: assembled whole
+        ckpt = load_sharded(os.path.dirname(ckpt["sharded"]))
+    if sharded:   # a ckpt.pt resumed with --fsdp: whole tensors in, each rank keeps its slices
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"],
+                       optim_state_dict=optimizer_by_name(ckpt["optimizer"], model, optimizer),
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+
+
 # ----------------------------------------------------------------------------- a run's folder
 
 def check_run_folder(out_dir, resumed_path=None, overwrite=False):
@@ -127,7 +239,7 @@ def check_run_folder(out_dir, resumed_path=None, overwrite=False):
     # a third run either (it starts that folder's history from the resumed run's, cutting the third's)
     same = resumed_path and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resumed_path))
     # either file marks a run: a crash before the first checkpoint still leaves metrics worth keeping
-    taken = [n for n in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]
+    taken = [n for n in ("ckpt.pt", "sharded", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]
     if taken and not same and not overwrite:
         raise UsageError(f"{out_dir} already holds a run ({', '.join(taken)}): continue it with --resume "
                          f"{out_dir}, or replace it with --overwrite (or choose another --out_dir)")

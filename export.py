@@ -2,6 +2,7 @@
 
     python export.py --ckpt out/tiny --out hf/tiny              # MiniCPM's released layout
     python export.py --ckpt out/tiny --out hf/tiny-llama --llama  # Llama's: no custom code anywhere
+    python export.py --ckpt out/big --out out/big-one --single    # a sharded (--fsdp) run -> ckpt.pt
 
 The default layout is the released MiniCPM one (config.json with scale_emb, scale_depth,
 dim_model_base): this project's `sample.py --hf` and `dpo.py --hf` read it, and so does MiniCPM's
@@ -10,6 +11,10 @@ weights (embedding x scale_emb, o_proj and down_proj x scale_depth / sqrt(L), an
 (d / dim_model_base)) and writes `model_type: llama`: transformers' LlamaForCausalLM, vLLM and
 llama.cpp's convert_hf_to_gguf.py load it as they load any Llama, with the same logits. MoE models
 have no Llama layout and are refused.
+
+--ckpt may be a sharded checkpoint (train.py --fsdp): its slices are assembled whole, in one process.
+--single writes that as one ckpt.pt (optimizer and run state included, so `train.py --resume` continues
+it in one process or under DDP) with the tokenizer file beside it, instead of a Hugging Face folder.
 
 Both layouts get the tokenizer twice: tokenizer_record.json (+ the BPE rank file), which sample.py
 reads with tiktoken, and tokenizer.json + tokenizer_config.json, which transformers'
@@ -38,6 +43,7 @@ class ExportConfig:
     llama: bool = flag(False, "Llama layout (muP folded into the weights) instead of MiniCPM's released one")
     dtype: str = flag("float32", "weights' dtype in the folder: float32, bfloat16 or float16")
     overwrite: bool = flag(False, "replace the files of a folder that already holds an export")
+    single: bool = flag(False, "write --out/ckpt.pt (this project's single file) instead of a Hugging Face folder")
 
 
 def check_out(cfg):
@@ -53,10 +59,13 @@ def run(argv):
     """Flags -> checkpoint and tokenizer loaded and checked -> the folder written."""
     cfg = cli.dataclass_flags(ExportConfig, __doc__, argv)
     cli.check([(not cfg.out, "--out is required: the folder to write"),
-               (cfg.dtype not in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16")])
+               (cfg.dtype not in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
+               (cfg.single and (cfg.llama or cfg.dtype != "float32"), "--single keeps the checkpoint as trained: drop --llama and --dtype")])
     check_out(cfg)
     # everything read and checked before the first file is written: a refused export leaves nothing
     ckpt = checkpoint.load(cfg.ckpt)
+    if cfg.single:
+        return write_single(ckpt, cfg)
     # any kind (pretrain, dpo): the weights and architecture are all an export needs, not the optimizer
     model = checkpoint.build_model(ckpt).to(getattr(torch, cfg.dtype))
     record, rank_file = ckpt["tokenizer"], checkpoint.rank_file_path(ckpt)
@@ -83,6 +92,19 @@ def run(argv):
     layout = "Llama (LlamaForCausalLM)" if cfg.llama else "MiniCPM's released layout"
     print(f"export.py: {ckpt['path']} -> {cfg.out}: {layout}, {cfg.dtype}, "
           f"{model.num_params(non_embedding=False):,} parameters, tokenizer {record['spec']}")
+
+
+def write_single(ckpt, cfg):
+    """ckpt.pt as train.py writes it, from a checkpoint of any form (a sharded one: assembled whole)."""
+    # every key but our own bookkeeping (path, the sharded folder) goes in: weights, optimizer moments,
+    # step, data position, config, RNG, so the run continues exactly from the file
+    state = {k: v for k, v in ckpt.items() if k not in ("path", "sharded")}
+    rank_file = checkpoint.rank_file_path(ckpt)
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint.atomic_save(state, os.path.join(cfg.out, "ckpt.pt"))
+    if rank_file:   # the tokenizer beside it, as the record says: sample.py and a resume find it
+        shutil.copyfile(rank_file, os.path.join(cfg.out, ckpt["tokenizer"]["rank_file"]))
+    print(f"export.py: {ckpt['path']} -> {os.path.join(cfg.out, 'ckpt.pt')} (step {ckpt['step']})")
 
 
 def main(argv=None):

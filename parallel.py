@@ -1,5 +1,9 @@
-"""Data parallelism for train.py, kept out of the model file: the process group, the DDP wrapper
-and a clean teardown. One process per GPU under torchrun (NCCL); on CPUs, gloo does the same job.
+"""Data parallelism for train.py, kept out of the model file (as torchtitan does): the process group,
+the DDP wrapper or FSDP2 sharding, and a clean teardown. One process per GPU under torchrun (NCCL);
+on CPUs, gloo does the same job.
+
+DDP keeps a whole replica (weights, grads, Adam moments) on every GPU; FSDP2 (`--fsdp`) keeps 1/N of
+each on each of N GPUs and all-gathers one decoder layer's weights just before it runs.
 
     torchrun --nproc_per_node=8 train.py ...                       # one machine, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
@@ -7,10 +11,13 @@ and a clean teardown. One process per GPU under torchrun (NCCL); on CPUs, gloo d
 """
 import gc
 import os
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
@@ -40,6 +47,39 @@ def wrap(model, ddp, allow_unused=False):
     # to expect that (it costs one extra pass over the graph, so dense models do not ask for it)
     return DDP(model, device_ids=[ddp.local] if ddp.device.startswith("cuda") else None,
                find_unused_parameters=allow_unused)
+
+
+def shard(model, ddp, dtype, compile=False):
+    """FSDP2 in place: each decoder layer its own unit, then the root (embedding, final norm, head)."""
+    # a unit's weights are gathered just before it runs and freed right after, so a GPU holds 1/N of
+    # the model plus about one layer in full; the root unit keeps the rest (the embedding: it is also
+    # the tied head, used at both ends of the forward)
+    # bf16 compute, fp32 gradient reduction: the mean over ranks of bf16 gradients would lose bits
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        if compile:   # per layer, before sharding (as torchtitan): the graph stays between FSDP's hooks
+            layer.compile()
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)   # after fully_shard a parameter is a DTensor: its rank's rows
+    return model
+
+
+def is_sharded(model):
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def accumulate(model, sync):
+    """The context of one micro-batch's backward: DDP all-reduces on the last micro-batch only."""
+    # FSDP reduce-scatters after every micro-batch instead: skipping it would keep every layer's
+    # unsharded gradient until the last one, the memory FSDP is there to save
+    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the global gradient norm; -> the norm before clipping, a plain tensor."""
+    # with FSDP each rank holds a slice of each gradient: the norm is a DTensor, made whole here
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def average(tensor, ddp):

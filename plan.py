@@ -1,7 +1,7 @@
-"""What a training run costs before it runs: memory per process, FLOPs per token, and the hardware
-peak that model FLOP utilisation (MFU) is measured against. train.py --dry_run and --bench use it.
+"""What a training run costs: before it runs (memory per process under DDP or FSDP, FLOPs per token)
+and measured (train.py --bench: tokens/s against the hardware peak, model FLOP utilisation, MFU).
 
-    python plan.py      # every preset: parameters, training GFLOP per token, GPU memory under DDP
+    python plan.py      # every preset: parameters, GFLOP per token, GPU memory, 80 GB GPUs it needs
 """
 import sys
 import time
@@ -10,12 +10,29 @@ import torch
 
 from minicpm import PRESETS, MiniCPM, get_config
 
-# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), for MFU on CUDA.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks with fp32 accumulation, without 2:4 sparsity (datasheets print the
+# sparse figure, twice these, first), for MFU on CUDA. The first name contained in the device name
+# wins, so the variants come before their family ("H100 PCIe" before "H100", "A100" before "A10").
+# Sources: NVIDIA's datasheets for H100/H200 (SXM; PCIe and NVL variants listed apart), A100, A10,
+# L40S, L40, L4, RTX 6000 Ada, RTX A6000; the Ada whitepaper (RTX 4090) and the Ampere GA102
+# whitepaper (RTX 3090); NVIDIA's B200 (HGX) figures; AMD's MI300X datasheet. A GPU not listed:
+# --peak_tflops.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+    "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 125e12,   # AWS's A10 variant: no datasheet of its own, the A10's figure (--peak_tflops if you know better)
+    "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "RTX 6000 Ada": 364e12, "RTX A6000": 155e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "MI300X": 1307e12,
+}
+# An 80 GB GPU's usable share: CUDA's context, NCCL's buffers and the allocator's fragmentation take
+# a few GiB (the same margin keeps the plan honest for other sizes)
+GPU_USABLE = 0.9
 
 
-def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False):
-    """Bytes one GPU needs to train under DDP with AdamW and bf16 autocast, by part."""
+def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False, fsdp_world=0):
+    """Bytes one GPU needs to train with AdamW and bf16, by part: under DDP, or FSDP over fsdp_world GPUs."""
     # DDP: every rank holds a full replica. Parts: fp32 weights, grads and two Adam moments, autocast's
     # bf16 weight copies, and the activations autograd keeps (flash attention: nothing T x T)
     cfg = model.config
@@ -31,6 +48,13 @@ def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False):
     activations = micro_batch * seq_len * (layers + head)
     # bytes per parameter: fp32 weight 4, fp32 grad 4, Adam's m and v 4 + 4, autocast's bf16 copy 2
     parts = dict(weights=4 * n, grads=4 * n, adam=8 * n, bf16_copies=2 * n, activations=activations)
+    if fsdp_world:   # FSDP: 1/N of the fp32 state; in full only the layers being gathered (parallel.shard)
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        root = n - cfg.n_layer * layer   # the root unit: embedding (+ untied head), final norm
+        parts.update({k: parts[k] / fsdp_world for k in ("weights", "grads", "adam")})
+        # bf16 gathers of the root and of two layers (the one running, the next prefetched), and one
+        # layer's unsharded fp32 gradient before its reduce-scatter
+        parts["bf16_copies"] = 2 * (root + 2 * layer) + 4 * (root + layer)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -39,7 +63,7 @@ def describe(model, cfg, world, dtype, schedule):
     """The plan train.py prints before it trains (and --dry_run prints instead of training)."""
     # cfg is train.py's config: only preset, batch_size, seq_len, grad_accum, max_steps, grad_ckpt are read
     name, batch_size, seq_len, grad_accum, max_steps = cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.max_steps
-    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=cfg.grad_ckpt)
+    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=cfg.grad_ckpt, fsdp_world=cfg.fsdp and world)
     fpt = model.flops_per_token(seq_len)   # training FLOPs (forward + backward), see minicpm.py
     tokens_per_step = batch_size * seq_len * grad_accum * world   # the global batch the schedule sees
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -49,24 +73,29 @@ def describe(model, cfg, world, dtype, schedule):
         f"batch      {batch_size} x {seq_len} tokens x {grad_accum} accumulation x {world} processes "
         f"= {tokens_per_step:,} tokens per step; {max_steps} steps = {tokens_per_step * max_steps:,} tokens",
         f"compute    {fpt / 1e9:.3f} GFLOP per token, {fpt * tokens_per_step / 1e12:.2f} TFLOP per step",
-        f"memory     per process: weights {gib(mem['weights'])}, grads {gib(mem['grads'])}, Adam {gib(mem['adam'])}, "
-        f"bf16 copies {gib(mem['bf16_copies'])}, activations {gib(mem['activations'])} = {gib(mem['total'])}",
+        f"memory     per process ({f'FSDP over {world}' if cfg.fsdp else 'DDP'}): weights {gib(mem['weights'])}, "
+        f"grads {gib(mem['grads'])}, Adam {gib(mem['adam'])}, {'gathered layers' if cfg.fsdp else 'bf16 copies'} "
+        f"{gib(mem['bf16_copies'])}, activations {gib(mem['activations'])} = {gib(mem['total'])}",
         f"schedule   {schedule}; compute dtype {str(dtype).split('.')[-1]}",
     ])
 
 
-def known_peak(device):
-    """The datasheet peak FLOP/s of this CUDA GPU when it is in PEAK_FLOPS, else None."""
+def known_peak(device, peak_tflops=0.0):
+    """The peak FLOP/s: --peak_tflops when given, else this CUDA GPU's from PEAK_FLOPS, else None."""
+    if peak_tflops > 0:   # the user's figure wins, on any device
+        return peak_tflops * 1e12
     if not device.startswith("cuda"):   # a CPU's peak depends on its cores and clock: measured instead
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)   # "NVIDIA H100 80GB HBM3" contains "H100"
 
 
-def peak_flops(device, dtype):
-    """-> (FLOP/s, what it is): the datasheet peak of a known GPU, else a measured matmul rate."""
+def peak_flops(device, dtype, peak_tflops=0.0):
+    """-> (FLOP/s, what it is): --peak_tflops, the datasheet peak of a known GPU, else a measured matmul rate."""
     # measured: 1024 x 1024 matmuls in the training dtype for about one second, the practical ceiling
     # of a CPU run (a CPU's datasheet peak is seldom known to torch, and seldom reachable)
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "--peak_tflops"
     if known_peak(device):
         return known_peak(device), f"{torch.cuda.get_device_name(device)} bf16 peak"
     n, reps = 1024, 0
@@ -81,17 +110,50 @@ def peak_flops(device, dtype):
     return 2 * n**3 * reps / (time.time() - t), "measured matmul"
 
 
+def gpus_needed(model, seq_len, fsdp, gpu_gib=80):
+    """The fewest gpu_gib GPUs (1, 2, 4, ... 64) that train the model (one sequence each), or None."""
+    # DDP cannot spread a model: one GPU that fits, or none; FSDP divides the fp32 state by the count
+    for world in [1] if not fsdp else [1, 2, 4, 8, 16, 32, 64]:
+        if train_memory(model, seq_len=seq_len, fsdp_world=world if fsdp else 0)["total"] <= GPU_USABLE * gpu_gib * 2**30:
+            return world
+    return None
+
+
+def bench(run, train_step, steps=30):
+    """train.py --bench: tokens/s of real training steps (train_step(run, lr)) after warm-up, and model
+    FLOP/s against the peak. Writes nothing."""
+    # the peak is the GPU's datasheet value or, on a CPU, this machine's measured matmul throughput
+    times = []
+    for _ in range(steps):
+        t = time.time()
+        train_step(run, run.lr_at(run.step))
+        if run.ddp.device.startswith("cuda"): torch.cuda.synchronize()   # kernels run async: wait for them
+        times.append(time.time() - t)
+    steady = sorted(times[steps // 3:])[: max(1, 2 * steps // 3)]   # past warm-up, without the slowest
+    tok_s = run.tokens_per_step / (sum(steady) / len(steady))
+    flops = tok_s * run.raw.flops_per_token(run.cfg.seq_len) / run.ddp.world
+    peak, what = peak_flops(run.ddp.device, run.dtype, run.cfg.peak_tflops)
+    if run.ddp.rank == 0:
+        print(f"bench {run.cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
+              f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {str(run.dtype).split('.')[-1]}"
+              + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.ddp.device.startswith("cuda") else ""))
+    return 0
+
+
 def preset_table(seq_len=4096):
     """Every preset's size, compute and memory as an aligned text table (4096: the paper's context)."""
-    rows = [("preset", "layers", "d", "heads/kv", "ffn", "vocab", "total", "non-emb", "GFLOP/token", "GPU GiB")]
+    rows = [("preset", "layers", "d", "heads/kv", "ffn", "vocab", "total", "non-emb", "GFLOP/token", "DDP GiB",
+             "FSDP/8 GiB", "80GB GPUs DDP", "FSDP")]
     for name in PRESETS:
         cfg = get_config(name)
         with torch.device("meta"):       # no memory is allocated, so the 13.6B MoE builds in seconds
             model = MiniCPM(cfg)
         mem = train_memory(model, seq_len=seq_len)["total"] / 2**30
+        mem8 = train_memory(model, seq_len=seq_len, fsdp_world=8)["total"] / 2**30
+        need = [gpus_needed(model, seq_len, fsdp) or "-" for fsdp in (False, True)]
         rows.append((name, cfg.n_layer, cfg.n_embd, f"{cfg.n_head}/{cfg.n_kv_head}", cfg.ffn_dim, cfg.vocab_size,
                      f"{model.num_params(non_embedding=False):,}", f"{model.num_params():,}",
-                     f"{model.flops_per_token(seq_len) / 1e9:.3f}", f"{mem:.1f}"))
+                     f"{model.flops_per_token(seq_len) / 1e9:.3f}", f"{mem:.1f}", f"{mem8:.1f}", *need))
     # right-aligned columns as wide as their widest cell, so the numbers line up by digit
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows)
@@ -102,5 +164,7 @@ if __name__ == "__main__":
         sys.exit("usage: python plan.py   (prints the preset table; a run's own plan: python train.py --dry_run)")
     print(preset_table())
     print("\nGFLOP/token: training (6 per active matrix parameter + attention at 4096 tokens).\n"
-          "GPU GiB: one GPU under DDP, AdamW, bf16 autocast: fp32 weights, grads, Adam moments, bf16 weight "
-          "copies and the activations of one 4096-token sequence.")
+          "DDP GiB: one GPU under DDP, AdamW, bf16 autocast: fp32 weights, grads, Adam moments, bf16 weight "
+          "copies and the activations of one 4096-token sequence.\nFSDP/8 GiB: one of 8 GPUs under --fsdp: "
+          "1/8 of the fp32 state, the gathered bf16 layers, the same activations.\n80GB GPUs: the fewest that "
+          f"train the preset (one sequence each, {GPU_USABLE:.0%} of 80 GiB usable); -: none under DDP.")

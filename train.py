@@ -3,12 +3,14 @@
     python train.py                                   # tiny preset, default corpus, CPU, ~3 minutes
     python train.py --preset wt-9m --max_steps 2000   # any preset; model flags override it
     torchrun --nproc_per_node=8 train.py --preset minicpm-2.4b ...   # DDP (NCCL on CUDA, gloo on CPU)
+    torchrun --nproc_per_node=8 train.py --preset minicpm-moe-8x2b --fsdp ...   # sharded: FSDP2
     python train.py --resume out/tiny                 # continue a run exactly where it stopped
     python train.py --help                            # every flag, with its default
 
-Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"), the
-tokenizer file, data_meta.json, metrics.jsonl and loss.png. Exit codes: 0 done, 1 failed (NaN
-loss, disk), 2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after a checkpoint.
+Writes to --out_dir (default out/<preset>): ckpt.pt (checkpoint.py's format, kind "pretrain"; with
+--fsdp the sharded/ folder instead), the tokenizer file, data_meta.json, metrics.jsonl and loss.png.
+Exit codes: 0 done, 1 failed (NaN loss, disk), 2 bad input (nothing written), 130/143 stopped by
+Ctrl-C/SIGTERM after a checkpoint.
 """
 import dataclasses, json, math, os, sys, time
 from contextlib import nullcontext
@@ -76,17 +78,21 @@ class TrainConfig:
     device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
     dtype: str = flag("auto", "compute dtype: bfloat16, float16 (with a grad scaler), float32, or auto")
     compile: bool = flag(False, "torch.compile the model")
+    fsdp: bool = flag(False, "shard weights, grads and Adam state over the processes (FSDP2); sharded checkpoints")
     attn: str = flag("sdpa", "attention implementation: " + ", ".join(ATTN_IMPLS) + " (triton: CUDA only)")
     grad_ckpt: bool = flag(False, "activation checkpointing per layer (less memory, ~30%% more compute)")
     seed: int = flag(1337, "seed of the initialisation and of the data windows")
     dry_run: bool = flag(False, "print the plan (parameters, tokens, FLOPs, memory) and exit; allocates nothing")
     dry_run_gpus: int = flag(1, "with --dry_run: plan for this many processes")
     bench: bool = flag(False, "measure tokens/s and the fraction of peak (GPU) or matmul (CPU) throughput, then exit")
+    peak_tflops: float = flag(0.0, "the hardware's peak TFLOP/s for MFU, for a GPU not in plan.py's table (0: the table)")
 
 
 # What a resume may change: where things go, how the run is watched, the machine, and the schedule
 # after the current step (§4.3: a decay branched from a stable checkpoint changes exactly that).
+# The number of processes may change too (--fsdp or not), with grad_accum keeping the global batch.
 RESUME_MAY_CHANGE = {"out_dir", "overwrite", "resume", "stop_at", "device", "dtype", "compile", "attn", "grad_ckpt",
+                     "fsdp", "peak_tflops", "grad_accum",
                      "dry_run", "dry_run_gpus", "bench", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval",
                      "schedule", "max_steps", "decay_steps", "decay_start", "decay_shape", "final_lr_frac", "decay_half_life"}
 # Model flags override the preset's fields (--n_layer 8); the vocabulary is always the data's.
@@ -127,7 +133,9 @@ def check_flags(cfg):
                 "give at most one of --resume, --init_from, --upcycle_from"),
                (min(cfg.warmup_steps, cfg.decay_steps, cfg.decay_start) < -1,
                 "--warmup_steps, --decay_steps and --decay_start must be >= 0 (or -1: the default)"),
-               ((cfg.decay_only or cfg.untie_head) and not cfg.init_from, "--decay_only and --untie_head go with --init_from")])
+               ((cfg.decay_only or cfg.untie_head) and not cfg.init_from, "--decay_only and --untie_head go with --init_from"),
+               (cfg.fsdp and (cfg.dtype == "float16" or cfg.upcycle_from), "--fsdp takes --dtype bfloat16 or float32, "
+                "and no --upcycle_from (upcycle without it, then --resume with --fsdp)")])
 
 
 def resolve(cfg, overrides, explicit):
@@ -135,7 +143,7 @@ def resolve(cfg, overrides, explicit):
     check_flags(cfg)   # a new config is returned, the given one untouched
     resumed = source = None
     if cfg.resume:   # the saved flags, changing only RESUME_MAY_CHANGE: a resume must continue the same run
-        resumed = checkpoint.load(cfg.resume, kind="pretrain")
+        resumed = checkpoint.load(cfg.resume, kind="pretrain", weights=False)   # weights: checkpoint.restore
         saved = TrainConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(TrainConfig)}})
         differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
                   if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
@@ -206,8 +214,7 @@ def build_model(cfg, mcfg, overrides, resumed, source, device):
         offset = source["step"] + source.get("data_offset", 0)
     if source and cfg.upcycle_from:   # §7.3: an MoE whose experts start as copies of the dense MLP
         dense, model = model, moe.upcycle(model, n_experts=overrides.get("n_experts") or 8, top_k=overrides.get("top_k", 2))
-    if resumed:   # a resumed MoE run's checkpoint already holds the experts
-        model.load_state_dict(resumed["model"])
+    if resumed:   # its weights come in build_run, once the model is sharded or not
         offset = resumed.get("data_offset", 0)
     return model.to(device), offset, dense
 
@@ -216,6 +223,8 @@ def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, 
     """Everything the loop needs, in one namespace."""
     # model (DDP-wrapped when distributed) and raw model, optimizer, grad scaler, data, position and the log
     model, offset, dense = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
+    if cfg.fsdp and ddp.world > 1:   # before the optimizer, which must hold the sharded parameters
+        parallel.shard(model, ddp, dtype, compile=cfg.compile)
     # AdamW over the model's muP groups (§3.1, Table 7): each group's lr is lr(step) * lr_scale. Fused
     # on CUDA: one kernel updates every parameter instead of several launches per tensor.
     optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -224,14 +233,18 @@ def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, 
         moe.upcycle_optimizer_state(dense, source.get("optimizer"), model, optimizer)
     device_type = ddp.device.split(":")[0]
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 only: bf16 needs none
-    step = tokens = 0
-    if resumed:   # exactly where the saved run stopped: optimizer moments, scaler, RNG, step, data position
-        optimizer.load_state_dict(resumed["optimizer"])
+    step, tokens, tokens_per_step = 0, 0, cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world
+    if resumed:   # exactly where the saved run stopped: weights, optimizer moments, scaler, RNG, step, data position
+        step, tokens = resumed["step"], resumed["tokens"]
+        # other processes are fine (DCP reshards), another global batch is another run: grad_accum makes it up
+        cli.check([(tokens != step * tokens_per_step, f"--grad_accum: the resumed run took {tokens // max(step, 1):,} "
+                    f"tokens per step, this one would take {tokens_per_step:,}: keep batch_size x seq_len x grad_accum x processes")])
+        checkpoint.restore(resumed, model, optimizer)   # ckpt.pt or sharded, into a sharded model or not
         if resumed.get("scaler"): scaler.load_state_dict(resumed["scaler"])   # {} when the saved run was not fp16
         torch.set_rng_state(resumed["rng"])
-        step, tokens = resumed["step"], resumed["tokens"]
-    # the raw model stays at hand: checkpoints, evaluation and moe_stats bypass compile and DDP
-    wrapped = parallel.wrap(torch.compile(model) if cfg.compile else model, ddp, allow_unused=bool(mcfg.n_experts))
+    # the raw model stays at hand: checkpoints, evaluation and moe_stats bypass compile and DDP (FSDP is in place)
+    wrapped = model if parallel.is_sharded(model) else parallel.wrap(torch.compile(model) if cfg.compile else model, ddp,
+                                                                     allow_unused=bool(mcfg.n_experts))
     # The fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin (all
     # of it when 0), the same at every evaluation and for every run on the same data.
     val_windows = data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens)
@@ -240,7 +253,7 @@ def build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, 
         autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
         step=step, tokens=tokens, data_offset=offset, folder=folder, meta=meta,
         train_bin=os.path.join(folder, "train.bin"), val_windows=val_windows,
-        tokens_per_step=cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world,
+        tokens_per_step=tokens_per_step,
         bytes_per_token=meta["val"]["bytes"] / meta["val"]["tokens"],
         log=metrics.MetricsLog(cfg.out_dir, enabled=ddp.rank == 0 and not cfg.bench),
         last_ckpt=resumed["path"] if resumed else None, tokenizer=checkpoint.tokenizer_record(meta))
@@ -261,12 +274,13 @@ def prepare_out_dir(run, resumed):
 
 
 def save(run):
-    """The checkpoint (rank 0): everything a resume needs to continue bitwise."""
-    if run.ddp.rank == 0:   # the weights are identical on every rank after DDP's all-reduce
-        run.last_ckpt = checkpoint.save(
-            run.cfg.out_dir, "pretrain", run.raw, optimizer=run.optimizer.state_dict(), step=run.step, tokens=run.tokens,
-            data_offset=run.data_offset, scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
-            config=dataclasses.asdict(run.cfg), tokenizer=run.tokenizer, rng=torch.get_rng_state())
+    """The checkpoint: everything a resume needs to continue bitwise."""
+    state = dict(step=run.step, tokens=run.tokens, data_offset=run.data_offset, config=dataclasses.asdict(run.cfg),
+                 scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {}, tokenizer=run.tokenizer, rng=torch.get_rng_state())
+    if run.cfg.fsdp:   # sharded: every rank writes its slices
+        run.last_ckpt = checkpoint.save_sharded(run.cfg.out_dir, "pretrain", run.raw, run.optimizer, run.ddp.rank, **state)
+    elif run.ddp.rank == 0:   # the weights are identical on every rank after DDP's all-reduce
+        run.last_ckpt = checkpoint.save(run.cfg.out_dir, "pretrain", run.raw, optimizer=run.optimizer.state_dict(), **state)
 
 
 # ----------------------------------------------------------------------------- training
@@ -280,13 +294,16 @@ def evaluate(run):
     B = run.cfg.batch_size if device.startswith("cuda") else max(run.cfg.batch_size, 16384 // run.cfg.seq_len)
     model.eval()
     total = torch.zeros(2, device=device)     # sum of token losses, number of tokens
-    for i in range(run.ddp.rank * B, len(windows), run.ddp.world * B):
-        chunk = windows[i:i + B].to(device)    # [b, seq_len + 1]: inputs and targets shifted by one
+    # every rank runs as many forwards (each all-gathers under FSDP): a rank past the end reruns a window, weight 0
+    end = -(-len(windows) // (run.ddp.world * B)) * run.ddp.world * B
+    for i in range(run.ddp.rank * B, end, run.ddp.world * B):
+        chunk, weight = (windows[i:i + B], 1.0) if i < len(windows) else (windows[:1], 0.0)
+        chunk = chunk.to(device)               # [b, seq_len + 1]: inputs and targets shifted by one
         with run.autocast:
             loss = model(chunk[:, :-1], chunk[:, 1:])[1].float()
         if model.moe_stats:   # an MoE's balancing term is left out: validation is the language-model loss
             loss = loss - model.config.aux_loss_coef * model.moe_stats["aux_loss"].float()
-        total += torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
+        total += weight * torch.stack([loss * chunk[:, 1:].numel(), torch.tensor(float(chunk[:, 1:].numel()), device=device)])
     parallel.total(total, run.ddp)   # summed, then divided: ranks may hold different numbers of windows
     model.train()
     val = (total[0] / total[1]).item()   # bits/byte = nats/token / ln 2 / bytes per token: any tokenizer (§4.5)
@@ -304,8 +321,7 @@ def train_step(run, lr):
         # processes and accumulation steps reads the same data, and each rank reads its own part.
         x, y = data.get_batch(run.train_bin, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                               step=run.data_offset + run.step, micro_step=ddp.rank * cfg.grad_accum + micro)
-        sync = micro == cfg.grad_accum - 1 or ddp.world == 1   # DDP all-reduces on the last micro-batch only
-        with (nullcontext() if sync else run.model.no_sync()), run.autocast:
+        with parallel.accumulate(run.model, sync=micro == cfg.grad_accum - 1), run.autocast:
             _, loss = run.model(x.to(ddp.device), y.to(ddp.device))    # [B, T] -> mean loss (+ MoE aux)
         run.scaler.scale(loss / cfg.grad_accum).backward()              # the mean over micro-batches
         loss_sum += loss.detach().float() / cfg.grad_accum
@@ -317,7 +333,7 @@ def train_step(run, lr):
         return loss_sum, None, aux_sum
     run.scaler.unscale_(run.optimizer)   # clip the true gradient, not the fp16-scaled one
     # the norm is returned (and logged) even with clipping off: its spikes foretell a diverging run
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = parallel.clip_grad_norm(run.raw, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     run.scaler.step(run.optimizer)   # a plain optimizer.step() unless fp16, where inf/NaN steps are skipped
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -330,7 +346,7 @@ def train(run):
     say = print if master else (lambda *a, **k: None)   # one copy of each message, not one per rank
     # --stop_at ends early but the lr keeps following max_steps' schedule, so a later resume continues it
     last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at >= 0 else cfg.max_steps
-    peak = plan.known_peak(run.ddp.device)            # MFU is logged on GPUs whose peak we know
+    peak = plan.known_peak(run.ddp.device, cfg.peak_tflops)   # MFU is logged when the peak is known
     flops_per_token = run.raw.flops_per_token(cfg.seq_len)
     if run.step == 0 and cfg.eval_interval: run.log(dict(step=0, tokens=0, **evaluate(run)))   # the loss at initialisation
     with cli.StopSignals() as stop, tqdm(total=last, initial=run.step, desc="training", unit="step",
@@ -391,25 +407,6 @@ def plot(run):
 
 # ----------------------------------------------------------------------------- beside the loop
 
-def bench(run, steps=30):
-    """tokens/s of real training steps after warm-up, and model FLOP/s against the peak. Writes nothing."""
-    # the peak is the GPU's datasheet value or, on a CPU, this machine's measured matmul throughput
-    times = []
-    for _ in range(steps):
-        t = time.time()
-        train_step(run, run.lr_at(run.step))
-        if run.ddp.device.startswith("cuda"): torch.cuda.synchronize()   # kernels run async: wait for them
-        times.append(time.time() - t)
-    steady = sorted(times[steps // 3:])[: max(1, 2 * steps // 3)]   # past warm-up, without the slowest
-    tok_s = run.tokens_per_step / (sum(steady) / len(steady))
-    flops = tok_s * run.raw.flops_per_token(run.cfg.seq_len) / run.ddp.world
-    peak, what = plan.peak_flops(run.ddp.device, run.dtype)
-    if run.ddp.rank == 0:
-        print(f"bench {run.cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
-              f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {str(run.dtype).split('.')[-1]}")
-    return 0
-
-
 def run(argv):
     """Flags -> config -> (checks) -> data -> model -> the loop, or --dry_run / --bench beside it."""
     cfg, overrides, explicit = parse_flags(argv)
@@ -434,7 +431,7 @@ def run(argv):
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
         if ddp.rank == 0: print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
         if cfg.bench:
-            return bench(state)
+            return plan.bench(state, train_step)
         prepare_out_dir(state, resumed)
         return train(state)
     finally:
