@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))   # the children run train.py 
 PRESETS = ("minicpm-1.2b", "minicpm-2.4b")
 # train.py --bench prints "bench P: 12,345 tokens/s, 123.456 TFLOP/s per process = 45.6% of ..."
 BENCH_LINE = re.compile(r"bench (\S+): ([\d,]+) tokens/s, ([\d.]+) TFLOP/s per process = ([\d.]+)% of")
-# train.py reports no memory, so the child runs it through runpy and prints the peak itself at exit
-# (the same process, so torch.cuda.max_memory_allocated covers the whole run).
+# the child runs train.py through runpy and prints the peak memory itself at exit, in one fixed
+# format (the same process, so torch.cuda.max_memory_allocated covers the whole run, warm-up included).
 CHILD = """import runpy, sys, torch
 sys.argv = ["train.py"] + sys.argv[1:]
 try:
