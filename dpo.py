@@ -209,7 +209,7 @@ def load_tokenizer(cfg, ckpt, model):
             record = json.load(open(path))
             spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
         elif not spec and os.path.isfile(os.path.join(cfg.hf, "tokenizer.json")):   # a released folder's
-            spec, rank_file = tokenizer.FOLDER_SPEC, os.path.join(cfg.hf, "tokenizer.json")
+            spec, rank_file = tokenizer.RELEASED_TOKENIZER, os.path.join(cfg.hf, "tokenizer.json")
         cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json or tokenizer.json: pass --tokenizer NAME[@RANK_FILE]")])
     enc = data.load_tokenizer(spec, rank_file or None)
     cli.check([(enc.n_vocab > model.config.vocab_size, f"tokenizer {spec} has {enc.n_vocab} tokens, more than "
@@ -302,7 +302,7 @@ def prepare_out_dir(run, resumed):
     if run.rank_file and os.path.abspath(run.rank_file) != os.path.abspath(dest):   # the folder is self-contained
         checkpoint.atomic_write(dest, lambda f: f.write(open(run.rank_file, "rb").read()))
         tk_config = os.path.join(os.path.dirname(run.rank_file), "tokenizer_config.json")   # a release's BOS rule
-        if run.record["spec"] == tokenizer.FOLDER_SPEC and os.path.isfile(tk_config):
+        if run.record["spec"] == tokenizer.RELEASED_TOKENIZER and os.path.isfile(tk_config):
             checkpoint.atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"), lambda f: f.write(open(tk_config, "rb").read()))
     # a resume into another folder starts its metrics from the old folder's, up to the resumed step
     run.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))

@@ -81,7 +81,7 @@ def run(argv):
     # no BOS (our models never saw one), so AutoTokenizer gives the ids tiktoken gives. A released
     # tokenizer.json (a dpo.py run on a released folder) was copied above as the rank file; tiktoken's
     # named encodings have official Hugging Face counterparts (e.g. "gpt2"), so none is written for them.
-    if record["spec"] == tokenizer.FOLDER_SPEC:
+    if record["spec"] == tokenizer.RELEASED_TOKENIZER:
         config = os.path.join(os.path.dirname(rank_file), "tokenizer_config.json")
         if os.path.isfile(config):   # its BOS rule
             shutil.copyfile(config, os.path.join(cfg.out, "tokenizer_config.json"))

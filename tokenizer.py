@@ -27,7 +27,7 @@ GPT4_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # A checkpoint's record of a released tokenizer.json (dpo.py --hf on a released folder): the file,
 # with tokenizer_config.json, is copied beside the checkpoint as a rank file is.
-FOLDER_SPEC = "tokenizer.json"
+RELEASED_TOKENIZER = "tokenizer.json"
 TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")   # tiktoken's own encodings, downloaded on first use
 
 
@@ -115,7 +115,7 @@ def parse_tokenizer(spec: str) -> int | None:
         if not n.isdigit() or not 257 <= int(n) <= 2**31:   # 256 bytes + EOT at least
             raise DataError(f"tokenizer {spec!r}: N in bpe:N must be an integer from 257 up, e.g. bpe:4096")
         return int(n)
-    if spec in ("byte", FOLDER_SPEC) or spec in TIKTOKEN_NAMES:
+    if spec in ("byte", RELEASED_TOKENIZER) or spec in TIKTOKEN_NAMES:
         return None
     raise DataError(f"unknown tokenizer {spec!r}: use bpe:N (e.g. bpe:4096), byte, {', '.join(TIKTOKEN_NAMES)}")
 
@@ -135,7 +135,7 @@ def read_rank_file(path) -> dict[bytes, int]:
 def load_tokenizer(spec: str, rank_file: str | None = None) -> tiktoken.Encoding:
     """A tiktoken Encoding for spec that knows EOT; bpe:N reads its merges from rank_file."""
     n = parse_tokenizer(spec)
-    if spec == FOLDER_SPEC:   # a released folder's tokenizer.json, recorded by dpo.py: its folder holds it
+    if spec == RELEASED_TOKENIZER:   # a released folder's tokenizer.json, recorded by dpo.py: its folder holds it
         return FolderTokenizer(os.path.dirname(rank_file or "."))
     if spec in TIKTOKEN_NAMES:
         try:
