@@ -45,7 +45,7 @@ def bpe_enc(tmp_path_factory):
 
 
 def exported(folder, enc):
-    """Our export as checkpoint.save_hf lays it out: config.json (model_type minicpm) beside the tokenizer."""
+    """Our export as hf.save_hf lays it out: config.json (model_type minicpm) beside the tokenizer."""
     (folder / "config.json").write_text(json.dumps({"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
                                                     "vocab_size": enc.n_vocab}))
     tokenizer.write_hf_tokenizer(str(folder), enc)
