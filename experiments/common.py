@@ -74,6 +74,14 @@ def run_parallel(jobs, workers=None, allow_failures=False):
         return pool.map(run, jobs, chunksize=1)
 
 
+def scale_setup(scales, args, **overrides):
+    """The sizes of --scale (or --quick), with the step and seed flags the user gave on top."""
+    # a flag left at None keeps the scale's value: only what was asked for changes
+    setup = dict(scales["quick" if args.quick else args.scale])
+    setup.update({key: value for key, value in overrides.items() if value is not None})
+    return setup
+
+
 def add_data_flags(p):
     """The flags every experiment shares: where outputs go and the data its runs train on."""
     # bytes by default: a 257-token vocabulary keeps the embedding from dominating models this small

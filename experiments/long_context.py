@@ -39,7 +39,7 @@ import sys
 import sysconfig
 import time
 
-from common import ROOT, RunFailed, fail, run_parallel
+from common import ROOT, RunFailed, fail, run_parallel, scale_setup
 
 # Sizes, measured on our 2-core machine with one thread per process: the d-128 model trains at
 # ~12K tokens/s at seq_len 256 and ~8K at 1024, and reads ~18K tokens/s at 2048 (forward only).
@@ -389,10 +389,7 @@ def plot_loss(results, setup, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = dict(SCALES["quick" if args.quick else args.scale])
-    for key, value in (("trunk", args.trunk_steps), ("ct", args.ct_steps), ("seeds", args.seeds)):
-        if value is not None:
-            setup[key] = value
+    setup = scale_setup(SCALES, args, trunk=args.trunk_steps, ct=args.ct_steps, seeds=args.seeds)
     if args.trunk_steps:   # the decay: ~13% of the base's steps, as the default (650 + 100)
         setup["decay"] = max(1, round(0.15 * setup["trunk"]))
     if args.ct_steps:      # warmup ~7%, decay 20% of the continued training

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 
-from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel, scale_setup
 
 # Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
 # model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
@@ -285,10 +285,7 @@ def plot(rows, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = dict(SCALES["quick" if args.quick else args.scale])
-    for key, value in (("trunk", args.trunk_steps), ("cont", args.cont_steps), ("seeds", args.seeds)):
-        if value is not None:
-            setup[key] = value
+    setup = scale_setup(SCALES, args, trunk=args.trunk_steps, cont=args.cont_steps, seeds=args.seeds)
     # the decay: 10% of the dense run's S + C steps (§4), at least one step and inside the continuation
     if args.trunk_steps or args.cont_steps:
         setup["decay"] = max(1, min(setup["cont"] - 1, round(0.1 * (setup["trunk"] + setup["cont"]))))
