@@ -98,6 +98,14 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in open(pathlib.Path(run_dir) / "metrics.jsonl")]
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: the experiments write files and never open a window."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def fail(message):
     """Experiments print one line and exit 1 when a run fails (the run's log has the details)."""
     # sys.exit with a string prints it on stderr and exits 1: no traceback for a run that failed

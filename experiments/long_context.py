@@ -3,11 +3,10 @@ its length by NTK scaling, by ABF + a short continued training, or both? (MiniCP
 §7.2: MiniCPM-2.4B-128K, extended by Adjusted Base Frequency and NTK-aware RoPE scaling.)
 
 Per seed (the seed fixes the base model's init and batches):
-  corpus  real text (standard-library .py files) with passkey documents mixed in (25% of the bytes):
-          filler cut from the real text, the needle "The pass key is 71432. Remember it. 71432 is
-          the pass key." at a random depth, the question "What is the pass key? The pass key is
-          71432" at the end. Base corpus: passkey documents that fit in the training length; long
-          corpus (continued training): its passkey bytes 56% short : 44% up to 4x long (§7.2's mix).
+  corpus  real text (stdlib .py files) + passkey documents (50% of the bytes): filler, the needle
+          "The pass key is K. Remember it. K is the pass key." at a random depth, at the end "What is
+          the pass key? The pass key is K" (K: a marker + 1 of 24 symbols, KEY_SYMBOLS). Documents fit
+          the training length; for continued training 56% short : 44% up to 4x long (§7.2's mix).
   trunk   a byte-level model trained at seq_len 256 by WSD, stopped at the end of its stable phase;
   (a) base        the trunk decayed, as is: past 256 RoPE extrapolates;
   (b) NTK         (a) with the released dynamic NTK scaling at inference (factor 4), no training;
@@ -16,16 +15,15 @@ Per seed (the seed fixes the base model's init and batches):
   (d) NTK + CT    the same continued training with the NTK-aware base for 4x, 1e4 * 4 ** (hd/(hd-2));
   (e) (c) + NTK   (c) with dynamic NTK past 1024 at inference: the release's recipe.
 Evaluation on held-out files: the passkey test (lengths 128..2048 x depths 0..100%, 20 keys a cell,
-all 5 digits right by greedy argmax: one teacher-forced forward) and the loss by position on 48 fixed
-windows of 2048 tokens (file starts), by octave of position. Finding on CPU: no base model learned
-the passkey (README: the probes); the loss by position tells the arms apart.
+the whole key right by greedy argmax: one teacher-forced forward) and the loss by position on 48
+fixed windows of 2048 tokens (file starts), by octave of position.
 
-    python experiments/long_context.py               # d 128, 4 layers, 2 seeds: ~10 min on 2 idle cores
+    python experiments/long_context.py               # d 128, 4 layers, 2 seeds: ~12 min on 2 idle cores
     python experiments/long_context.py --quick       # a 2-layer d-32 model: the smoke test, ~10 s
     python experiments/long_context.py --scale gpu   # d 512, 8 layers, trained at 512, to 4096 (untested)
 
 Writes to --out (default experiments/out): long_context_passkey.png (a heatmap per arm, mean over
-seeds), long_context_loss.png, long_context.csv (kind: passkey, passkey_digit or loss; arm, seed,
+seeds), long_context_loss.png, long_context.csv (kind: passkey or loss; arm, seed,
 length, depth, pos_lo, pos_hi, value) and runs/long_context/ (corpus, data, runs).
 """
 import argparse
@@ -38,15 +36,16 @@ import shutil
 import sys
 import sysconfig
 import time
+from statistics import fmean as mean
 
-from common import ROOT, RunFailed, fail, run_parallel, scale_setup
+from common import ROOT, RunFailed, fail, pyplot, run_parallel, scale_setup
 
 # Sizes, measured on our 2-core machine with one thread per process: the d-128 model trains at
 # ~12K tokens/s at seq_len 256 and ~8K at 1024, and reads ~18K tokens/s at 2048 (forward only).
 # trunk = stable steps of the base, decay = its decay; ct = continued-training steps (both CT arms).
 SCALES = {
     "cpu": dict(model=dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, ffn_dim=320),
-                train_len=256, ct_len=1024, batch_tokens=4096, trunk=650, decay=100, warmup=50,
+                train_len=256, ct_len=1024, batch_tokens=4096, trunk=1000, decay=150, warmup=50,
                 ct=150, ct_warmup=10, ct_decay=30, lengths=[128, 256, 512, 1024, 2048], keys=20,
                 loss_windows=48, corpus_mb=6.0, seeds=2),
     "quick": dict(model=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=2, ffn_dim=64),
@@ -59,17 +58,26 @@ SCALES = {
                 ct=600, ct_warmup=30, ct_decay=100, lengths=[256, 512, 1024, 2048, 4096], keys=50,
                 loss_windows=32, corpus_mb=30.0, seeds=2),
 }
-LR = 0.01               # the peak lr of every run (§3.3: muP's ~0.01)
+LR = 0.002              # the peak lr of every run: below muP's ~0.01 (§3.3), where the retrieval
+                        # heads did not form in 900 steps (probes: they did at 0.002-0.003)
 BASE_THETA = 10000.0    # the RoPE base of the trunk (MiniCPM's)
 ABF_THETA = 5e5         # ABF's base (Xiong et al. 2023), the (c) arm
 NTK_FACTOR = 4          # the released 128K model's dynamic NTK factor; also the CT arms' 4x extension
-KEY_DIGITS = (5, 5)     # digits of a training key (uniform in this range; the test's keys have 5)
-PASSKEY_FRAC = 0.25    # the passkey documents' share of the training bytes
+# The key: KEY_LEN symbols, the j-th drawn from its own set of KEY_SET control characters that occur
+# nowhere in the corpus, after a marker: retrieving it is one attention hop, from the marker to the
+# needle's symbol (why not digits: the README's probes; copying digits needs induction heads, which
+# no model here formed). One symbol of 24 (chance 1/24): with two, each lookup is its own circuit and
+# one seed in two learned only one of them in the run's budget (README).
+KEY_SYMBOLS = [chr(c) for c in range(1, 32) if c not in (9, 10, 13, 27)] + [chr(127)]   # 28, never in the stdlib
+KEY_LEN, KEY_SET = 1, 24
+KEY_CLASSES = [KEY_SYMBOLS[KEY_SET * j:KEY_SET * (j + 1)] for j in range(KEY_LEN)]
+KEY_MARK = chr(30)   # the record separator: in KEY_SYMBOLS, in no key set
+PASSKEY_FRAC = 0.5     # the passkey documents' share of the training bytes
 LONG_FRAC = 0.44        # of the long corpus's passkey bytes, the share in documents longer than train_len
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 EOT = 256               # the byte tokenizer's end-of-text token (256 bytes, then EOT)
-NEEDLE = "\nThe pass key is {}. Remember it. {} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is {}"
+NEEDLE = "\nThe pass key is " + KEY_MARK + "{}. Remember it. " + KEY_MARK + "{} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is " + KEY_MARK + "{}"
 ARMS = {"a": "(a) base", "b": f"(b) base + NTK x{NTK_FACTOR} (inference)", "c": "(c) ABF 5e5 + CT",
         "d": "(d) NTK base + CT", "e": f"(e) ABF + CT + NTK x{NTK_FACTOR} past CT length"}
 
@@ -108,6 +116,8 @@ def stdlib_texts(corpus_mb):
             text = p.read_text(encoding="ascii")
         except (UnicodeDecodeError, OSError):
             continue
+        if not set(KEY_SYMBOLS).isdisjoint(text):   # a key symbol in the text would be a false needle
+            continue
         if data.key_hash(p.relative_to(root).as_posix()) < 0.12:
             held.append(text)
         elif size < corpus_mb * 1e6:
@@ -116,8 +126,8 @@ def stdlib_texts(corpus_mb):
     return train, held
 
 
-def random_key(rng, digits):
-    return "".join(rng.choice("0123456789") for _ in range(digits))
+def random_key(rng):
+    return "".join(rng.choice(symbols) for symbols in KEY_CLASSES)
 
 
 def passkey_doc(rng, filler_texts, n, key, depth=None):
@@ -131,18 +141,17 @@ def passkey_doc(rng, filler_texts, n, key, depth=None):
     return filler[:cut] + needle + filler[cut:] + question
 
 
-def fixed_part(digits):
+def fixed_part():
     """Bytes of a passkey document that are not filler: the needle and the question."""
-    return len(NEEDLE.format("1" * digits, "1" * digits)) + len(QUESTION.format("1" * digits))
+    return len(NEEDLE.format("k" * KEY_LEN, "k" * KEY_LEN)) + len(QUESTION.format("k" * KEY_LEN))
 
 
 def write_corpus(path, train, rng, short_len, long_len=None):
     """One .jsonl of documents (each line one, data.py's format): the real text and passkey documents."""
-    # A training key has KEY_DIGITS random digits (probes with keys of 5-20 and 5-40 digits, more
-    # tokens to copy, learned the passkey no better: see the README).
-    # Short documents: filler uniform from none to what fits in short_len (the training length less a
-    # margin, so that a random window can hold a whole one); with long_len, LONG_FRAC of the passkey
-    # bytes go to documents from short_len to long_len. The documents are shuffled into the text, so a
+    # Short documents: filler from none to what fits in short_len (the training length less a margin,
+    # so that a random window can hold a whole one), skewed short (u ** 2 of the range: a short
+    # haystack is where a retrieval head is found first; measured: uniform lengths learned it later);
+    # with long_len, LONG_FRAC of the passkey bytes go to documents from short_len to long_len. The documents are shuffled into the text, so a
     # training window holds a mixture, as in a pretraining mix.
     real = sum(map(len, train))
     budget = PASSKEY_FRAC / (1 - PASSKEY_FRAC) * real
@@ -150,9 +159,10 @@ def write_corpus(path, train, rng, short_len, long_len=None):
     shares = {"short": 1 - LONG_FRAC, "long": LONG_FRAC} if long_len else {"short": 1.0}
     for kind, share in shares.items():
         while used[kind] < share * budget:
-            key = random_key(rng, rng.randint(*KEY_DIGITS))
             lo, hi = (0, short_len) if kind == "short" else (short_len, long_len)
-            doc = passkey_doc(rng, train, rng.randint(max(0, lo - fixed_part(len(key))), hi - fixed_part(len(key))), key)
+            lo, hi = max(0, lo - fixed_part()), hi - fixed_part()
+            u = rng.random() ** 2 if kind == "short" else rng.random()
+            doc = passkey_doc(rng, train, lo + round(u * (hi - lo)), random_key(rng))
             docs.append(doc)
             used[kind] += len(doc)
     docs += train
@@ -167,15 +177,15 @@ def write_corpus(path, train, rng, short_len, long_len=None):
 def haystacks(held, setup, seed=0):
     """The passkey test set: {length: (token ids [n, length], keys, depths)}, the same for every arm."""
     # each a byte sequence of exactly `length` tokens: EOT (a document starts), filler from held-out
-    # files, the needle at the depth, the question ending in the 5 digits that are scored
+    # files, the needle at the depth, the question ending in the KEY_LEN symbols that are scored
     rng = random.Random(seed)
     sets = {}
     for L in setup["lengths"]:
         rows, keys, depths = [], [], []
         for depth in DEPTHS:
             for _ in range(setup["keys"]):
-                key = random_key(rng, 5)
-                doc = passkey_doc(rng, held, L - 1 - fixed_part(5), key, depth)
+                key = random_key(rng)
+                doc = passkey_doc(rng, held, L - 1 - fixed_part(), key, depth)
                 rows.append([EOT] + list(doc.encode()))
                 keys.append(key)
                 depths.append(depth)
@@ -243,28 +253,24 @@ def evaluate(job):
     torch.set_num_threads(1)
     run_dir, rope, tests, windows, max_len = job
     ckpt = checkpoint.load(str(run_dir))
-    cfg = {**ckpt["model_config"], **rope}
-    if not rope:
-        cfg["block_size"] = max_len
+    cfg = {**ckpt["model_config"], **rope, **({} if rope else {"block_size": max_len})}
     model = MiniCPM(MiniCPMConfig(**cfg))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    acc, digit = {}, {}
+    acc, K = {}, KEY_LEN
     with torch.no_grad():
         for L, (rows, keys, depths) in tests.items():
-            x = torch.tensor(rows)
-            hits = []
-            for b in range(0, len(x), max(1, 16384 // L)):   # ~16K tokens a forward
-                logits, _ = model(x[b:b + 16384 // L])
-                # the 5 digits are the last 5 tokens: predicted from the 5 positions before each
-                pred = logits[:, -6:-1].argmax(-1)
-                hits += (pred == x[b:b + 16384 // L, -5:]).tolist()
+            # ~16K tokens a forward: the 2048-token haystacks 8 at a time, the short ones in bigger batches
+            x, hits, n = torch.tensor(rows), [], max(1, 16384 // L)
+            for b in range(0, len(x), n):
+                # the key is the last K tokens: predicted from the K positions before each; greedy
+                # argmax of one teacher-forced forward is what greedy decoding would write
+                pred = model(x[b:b + n])[0][:, -K - 1:-1].argmax(-1)
+                hits += (pred == x[b:b + n, -K:]).tolist()
             for depth in DEPTHS:
                 cell = [h for h, dp in zip(hits, depths) if dp == depth]
-                acc[L, depth] = mean(all(h) for h in cell)            # all 5 digits right
-                digit[L, depth] = mean(sum(h) / 5 for h in cell)      # digits right (chance: 0.1)
-        w = torch.tensor(windows)
-        losses = []
+                acc[L, depth] = mean(all(h) for h in cell)   # the whole key right (chance: KEY_SET ** -K)
+        w, losses = torch.tensor(windows), []
         for b in range(0, len(w), 8):
             logits, _ = model(w[b:b + 8, :-1])
             losses.append(F.cross_entropy(logits.transpose(1, 2), w[b:b + 8, 1:], reduction="none"))
@@ -272,7 +278,7 @@ def evaluate(job):
     # octaves of position: [1, 16), [16, 32), ..., [T/2, T) (position p predicts token p + 1)
     edges = [0, 16] + [2 ** k for k in range(5, 20) if 2 ** k < len(per_pos)] + [len(per_pos)]
     loss = {(lo, hi): per_pos[lo:hi].mean().item() for lo, hi in zip(edges, edges[1:])}
-    return acc, loss, digit
+    return acc, loss
 
 
 def evaluate_all(arms, tests, windows, max_len, workers):
@@ -289,16 +295,12 @@ def evaluate_all(arms, tests, windows, max_len, workers):
 def table(results):
     """The CSV rows: passkey accuracy per (arm, seed, length, depth), loss per (arm, seed, octave)."""
     rows = []
-    for (arm, seed), (acc, loss, digit) in sorted(results.items()):
-        rows += [dict(kind=kind, arm=arm, seed=seed, length=L, depth=dp, pos_lo="", pos_hi="", value=v)
-                 for kind, cells in (("passkey", acc), ("passkey_digit", digit)) for (L, dp), v in sorted(cells.items())]
+    for (arm, seed), (acc, loss) in sorted(results.items()):
+        rows += [dict(kind="passkey", arm=arm, seed=seed, length=L, depth=dp, pos_lo="", pos_hi="", value=v)
+                 for (L, dp), v in sorted(acc.items())]
         rows += [dict(kind="loss", arm=arm, seed=seed, length="", depth="", pos_lo=lo, pos_hi=hi, value=v)
                  for (lo, hi), v in sorted(loss.items())]
     return rows
-
-
-def mean(xs):
-    return sum(xs := list(xs)) / len(xs)
 
 
 def by_length(results, arm):
@@ -311,6 +313,8 @@ def by_length(results, arm):
 def verdict(results, setup):
     """Per arm: the longest length whose passkey accuracy (mean over depths) is >= 0.9 in every seed,
     and the loss of the last position octave against the last one inside the training length."""
+    # 0.9 in every seed, not on average: an arm that extends in one seed and not the other has not
+    # extended (the README reports both); the loss columns show where a failure sets in
     T = setup["train_len"]
     out = {}
     for arm in ARMS:
@@ -322,18 +326,10 @@ def verdict(results, setup):
         octaves = sorted(results[arm, seeds[0]][1])
         inside = max(o for o in octaves if o[1] <= T)   # the last octave inside the training length
         last = octaves[-1]
-        digits = mean(v for s in seeds for v in results[arm, s][2].values())   # all cells and seeds
-        out[arm] = dict(reach=reach, acc=acc, digits=digits, inside=inside, last=last,
+        out[arm] = dict(reach=reach, acc=acc, inside=inside, last=last,
                         loss_inside=[results[arm, s][1][inside] for s in seeds],
                         loss_last=[results[arm, s][1][last] for s in seeds])
     return out
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")   # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot_passkey(results, setup, path, title):
@@ -343,21 +339,21 @@ def plot_passkey(results, setup, path, title):
     fig, axes = plt.subplots(1, len(ARMS), figsize=(4 * len(ARMS), 3.8), sharey=True)
     for ax, (arm, label) in zip(axes, ARMS.items()):
         seeds = sorted(s for a, s in results if a == arm)
+        # the mean over seeds: a cell at 0.5 can be one seed solving it and one not (the CSV has each)
         grid = [[mean(results[arm, s][0][L, dp] for s in seeds) for L in lengths] for dp in DEPTHS]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         # the lengths it was trained at: the base's, and the continued training's for (c)-(e)
-        trained = [setup["train_len"]] + ([setup["ct_len"]] if arm in "cde" else [])
-        for t in trained:
+        for t in [setup["train_len"]] + ([setup["ct_len"]] if arm in "cde" else []):
             if t in lengths:
                 ax.axvline(lengths.index(t) + 0.5, color="k", lw=1.5)
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
         ax.set_yticks(range(len(DEPTHS)), [f"{int(100 * d)}%" for d in DEPTHS])
         ax.set(title=label, xlabel="context length (tokens)")
     axes[0].set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="passkey accuracy (5 digits exact)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=f"passkey accuracy (chance {KEY_SET ** -KEY_LEN:.2f})")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -367,6 +363,7 @@ def plot_loss(results, setup, path, title):
     """Loss against position (octave means, log axis), every seed drawn, training lengths marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
+    # each seed its own line, not a mean: past the trained lengths the seeds part, and that is a result
     dashes = ["-", "--", ":", "-."]
     for k, (arm, label) in enumerate(ARMS.items()):
         seeds = sorted(s for a, s in results if a == arm)
@@ -390,9 +387,10 @@ def plot_loss(results, setup, path, title):
 def main(argv=None):
     args = parse_args(argv)
     setup = scale_setup(SCALES, args, trunk=args.trunk_steps, ct=args.ct_steps, seeds=args.seeds)
-    if args.trunk_steps:   # the decay: ~13% of the base's steps, as the default (650 + 100)
+    # steps given on the command line: decay, warmup in the default's proportions (1000 + 150)
+    if args.trunk_steps:
         setup["decay"] = max(1, round(0.15 * setup["trunk"]))
-    if args.ct_steps:      # warmup ~7%, decay 20% of the continued training
+    if args.ct_steps:
         setup["ct_warmup"], setup["ct_decay"] = max(1, round(0.07 * setup["ct"])), max(1, round(0.2 * setup["ct"]))
     out = pathlib.Path(args.out)
     work = out / "runs" / "long_context"
@@ -402,10 +400,10 @@ def main(argv=None):
     import data
     train, held = stdlib_texts(setup["corpus_mb"])
     rng = random.Random(args.seed)
-    margin = 16   # a passkey document a little shorter than a window: whole ones fit in some windows
-    corpora = {"short": write_corpus(work / "corpus" / "short.jsonl", train, rng, setup["train_len"] - margin),
-               "long": write_corpus(work / "corpus" / "long.jsonl", train, rng, setup["train_len"] - margin,
-                                    setup["ct_len"] - margin)}
+    # 16 bytes of margin: a passkey document a little shorter than a window, so whole ones fit in some
+    short, long = setup["train_len"] - 16, setup["ct_len"] - 16
+    corpora = {"short": write_corpus(work / "corpus" / "short.jsonl", train, rng, short),
+               "long": write_corpus(work / "corpus" / "long.jsonl", train, rng, short, long)}
     # the test set first: a corpus too small for it fails here, not after the training
     tests, windows = haystacks(held, setup), loss_windows(held, setup)
     sources = {name: str(work / "corpus" / f"{name}.jsonl") for name in corpora}
@@ -435,7 +433,7 @@ def main(argv=None):
     for arm, label in ARMS.items():
         cells = "  ".join(f"{L}: {'/'.join(f'{a:.2f}' for a in accs)}" for L, accs in v[arm]["acc"].items())
         lo, hi = v[arm]["last"]
-        print(f"  {label:38s} {cells}  | solved to {v[arm]['reach']}, digits right {v[arm]['digits']:.3f}; loss {v[arm]['inside']} "
+        print(f"  {label:38s} {cells}  | solved to {v[arm]['reach']}; loss {v[arm]['inside']} "
               f"{'/'.join(f'{x:.3f}' for x in v[arm]['loss_inside'])} -> [{lo}, {hi}) "
               f"{'/'.join(f'{x:.3f}' for x in v[arm]['loss_last'])}")
     summary = ", ".join(f"{arm} to {v[arm]['reach']}" for arm in ARMS)

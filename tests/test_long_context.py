@@ -18,28 +18,47 @@ FILLER = ["abcdefghij" * 50, "0123456789" * 50]
 
 def test_passkey_document_layout_by_hand():
     # 20 bytes of filler, the needle after 25% of it (5 bytes), the question and key at the end
-    doc = long_context.passkey_doc(random.Random(0), FILLER[:1], 20, "71432", depth=0.25)
-    needle = "\nThe pass key is 71432. Remember it. 71432 is the pass key.\n"
-    question = "\nWhat is the pass key? The pass key is 71432"
-    assert len(needle) + len(question) == long_context.fixed_part(5) == 104
-    assert len(doc) == 20 + 104
+    key = "\x01"   # the first symbol of the set (1..8, 11, 12, 14..26, 28: 9, 10, 13, 27 are in the corpus)
+    assert long_context.KEY_CLASSES == [[chr(c) for c in [*range(1, 9), 11, 12, *range(14, 27), 28]]]
+    doc = long_context.passkey_doc(random.Random(0), FILLER[:1], 20, key, depth=0.25)
+    needle = f"\nThe pass key is \x1e{key}. Remember it. \x1e{key} is the pass key.\n"   # \x1e: the marker
+    question = f"\nWhat is the pass key? The pass key is \x1e{key}"
+    # 17 + 2 + 15 + 2 + 18 = 54 bytes of needle, 39 + 2 = 41 of question, counted by hand
+    assert len(needle) + len(question) == long_context.fixed_part() == 95
+    assert len(doc) == 20 + 95
     assert doc[5:5 + len(needle)] == needle and doc.endswith(question)
     head, tail = doc[:5], doc[5 + len(needle):-len(question)]
     assert len(tail) == 15 and (head + tail) in "abcdefghij" * 50    # the filler, cut once and split
     # depth 0: the needle first; depth 1: the needle just before the question
-    assert long_context.passkey_doc(random.Random(0), FILLER[:1], 20, "12345", 0.0).startswith(needle.replace("71432", "12345"))
-    assert long_context.passkey_doc(random.Random(0), FILLER[:1], 20, "12345", 1.0).endswith(
-        needle.replace("71432", "12345") + question.replace("71432", "12345"))
+    assert long_context.passkey_doc(random.Random(0), FILLER[:1], 20, key, 0.0).startswith(needle)
+    assert long_context.passkey_doc(random.Random(0), FILLER[:1], 20, key, 1.0).endswith(needle + question)
+
+
+def test_key_symbols_are_single_bytes_found_nowhere_in_the_corpus():
+    # the j-th symbol of a key comes from the j-th set; the sets are disjoint control characters, one
+    # byte each in UTF-8 (one token each), and no text of the corpus holds one (else a false needle)
+    classes = long_context.KEY_CLASSES
+    assert len(classes) == long_context.KEY_LEN and all(len(c) == long_context.KEY_SET for c in classes)
+    assert len(set().union(*map(set, classes))) == long_context.KEY_LEN * long_context.KEY_SET
+    assert long_context.KEY_MARK == "\x1e" and all(long_context.KEY_MARK not in c for c in classes)
+    assert all(len(ch.encode()) == 1 and not ch.isprintable() and ch not in "\t\n\r" for c in classes for ch in c)
+    rng = random.Random(0)
+    keys = [long_context.random_key(rng) for _ in range(200)]
+    assert all(k[j] in classes[j] for k in keys for j in range(long_context.KEY_LEN))
+    train, held = long_context.stdlib_texts(0.3)
+    symbols = set(long_context.KEY_SYMBOLS)
+    assert train and held and not any(symbols & set(t) for t in train + held)
 
 
 def test_haystacks_are_exactly_the_test_length_and_end_in_the_key():
     setup = dict(lengths=[128, 256], keys=3)
     tests = long_context.haystacks(FILLER, setup)
+    K = long_context.KEY_LEN
     for L, (rows, keys, depths) in tests.items():
         assert len(rows) == len(keys) == len(depths) == 3 * len(long_context.DEPTHS)
         for row, key in zip(rows, keys):
             assert len(row) == L and row[0] == long_context.EOT          # a document start, then L - 1 bytes
-            assert bytes(row[-5:]).decode() == key and len(key) == 5 and key.isdigit()
+            assert bytes(row[-K:]).decode() == key and len(key) == K
             assert bytes(row[1:]).decode().count(key) == 3                 # twice in the needle, once answered
     # the same test set for every arm and run: a pure function of its seed
     assert long_context.haystacks(FILLER, setup)[128][0] == tests[128][0]
