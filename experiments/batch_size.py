@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import add_data_flags, read_metrics, run_parallel
+from common import add_data_flags, pyplot, read_metrics, run_parallel
 
 LR = 0.01                          # §3.2: every batch-size run at lr 0.01 (the wind tunnel's best)
 PAPER_A, PAPER_B = 1.21e9, 6.24    # §3.2, Figure 2: bs (tokens) = 1.21e9 / L^6.24, L = C4 loss in nats/token
@@ -201,9 +201,7 @@ def final_optima(curves, setup):
 
 
 def plot(grid, curves, optima, law, finals, setup, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = list(setup["sizes"])
     # one panel per size (Figure 1: loss against tokens per batch), then the optima against loss (Figure 2)
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(6 * (len(names) + 1), 5))

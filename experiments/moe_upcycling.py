@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 
-from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel, scale_setup
+from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel, scale_setup
 
 # Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
 # model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
@@ -238,9 +238,7 @@ def curve(rows, name, seed, x):
 
 def plot(rows, path, title):
     """Validation loss against tokens and against FLOPs, and the paired gap upcycled - dense."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     # three panels: loss against tokens, loss against FLOPs (the MoE's curve shifts right), the paired gap
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     styles = {"trunk": ("k", "dense trunk (constant lr)"), "dense": ("C0", "(a) dense, continued"),

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 
-from common import add_data_flags, read_metrics, run_parallel
+from common import add_data_flags, pyplot, read_metrics, run_parallel
 
 BASE_LR = 0.01   # §3.3: the lr found in the wind tunnel; every grid is BASE_LR * 2^k
 # CPU default. Depth 2 and head dim 16 at every width, so only the width changes. EleutherAI's
@@ -219,9 +219,7 @@ def write_csvs(results, coord_rows, out):
 
 
 def plot(results, best, coord_rows, steps, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     # three panels: loss against lr under muP and under SP (Figure 3), then the coordinate check
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     widths = sorted({p[1] for p in results})

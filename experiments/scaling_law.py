@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel
 import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: widths 48-96 on bytes (vocabulary 257, so the embedding stays small), 2,048 tokens a step.
@@ -232,9 +232,7 @@ def write_csv(points, path):
 
 
 def plot(points, fit, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax, cx) = plt.subplots(1, 2, figsize=(14, 5.5))
     Ns = sorted({p["N"] for p in points})
     for i, N in enumerate(Ns):   # Figure 17: loss against data, one model per colour, Eq. 2's curve

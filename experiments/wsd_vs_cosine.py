@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 
-from common import RunFailed, add_data_flags, fail, read_metrics, run_parallel
+from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel
 import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: 2 layers of width 64 on bytes: 86,336 non-embedding parameters (the 257 x 64 embedding is 16K
@@ -297,9 +297,7 @@ def sweep_table(pts, lrs, seed, totals):
 # ----------------------------------------------------------------------------- figures
 
 def plot(runs, pts, best, seeds, lrs, totals, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     # four panels: the lr schedules, loss against tokens (Figure 5), the lr sweep, the verdict
     fig, (lr_ax, ax, sw_ax, d_ax) = plt.subplots(1, 4, figsize=(24, 5.5))
     s1 = seeds[0]
@@ -357,9 +355,7 @@ def plot(runs, pts, best, seeds, lrs, totals, path):
 
 
 def plot_anytime(runs, best, seeds, fits, n_params, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     fig, ax = plt.subplots(figsize=(8, 5.5))
     flops = lambda tokens: 6 * n_params * tokens   # C = 6 N D, N non-embedding (§4.5)
