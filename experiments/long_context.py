@@ -149,10 +149,10 @@ def fixed_part():
 def write_corpus(path, train, rng, short_len, long_len=None):
     """One .jsonl of documents (each line one, data.py's format): the real text and passkey documents."""
     # Short documents: filler from none to what fits in short_len (the training length less a margin,
-    # so that a random window can hold a whole one), skewed short (u ** 2 of the range: a short
-    # haystack is where a retrieval head is found first; measured: uniform lengths learned it later);
-    # with long_len, LONG_FRAC of the passkey bytes go to documents from short_len to long_len. The documents are shuffled into the text, so a
-    # training window holds a mixture, as in a pretraining mix.
+    # so that a random window can hold a whole one), skewed short (u ** 2 of the range: in a short
+    # haystack the lookup's gradient is less diluted; probes did not separate it from uniform); with
+    # long_len, LONG_FRAC of the passkey bytes go to documents from short_len to long_len. Documents
+    # are shuffled into the text, so a training window holds a mixture, as in a pretraining mix.
     real = sum(map(len, train))
     budget = PASSKEY_FRAC / (1 - PASSKEY_FRAC) * real
     docs, used = [], {"short": 0.0, "long": 0.0}
