@@ -59,7 +59,7 @@ SCALES = {
                 loss_windows=32, corpus_mb=30.0, seeds=2),
 }
 LR = 0.002              # the peak lr of every run: below muP's ~0.01 (§3.3), where the retrieval
-                        # heads did not form in 900 steps (probes: they did at 0.002-0.003)
+                        # lookups did not form in 600 steps (probes: they did at 0.002-0.003)
 BASE_THETA = 10000.0    # the RoPE base of the trunk (MiniCPM's)
 ABF_THETA = 5e5         # ABF's base (Xiong et al. 2023), the (c) arm
 NTK_FACTOR = 4          # the released 128K model's dynamic NTK factor; also the CT arms' 4x extension
