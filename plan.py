@@ -133,11 +133,15 @@ def bench(run, train_step, steps=30):
     tok_s = run.tokens_per_step / (sum(steady) / len(steady))
     flops = tok_s * run.raw.flops_per_token(run.cfg.seq_len) / run.ddp.world
     peak, what = peak_flops(run.ddp.device, run.dtype, run.cfg.peak_tflops)
+    cuda = run.ddp.device.startswith("cuda")
+    result = dict(preset=run.cfg.preset, tokens_per_s=tok_s, tflops_per_process=flops / 1e12, peak_tflops=peak / 1e12,
+                  peak_what=what, mfu=flops / peak, dtype=str(run.dtype).split(".")[-1],
+                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     if run.ddp.rank == 0:
         print(f"bench {run.cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
-              f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {str(run.dtype).split('.')[-1]}"
-              + (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if run.ddp.device.startswith("cuda") else ""))
-    return 0
+              f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {result['dtype']}"
+              + (f", peak memory {result['peak_memory_gib']:.1f} GiB" if cuda else ""))
+    return result
 
 
 def preset_table(seq_len=4096):

@@ -431,12 +431,24 @@ def run(argv):
         state = build_run(cfg, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mcfg)
         if ddp.rank == 0: print(plan.describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
         if cfg.bench:
-            return plan.bench(state, train_step)
+            BENCH_RESULTS.append(plan.bench(state, train_step))
+            return 0
         prepare_out_dir(state, resumed)
         return train(state)
     finally:
         state = None   # drop the DDP-wrapped model before the process group goes (parallel.teardown)
         parallel.teardown()
+
+
+BENCH_RESULTS = []   # what --bench measured, for bench() below
+
+
+def bench(argv):
+    """train.py --bench as a function -> plan.bench's dict (tokens_per_s, tflops_per_process, mfu, peak_memory_gib ...).
+    Bad input raises UsageError; nothing is written (tools/gpu_report.py calls it)."""
+    BENCH_RESULTS.clear()
+    run([*argv, "--bench"])
+    return BENCH_RESULTS.pop()
 
 
 def main(argv=None):   # -> exit code (0, 1, 2, 130, 143): see cli.py
