@@ -17,11 +17,11 @@ continuation, rejected = a continuation taken from another document.
 Writes to --out_dir: ckpt.pt (checkpoint.py's format, kind "dpo": sample.py reads it, and --init_from
 of train.py or dpo.py starts from its weights), the tokenizer file, metrics.jsonl (loss, implicit
 rewards, margin, preference accuracy) and dpo.png. Exit codes: 0 done, 1 failed (NaN loss, disk),
-2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after saving a checkpoint.
+2 bad input (nothing written), 130/143 stopped by Ctrl-C/SIGTERM after saving a checkpoint. The loop,
+its flags (optimizer, schedule, --stop_at, --resume) and their meaning are loop.py's, shared with train.py.
 """
-import copy, dataclasses, hashlib, json, math, os, random, sys, time
-from contextlib import nullcontext
-from dataclasses import dataclass, fields
+import copy, dataclasses, hashlib, json, math, os, random, sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,53 +32,41 @@ import checkpoint
 import cli
 import data
 import hf
+import loop
 import metrics
 import preference
 import tokenizer
-import wsd
 from cli import UsageError, flag
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(loop.LoopConfig):
+    # the shared flags are loop.py's; DPO gives some another default (never another meaning)
+    out_dir: str = flag("out/tiny-dpo", "where the checkpoint, metrics.jsonl and dpo.png go")
+    # AdamW with the model's muP groups and a cosine, as the paper fine-tunes (§7.1)
+    lr: float = flag(1e-3, "peak lr (muP: matrices get lr / m). The paper's 1e-5 is for the 2.4B "
+                           "(m = 9); the tiny default task needs more to move in ~100 steps")
+    schedule: str = flag("cosine", "learning-rate schedule from wsd.py (§7.1: cosine)")
+    max_steps: int = flag(-1, "steps in the run (-1: the whole of --epochs)")
+    weight_decay: float = flag(0.0, "AdamW weight decay (not in the paper)")
+    eval_interval: int = flag(20, "evaluate on the held-out pairs every this many steps, and at 0 and the end (0: never)")
+    log_interval: int = flag(1, "write the training metrics every this many steps (a DPO run is ~100 steps: all of them)")
     # starting point: any ckpt.pt of this project (pretrain or dpo), or the released Hugging Face layout
     init_from: str = flag("out/tiny", "checkpoint to fine-tune (file or folder, any kind); also the frozen reference")
     hf: str = flag("", "instead: a Hugging Face-layout folder (config.json + weights)")
     tokenizer: str = flag("", "with --hf: NAME[@RANK_FILE], e.g. byte, gpt2, bpe:4096@dir/tokenizer.tiktoken "
                               "('': DIR/tokenizer_record.json)")
-    resume: str = flag("", "continue the dpo.py run saved in this folder exactly (optimizer, step, batch order)")
     # data
     data: str = flag("", "JSONL of {prompt, chosen, rejected} pairs ('': the embedded default task)")
     dataset: str = flag("", "default task: a data.py dataset folder ('': the checkpoint's own training data)")
     val_frac: float = flag(0.2, "share of pairs held out (by a hash of the pair) to measure accuracy")
     max_len: int = flag(256, "tokens per sequence; longer prompts lose their left part")
-    out_dir: str = flag("out/tiny-dpo", "where the checkpoint, metrics.jsonl and dpo.png go")
-    overwrite: bool = flag(False, "start a new run in an --out_dir that already holds one, replacing it")
+    epochs: int = flag(1, "passes over the training pairs (the paper: 1)")
+    batch_size: int = flag(8, "preference pairs per micro-batch")
+    eval_pairs: int = flag(256, "held-out pairs per evaluation (the first ones: a fixed set)")
     # §7.1 does not state beta; 0.1 is the usual choice (Rafailov et al. use 0.1 to 0.5)
     beta: float = flag(0.1, "DPO beta: strength of the pull towards the reference")
     label_smoothing: float = flag(0.0, "conservative DPO: assumed probability that a label is flipped")
-    # AdamW with the model's muP groups and a cosine, as the paper fine-tunes (§7.1)
-    lr: float = flag(1e-3, "peak lr (muP: matrices get lr / m). The paper's 1e-5 is for the 2.4B "
-                           "(m = 9); the tiny default task needs more to move in ~100 steps")
-    schedule: str = flag("cosine", "learning-rate schedule from wsd.py: " + ", ".join(wsd.SCHEDULES))
-    warmup_steps: int = flag(-1, f"linear warmup steps (-1: wsd.py's default, {wsd.WARMUP_STEPS})")
-    epochs: int = flag(1, "passes over the training pairs (the paper: 1)")
-    max_steps: int = flag(-1, "steps in the run (-1: the whole of --epochs)")
-    batch_size: int = flag(8, "preference pairs per step")
-    weight_decay: float = flag(0.0, "AdamW weight decay (not in the paper)")
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: off)")
-    eval_interval: int = flag(20, "evaluate on the held-out pairs every this many steps (and at 0 and the end)")
-    eval_pairs: int = flag(256, "held-out pairs per evaluation (the first ones: a fixed set)")
-    ckpt_interval: int = flag(100, "save a checkpoint every this many steps (and at the end)")
-    stop_at: int = flag(-1, "stop (with a checkpoint) after this step, keeping the schedule of the whole run")
-    seed: int = flag(1337, "seed of the default task and of the batch order")
-    device: str = flag("auto", "cpu, cuda, cuda:N, mps, or auto")
-    dtype: str = flag("auto", "autocast dtype: bfloat16, float16, float32, or auto (fp32 on CPU)")
-
-
-# What a resume may change: where things go, how the run is watched, the machine, and its length.
-RESUME_MAY_CHANGE = {"resume", "out_dir", "overwrite", "stop_at", "max_steps", "eval_interval", "ckpt_interval",
-                     "device", "dtype"}
 
 
 # ----------------------------------------------------------------------------- the DPO loss
@@ -90,8 +78,10 @@ def sequence_logps(model, input_ids, labels):
     # chosen, and on the padding. labels[:, t] is the token after input_ids[:, t], as model(idx, targets).
     logits, _ = model(input_ids)   # [B, T, vocab]
     mask = labels != -100          # [B, T]
-    # fp32: a log-ratio is a small difference of two large sums, which bf16 would round away; clamp: -100 is no index
-    logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    # fp32 (float64 stays): a log-ratio is a small difference of two large sums, which bf16 would round
+    # away; clamp: -100 is no index
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logps = torch.gather(F.log_softmax(wide, dim=-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     return (logps * mask).sum(dim=1)
 
 
@@ -109,10 +99,11 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta, label_smo
 
 
 def pair_metrics(loss, chosen_r, rejected_r):
+    """The logged measures of a batch of pairs, as detached scalar tensors."""
     # a tie (policy == reference at step 0) counts as half right: accuracy starts at chance, 0.5
     acc = (chosen_r > rejected_r).float() + 0.5 * (chosen_r == rejected_r).float()   # [B]
-    return dict(loss=loss.item(), reward_chosen=chosen_r.mean().item(), reward_rejected=rejected_r.mean().item(),
-                margin=(chosen_r - rejected_r).mean().item(), accuracy=acc.mean().item())
+    return dict(loss=loss.detach(), reward_chosen=chosen_r.mean(), reward_rejected=rejected_r.mean(),
+                margin=(chosen_r - rejected_r).mean(), accuracy=acc.mean())
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -120,25 +111,21 @@ def pair_metrics(loss, chosen_r, rejected_r):
 def check_flags(cfg, explicit):
     """Every flag's range, before anything is read or written."""
     # checked together: one line on stderr names every bad flag (exit 2), and no folder is half-written
-    cli.check([(min(cfg.batch_size, cfg.eval_interval, cfg.eval_pairs, cfg.ckpt_interval, cfg.epochs, cfg.max_len) < 1,
-                "--batch_size, --eval_interval, --eval_pairs, --ckpt_interval, --epochs and --max_len must be >= 1"),
-               (cfg.max_steps == 0 or cfg.max_steps < -1, f"--max_steps must be >= 1, or -1 for all of --epochs (got {cfg.max_steps})"),
-               (cfg.stop_at == 0 or cfg.stop_at < -1, f"--stop_at must be >= 1, or -1 for no stop (got {cfg.stop_at})"),
-               (not cfg.beta > 0, f"--beta must be > 0 (got {cfg.beta}): it scales the log-ratios (Rafailov et al. Eq. 7)"),
-               # eps = 0.5 makes both labels equally likely: the loss would no longer prefer either side
-               (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing})"),
-               (not 0 < cfg.val_frac < 1, f"--val_frac must be in (0, 1) (got {cfg.val_frac})"),
-               (not cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
-               (min(cfg.weight_decay, cfg.grad_clip) < 0, "--weight_decay and --grad_clip must be >= 0"),
-               (cfg.warmup_steps < -1, "--warmup_steps must be >= 0, or -1 for the default"),
-               (cfg.schedule not in wsd.SCHEDULES, f"--schedule must be one of {', '.join(wsd.SCHEDULES)}"),
-               ({"init_from", "hf"} <= explicit.keys(), "give --init_from or --hf, not both")])   # both: which one is the reference?
+    cli.check(loop.check_loop_flags(cfg) + [
+        (min(cfg.batch_size, cfg.eval_pairs, cfg.epochs, cfg.max_len) < 1,
+         "--batch_size, --eval_pairs, --epochs and --max_len must be >= 1"),
+        (cfg.max_steps == 0 or cfg.max_steps < -1, f"--max_steps must be >= 1, or -1 for all of --epochs (got {cfg.max_steps})"),
+        (not cfg.beta > 0, f"--beta must be > 0 (got {cfg.beta}): it scales the log-ratios (Rafailov et al. Eq. 7)"),
+        # eps = 0.5 makes both labels equally likely: the loss would no longer prefer either side
+        (not 0 <= cfg.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing})"),
+        (not 0 < cfg.val_frac < 1, f"--val_frac must be in (0, 1) (got {cfg.val_frac})"),
+        ({"init_from", "hf"} <= explicit.keys(), "give --init_from or --hf, not both")])   # both: which one is the reference?
 
 
 def resolve(argv):
     """argv -> (the run's config, the resumed checkpoint or None, the starting checkpoint or None)."""
     # defaults are left out of the parse, so that a resume, which takes the saved flags, can tell a flag
-    # the user changed from one left alone: it may change only RESUME_MAY_CHANGE
+    # the user changed from one left alone: it may change only loop.RESUME_MAY_CHANGE
     p = cli.parser(__doc__)
     cli.add_flags(p, DPOConfig, suppress=True)
     explicit = cli.parse(p, argv)
@@ -147,15 +134,7 @@ def resolve(argv):
     if not cfg.resume:   # any kind of checkpoint can start a run: DPO on top of DPO is fine-tuning further
         return cfg, None, None if cfg.hf else checkpoint.load(cfg.init_from)
     resumed = checkpoint.load(cfg.resume, kind="dpo")   # only a dpo.py run has the state to continue
-    saved = DPOConfig(**{k: v for k, v in resumed["config"].items() if k in {f.name for f in fields(DPOConfig)}})
-    # a changed beta, lr or data would silently make a different run out of the saved one: refused
-    differ = [f"--{k}: checkpoint has {getattr(saved, k)!r}, given {v!r}" for k, v in explicit.items()
-              if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
-    cli.check([(bool(differ), "cannot resume with a different configuration: " + "; ".join(differ))])
-    # a stop or an overwrite was a one-off request of the saved run, not part of its configuration
-    changes = {"stop_at": -1, "overwrite": False, "out_dir": os.path.dirname(resumed["path"]),
-               **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}}
-    return dataclasses.replace(saved, **changes), resumed, None
+    return loop.resume_config(DPOConfig, resumed["config"], explicit, loop.RESUME_MAY_CHANGE, resumed["path"]), resumed, None
 
 
 def check_out_dir(cfg, resumed, source):
@@ -199,18 +178,13 @@ def load_models(cfg, resumed, source, device):
 
 def load_tokenizer(cfg, ckpt, model):
     """-> (tiktoken Encoding, the tokenizer record for our checkpoint, the rank file's path or None)."""
-    # from a checkpoint its own record; from --hf the flags, else the folder's tokenizer_record.json
+    # from a checkpoint its own record; from --hf the flags, else the folder's own (tokenizer.py's rule)
     if ckpt:
         spec, rank_file = ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt)
     else:
-        path = os.path.join(cfg.hf, "tokenizer_record.json")
         spec, _, rank_file = cfg.tokenizer.partition("@")
-        if not spec and os.path.isfile(path):   # hf.save_hf writes it beside the weights
-            record = json.load(open(path))
-            spec, rank_file = record["spec"], record["rank_file"] and os.path.join(cfg.hf, record["rank_file"])
-        elif not spec and os.path.isfile(os.path.join(cfg.hf, "tokenizer.json")):   # a released folder's
-            spec, rank_file = tokenizer.RELEASED_TOKENIZER, os.path.join(cfg.hf, "tokenizer.json")
-        cli.check([(not spec, f"{cfg.hf} has no tokenizer_record.json or tokenizer.json: pass --tokenizer NAME[@RANK_FILE]")])
+        if not spec:
+            spec, rank_file = tokenizer.folder_tokenizer(cfg.hf)
     enc = data.load_tokenizer(spec, rank_file or None)
     cli.check([(enc.n_vocab > model.config.vocab_size, f"tokenizer {spec} has {enc.n_vocab} tokens, more than "
                 f"the model's {model.config.vocab_size}")])
@@ -248,8 +222,95 @@ def load_pairs(cfg, source, enc):
     return train_pairs, val_pairs, folder
 
 
+
+@dataclass(eq=False)
+class DPO(loop.Run):
+    """A DPO run: the loop's state, plus the frozen reference, the pairs and their order."""
+    reference: torch.nn.Module = None   # pi_ref, frozen
+    reference_source: dict = None       # where pi_ref comes from, and its fingerprint
+    train_pairs: list = None
+    val_pairs: list = None
+    pairs_digest: str = ""              # a resume needs the same pairs
+    eot_id: int = 0                     # padding (never attended to), and BOS for our tokenizers
+    bos_id: int = 0
+    rank_file: str = None
+    order_rng: random.Random = None     # the shuffles; its state and the epoch's rest are checkpointed
+    order: list = None
+
+    def forward(self, batch, with_grad):
+        """-> ((loss, chosen rewards, rejected rewards), response tokens scored) for a list of pairs."""
+        # padding is never scored nor attended to (causal, on the right), so any id will do
+        ids, labels = (t.to(self.dist.device) for t in preference.collate(batch, self.cfg.max_len, self.eot_id, self.bos_id))   # [2B, T]
+        with self.autocast:
+            with torch.no_grad():   # the frozen reference: no graph kept, no gradient
+                ref = sequence_logps(self.reference, ids, labels)   # [2B]
+            with torch.enable_grad() if with_grad else torch.no_grad():
+                pol = sequence_logps(self.model, ids, labels)       # [2B]
+        B = len(batch)   # chosen first, then rejected (collate): one forward pass per model scores both sides
+        return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], self.cfg.beta, self.cfg.label_smoothing), int((labels != -100).sum())
+
+    def next_batch(self):
+        """The next batch_size training pairs: a fresh shuffle at each epoch."""
+        # the rng and the rest of the epoch's order are in the checkpoint, so a resume draws the same batches
+        if not self.order:
+            self.order = list(range(len(self.train_pairs)))
+            self.order_rng.shuffle(self.order)
+        batch, self.order = self.order[:self.cfg.batch_size], self.order[self.cfg.batch_size:]
+        return [self.train_pairs[i] for i in batch]
+
+    def micro_loss(self, micro):
+        (loss, chosen_r, rejected_r), n_tokens = self.forward(self.next_batch(), True)
+        return loss, pair_metrics(loss, chosen_r, rejected_r), n_tokens
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Loss, rewards and accuracy over the fixed held-out pairs, as eval_* metrics."""
+        self.model.eval()
+        B, pairs = self.cfg.batch_size, self.val_pairs
+        results = [self.forward(pairs[i:i + B], False)[0] for i in range(0, len(pairs), B)]
+        self.model.train()
+        # each batch's mean loss weighted by its size: the last batch may be short
+        loss = torch.stack([r[0] * len(r[1]) for r in results]).sum() / len(pairs)
+        m = pair_metrics(loss, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]))
+        return {"eval_" + k: v.item() for k, v in m.items()}
+
+    def eval_line(self, row):
+        return (f"step {row['step']}: held-out loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.3f}, "
+                f"margin {row['eval_margin']:.3f}")
+
+    def checkpoint_state(self):
+        return dict(order_rng=self.order_rng.getstate(), order=self.order, reference=self.reference_source,
+                    pairs_digest=self.pairs_digest)
+
+    def start_folder(self, resumed):
+        """Only now, with configuration, models and pairs known good, is the output folder written."""
+        cfg = self.cfg
+        checkpoint.start_run_folder(cfg.out_dir, self.rank_file, self.tokenizer)   # the folder is self-contained
+        tk_config = self.rank_file and os.path.join(os.path.dirname(self.rank_file), "tokenizer_config.json")
+        if self.tokenizer["spec"] == tokenizer.RELEASED_TOKENIZER and os.path.isfile(tk_config):   # a release's BOS rule
+            dest = os.path.join(cfg.out_dir, "tokenizer_config.json")
+            if os.path.abspath(tk_config) != os.path.abspath(dest):
+                checkpoint.atomic_write(dest, lambda f: f.write(open(tk_config, "rb").read()))
+        # a resume into another folder starts its metrics from the old folder's, up to the resumed step
+        self.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
+
+    def plot(self):
+        """dpo.png: loss, preference accuracy and reward margin, per training batch and on the held-out pairs."""
+        metrics.plot(self.log.rows(), os.path.join(self.cfg.out_dir, "dpo.png"),
+                     title=f"DPO, beta {self.cfg.beta} ({self.lr_at.describe}); policy = reference: loss ln 2, accuracy 0.5",
+                     panels=[(name, [(key, "train (per batch)"), ("eval_" + key, "held-out pairs")])
+                             for name, key in (("DPO loss", "loss"), ("preference accuracy", "accuracy"),
+                                               ("reward margin", "margin"))])
+
+    def done_line(self):
+        evals = [r for r in self.log.rows() if "eval_accuracy" in r]   # from step 0: a resume keeps the old history
+        change = (f": held-out accuracy {evals[0]['eval_accuracy']:.3f} -> {evals[-1]['eval_accuracy']:.3f}, margin "
+                  f"{evals[0]['eval_margin']:.3f} -> {evals[-1]['eval_margin']:.3f}") if evals else ""
+        return f"done, step {self.step} of {self.total}{change}; {self.last_ckpt}, metrics.jsonl and dpo.png in {self.cfg.out_dir}"
+
+
 def build_run(cfg, resumed, source, device, dtype):
-    """Everything the loop needs, in one namespace; nothing is written yet."""
+    """Everything the loop needs; nothing is written yet."""
     torch.manual_seed(cfg.seed)
     policy, reference, where = load_models(cfg, resumed, source, device)
     enc, record, rank_file = load_tokenizer(cfg, resumed or source, policy)
@@ -258,170 +319,24 @@ def build_run(cfg, resumed, source, device, dtype):
     train_pairs, val_pairs, folder = load_pairs(cfg, source, enc)
     cfg = dataclasses.replace(cfg, dataset=folder or cfg.dataset)   # saved, so a resume reads the same pairs
     digest = hashlib.sha256(json.dumps([[p[k] for k in ("prompt", "chosen", "rejected")] for p in train_pairs + val_pairs]).encode())
-    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
-    # AdamW over the muP groups (§3.1): each group's lr is lr(step) * lr_scale
-    optimizer = torch.optim.AdamW(policy.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  eps=1e-8, fused=device.startswith("cuda"))
-    device_type = device.split(":")[0]
-    run = SimpleNamespace(
-        cfg=cfg, device=device, policy=policy, reference=reference, reference_source=where, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),   # fp16 only: bf16 needs none
-        autocast=torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
-        lr_at=wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=total, warmup=cfg.warmup_steps), total=total,
-        train_pairs=train_pairs, val_pairs=val_pairs, pairs_digest=digest.hexdigest(),
-        eot_id=enc.eot_token, record=record, rank_file=rank_file, step=0, tokens=0,   # eot: padding, and bos for ours
-        bos_id=enc.eot_token if getattr(enc, "bos_token", None) is None else enc.bos_token,   # a release's own BOS
-        rng=random.Random(cfg.seed), order=[], log=metrics.MetricsLog(cfg.out_dir), last_ckpt=None)
-    if resumed:
-        restore(run, resumed)
+    # an epoch is len(train_pairs) / (batch_size x grad_accum) optimizer steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(len(train_pairs) / per_step)
+    autocast, scaler = loop.autocast(device, dtype)
+    run = DPO(cfg=cfg, kind="dpo", dist=SimpleNamespace(rank=0, world=1, local=0, device=device), model=policy, raw=policy,
+              optimizer=loop.optimizer(policy, cfg, device), lr_at=loop.schedule(cfg, total), total=total,
+              autocast=autocast, scaler=scaler, tokenizer=record, plot_name="dpo.png", reference=reference,
+              reference_source=where, train_pairs=train_pairs, val_pairs=val_pairs, pairs_digest=digest.hexdigest(),
+              eot_id=enc.eot_token, bos_id=enc.eot_token if getattr(enc, "bos_token", None) is None else enc.bos_token,
+              rank_file=rank_file, order_rng=random.Random(cfg.seed), order=[])
+    if resumed:   # bitwise the unstopped run: the same pairs, Adam moments, batch order and RNG states
+        cli.check([(resumed["pairs_digest"] != run.pairs_digest, "the preference pairs differ from the ones this run "
+                    f"started with ({cfg.data or cfg.dataset} changed?): a resume needs the same data")])
+        loop.check_resumable(resumed["step"], total, cfg.stop_at, resumed["path"])
+        loop.restore(run, resumed)
+        run.order_rng.setstate(resumed["order_rng"])
+        run.order = list(resumed["order"])
     return run
-
-
-def restore(run, resumed):
-    """Exactly where the saved run stopped: optimizer, scaler, RNG states, batch order, step."""
-    # bitwise the weights of an unstopped run need all of it: fresh Adam moments would jolt the policy, and a
-    # new batch order would show some pairs twice and others never; the same pairs too (their digest)
-    last = min(run.total, run.cfg.stop_at) if run.cfg.stop_at > 0 else run.total
-    cli.check([(resumed["pairs_digest"] != run.pairs_digest, "the preference pairs differ from the ones this run "
-                f"started with ({run.cfg.data or run.cfg.dataset} changed?): a resume needs the same data"),
-               (resumed["step"] >= last, f"{resumed['path']} is at step {resumed['step']}, the end of its "
-                f"{run.total} steps (or --stop_at): give a larger --max_steps to train on")])
-    run.optimizer.load_state_dict(resumed["optimizer"])
-    if resumed["scaler"]: run.scaler.load_state_dict(resumed["scaler"])   # {} when the saved run was not fp16
-    torch.set_rng_state(resumed["rng"])
-    run.rng.setstate(resumed["order_rng"])
-    run.order, run.step, run.tokens, run.last_ckpt = list(resumed["order"]), resumed["step"], resumed["tokens"], resumed["path"]
-
-
-def prepare_out_dir(run, resumed):
-    """Only now, with configuration, models and pairs known good, is the output folder written."""
-    cfg = run.cfg
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint.remove_stale_temps(cfg.out_dir)   # leftovers of a writer killed mid-save
-    dest = os.path.join(cfg.out_dir, run.record["rank_file"] or "")
-    if run.rank_file and os.path.abspath(run.rank_file) != os.path.abspath(dest):   # the folder is self-contained
-        checkpoint.atomic_write(dest, lambda f: f.write(open(run.rank_file, "rb").read()))
-        tk_config = os.path.join(os.path.dirname(run.rank_file), "tokenizer_config.json")   # a release's BOS rule
-        if run.record["spec"] == tokenizer.RELEASED_TOKENIZER and os.path.isfile(tk_config):
-            checkpoint.atomic_write(os.path.join(cfg.out_dir, "tokenizer_config.json"), lambda f: f.write(open(tk_config, "rb").read()))
-    # a resume into another folder starts its metrics from the old folder's, up to the resumed step
-    run.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
-
-
-def save(run):
-    """ckpt.pt of kind "dpo": the policy, and everything a resume needs to continue bitwise."""
-    run.last_ckpt = checkpoint.save(
-        run.cfg.out_dir, "dpo", run.policy, optimizer=run.optimizer.state_dict(), step=run.step, tokens=run.tokens,
-        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {}, config=dataclasses.asdict(run.cfg),
-        tokenizer=run.record, rng=torch.get_rng_state(), order_rng=run.rng.getstate(), order=run.order,
-        reference=run.reference_source, pairs_digest=run.pairs_digest)
-
-
-# ----------------------------------------------------------------------------- training
-
-def forward(run, batch, with_grad):
-    """-> ((loss, chosen rewards, rejected rewards), response tokens scored) for a list of pairs."""
-    # padding is never scored nor attended to (causal, on the right), so any id will do
-    ids, labels = (t.to(run.device) for t in preference.collate(batch, run.cfg.max_len, run.eot_id, run.bos_id))   # [2B, T]
-    with run.autocast:
-        with torch.no_grad():   # the frozen reference: no graph kept, no gradient
-            ref = sequence_logps(run.reference, ids, labels)   # [2B]
-        with nullcontext() if with_grad else torch.no_grad():
-            pol = sequence_logps(run.policy, ids, labels)      # [2B]
-    B = len(batch)   # chosen first, then rejected (collate): one forward pass per model scores both sides
-    return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], run.cfg.beta, run.cfg.label_smoothing), int((labels != -100).sum())
-
-
-@torch.no_grad()
-def evaluate(run):
-    """Loss, rewards and accuracy over the fixed held-out pairs, as eval_* metrics."""
-    run.policy.eval()
-    B, pairs = run.cfg.batch_size, run.val_pairs
-    results = [forward(run, pairs[i:i + B], False)[0] for i in range(0, len(pairs), B)]
-    run.policy.train()
-    # each batch's mean loss weighted by its size: the last batch may be short
-    loss = torch.stack([r[0] * len(r[1]) for r in results]).sum() / len(pairs)
-    m = pair_metrics(loss, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]))
-    return {"eval_" + k: v for k, v in m.items()}
-
-
-def next_batch(run):
-    """The next batch_size training pairs: a fresh shuffle at each epoch."""
-    # run.rng and the rest of the epoch's order are in the checkpoint, so a resume draws the same batches
-    if not run.order:
-        run.order = list(range(len(run.train_pairs)))
-        run.rng.shuffle(run.order)
-    batch, run.order = run.order[:run.cfg.batch_size], run.order[run.cfg.batch_size:]
-    return [run.train_pairs[i] for i in batch]
-
-
-def train_step(run, lr):
-    """One optimizer step -> (row of metrics, response tokens); (row, None) for a non-finite loss."""
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]              # muP: matrices lr / m
-    (loss, chosen_r, rejected_r), n_tokens = forward(run, next_batch(run), True)
-    if not torch.isfinite(loss):   # returned before the update: the weights and the last checkpoint stay good
-        return dict(loss=loss.item()), None
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)   # the clip must see the true gradient norm, not the fp16-scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.cfg.grad_clip or math.inf)   # inf: measure only
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return dict(lr=lr, grad_norm=grad_norm.item(), **pair_metrics(loss, chosen_r, rejected_r)), n_tokens
-
-
-def train(run):
-    """The loop: step, log, evaluate, checkpoint, until the end (or --stop_at, or a signal). -> exit code."""
-    from tqdm import tqdm
-    cfg, t0 = run.cfg, time.time()
-    # --stop_at ends this process early, but the schedule stays that of the whole run (run.total)
-    last = min(run.total, cfg.stop_at) if cfg.stop_at > 0 else run.total
-    if run.step == 0:   # policy = reference: loss ln 2, accuracy 0.5, the baseline of the plot
-        run.log(dict(step=0, tokens=0, **evaluate(run)))
-    bar = tqdm(total=last, initial=run.step, desc="dpo", unit="step", dynamic_ncols=True)
-    with cli.StopSignals() as stop:   # Ctrl-C / SIGTERM finish the step and save, never leave half a state
-        while run.step < last:
-            row, n_tokens = train_step(run, run.lr_at(run.step))
-            if n_tokens is None:   # NaN/inf: stop with exit 1 rather than train on garbage
-                bar.close()
-                print(f"dpo.py: the DPO loss is {row['loss']} at step {run.step}; stopping. Last good checkpoint: "
-                      f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr, then --resume from it.", file=sys.stderr)
-                return 1
-            run.step, run.tokens = run.step + 1, run.tokens + n_tokens
-            row = dict(step=run.step, tokens=run.tokens, **row)
-            if run.step % cfg.eval_interval == 0 or run.step == run.total:
-                row.update(evaluate(run))
-                bar.write(f"step {run.step}: held-out loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.3f}, "
-                          f"margin {row['eval_margin']:.3f}")
-            run.log(row)
-            if "eval_loss" in row:   # the plot is redrawn at every evaluation, so a stopped run still has one
-                plot(run)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}")
-            bar.update(1)
-            if run.step % cfg.ckpt_interval == 0 or run.step == last or stop.signal:
-                save(run)
-            if stop.signal:   # exit 130/143 after the checkpoint: --resume continues exactly from here
-                bar.close()
-                print(f"\nstopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. "
-                      f"Continue with --resume {cfg.out_dir}")
-                return stop.exit_code
-    bar.close()
-    plot(run)
-    evals = [r for r in run.log.rows() if "eval_accuracy" in r]   # from step 0: a resume keeps the old history
-    print(f"done in {time.time() - t0:.0f} s, step {run.step} of {run.total}: held-out accuracy "
-          f"{evals[0]['eval_accuracy']:.3f} -> {evals[-1]['eval_accuracy']:.3f}, margin {evals[0]['eval_margin']:.3f} -> "
-          f"{evals[-1]['eval_margin']:.3f}; {run.last_ckpt}, metrics.jsonl and dpo.png in {cfg.out_dir}")
-    return 0
-
-
-def plot(run):
-    """dpo.png: loss, preference accuracy and reward margin, per training batch and on the held-out pairs."""
-    metrics.plot(run.log.rows(), os.path.join(run.cfg.out_dir, "dpo.png"),
-                 title=f"DPO, beta {run.cfg.beta} ({run.lr_at.describe}); policy = reference: loss ln 2, accuracy 0.5",
-                 panels=[(name, [(key, "train (per batch)"), ("eval_" + key, "held-out pairs")])
-                         for name, key in (("DPO loss", "loss"), ("preference accuracy", "accuracy"),
-                                           ("reward margin", "margin"))])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -434,10 +349,9 @@ def run(argv):
     check_out_dir(cfg, resumed, source)
     state = build_run(cfg, resumed, source, device, dtype)
     print(f"{len(state.train_pairs)} training pairs, {len(state.val_pairs)} held out; {state.total} steps of "
-          f"{cfg.batch_size} pairs from step {state.step}; {state.lr_at.describe}; beta {cfg.beta}, "
+          f"{cfg.batch_size} x {cfg.grad_accum} pairs from step {state.step}; {state.lr_at.describe}; beta {cfg.beta}, "
           f"label smoothing {cfg.label_smoothing}")
-    prepare_out_dir(state, resumed)
-    return train(state)
+    return loop.train(state, resumed, "dpo.py")
 
 
 def main(argv=None):

@@ -64,7 +64,8 @@ def plot(rows, png_path, panels, x="step", title=""):
         ax.set(xlabel=x, ylabel=ylabel)
         ax.grid(alpha=0.3)
         # the legend below the axes, outside them: it never hides a curve
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+        if ax.get_legend_handles_labels()[0]:   # a run stopped at step 0 has nothing to label yet
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = png_path + ".tmp.png"   # written whole, then renamed: a viewer never sees half a PNG

@@ -294,9 +294,10 @@ class MiniCPM(nn.Module):
     #   attn_impl  "sdpa" (F.scaled_dot_product_attention), "eager" (the textbook softmax), or
     #              "triton" (kernels.py, CUDA only)
     #   grad_ckpt  activation checkpointing per layer: recompute each layer in the backward
-    # After a forward of an MoE model, `moe_stats` holds what a trainer logs: {"aux_loss": the
-    # unweighted load-balancing loss (a tensor with its graph), "expert_load": each expert's share of
-    # the routed tokens, averaged over layers}. It is the one place that state is read from.
+    # After a forward of an MoE model, `moe_stats` holds {"aux_loss": the unweighted load-balancing
+    # loss (a tensor with its graph), "expert_load": each expert's share of the routed tokens, averaged
+    # over layers}. forward's loss is the language-model loss alone: a trainer adds
+    # aux_loss_coef * aux_loss to what it backpropagates (train.py), evaluation never sees it.
 
     def __init__(self, config: MiniCPMConfig, attn_impl="sdpa", grad_ckpt=False):
         super().__init__()
@@ -396,16 +397,16 @@ class MiniCPM(nn.Module):
         logits = self.lm_head(h / cfg.width_mult)                           # [B, T, V]  §3.1
         if cache is not None:
             cache.pos += T
-        if cfg.n_experts:   # §7.3: the balancing loss, averaged over layers, joins the LM loss below
+        if cfg.n_experts:   # §7.3: the balancing loss averaged over layers, for the trainer to add (train.py)
             mlps = [layer.mlp for layer in self.model.layers]
             self.moe_stats = dict(aux_loss=torch.stack([m.aux_loss for m in mlps]).mean(),
                                   expert_load=torch.stack([m.expert_load for m in mlps]).mean(0))
         loss = None
         if targets is not None:
-            # in fp32: a bf16 log-softmax over 100K+ tokens loses the small probabilities the loss is about
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            if cfg.n_experts:
-                loss = loss + cfg.aux_loss_coef * self.moe_stats["aux_loss"]
+            # in (at least) fp32: a bf16 log-softmax over 100K+ tokens loses the small probabilities the
+            # loss is about; a float64 model keeps float64 (the reference tests compare at 1e-12)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
     # -- accounting --

@@ -5,7 +5,7 @@ is sent to its top_k experts, whose outputs are summed with the k kept probabili
 to sum to 1. A Switch-Transformer load-balancing loss `n * sum_i f_i * P_i` (f_i the share of the
 routed assignments that expert i receives, P_i its mean router probability) is left on the layer
 as `aux_loss` (and each expert's share as `expert_load`); minicpm.MiniCPM.forward averages both over
-layers into its `moe_stats` and adds aux_loss_coef (0.01) times the loss. This file does not import
+layers into its `moe_stats`, and the trainer adds aux_loss_coef (0.01) times aux_loss to its objective. This file does not import
 minicpm.py: the model imports its layers, never the other way round.
 
 MiniCPM-MoE was not trained from scratch but "sparse-upcycled" from the dense 2.4B: every expert

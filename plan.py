@@ -59,11 +59,10 @@ def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False, fsdp_world
     return parts
 
 
-def describe(model, cfg, world, dtype, schedule):
+def describe(model, *, name, batch_size, seq_len, grad_accum, max_steps, world, dtype, schedule, grad_ckpt=False,
+             fsdp=False):
     """The plan train.py prints before it trains (and --dry_run prints instead of training)."""
-    # cfg is train.py's config: only preset, batch_size, seq_len, grad_accum, max_steps, grad_ckpt are read
-    name, batch_size, seq_len, grad_accum, max_steps = cfg.preset, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.max_steps
-    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=cfg.grad_ckpt, fsdp_world=cfg.fsdp and world)
+    mem = train_memory(model, seq_len=seq_len, micro_batch=batch_size, grad_ckpt=grad_ckpt, fsdp_world=fsdp and world)
     fpt = model.flops_per_token(seq_len)   # training FLOPs (forward + backward), see minicpm.py
     tokens_per_step = batch_size * seq_len * grad_accum * world   # the global batch the schedule sees
     gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -73,8 +72,8 @@ def describe(model, cfg, world, dtype, schedule):
         f"batch      {batch_size} x {seq_len} tokens x {grad_accum} accumulation x {world} processes "
         f"= {tokens_per_step:,} tokens per step; {max_steps} steps = {tokens_per_step * max_steps:,} tokens",
         f"compute    {fpt / 1e9:.3f} GFLOP per token, {fpt * tokens_per_step / 1e12:.2f} TFLOP per step",
-        f"memory     per process ({f'FSDP over {world}' if cfg.fsdp else 'DDP'}): weights {gib(mem['weights'])}, "
-        f"grads {gib(mem['grads'])}, Adam {gib(mem['adam'])}, {'gathered layers' if cfg.fsdp else 'bf16 copies'} "
+        f"memory     per process ({f'FSDP over {world}' if fsdp else 'DDP'}): weights {gib(mem['weights'])}, "
+        f"grads {gib(mem['grads'])}, Adam {gib(mem['adam'])}, {'gathered layers' if fsdp else 'bf16 copies'} "
         f"{gib(mem['bf16_copies'])}, activations {gib(mem['activations'])} = {gib(mem['total'])}",
         f"schedule   {schedule}; compute dtype {str(dtype).split('.')[-1]}",
     ])
@@ -119,26 +118,20 @@ def gpus_needed(model, seq_len, fsdp, gpu_gib=80):
     return None
 
 
-def bench(run, train_step, steps=30):
-    """train.py --bench: tokens/s of real training steps (train_step(run, lr)) after warm-up, and model
-    FLOP/s against the peak. Writes nothing."""
+def throughput(*, name, seconds_per_step, tokens_per_step, flops_per_token, device, dtype, world, peak_tflops=0.0,
+               verbose=True):
+    """train.py --bench's figures from the measured seconds per step: tokens/s, model FLOP/s against the
+    peak (MFU), peak memory on CUDA; printed as one line and returned as a dict."""
     # the peak is the GPU's datasheet value or, on a CPU, this machine's measured matmul throughput
-    times = []
-    for _ in range(steps):
-        t = time.time()
-        train_step(run, run.lr_at(run.step))
-        if run.ddp.device.startswith("cuda"): torch.cuda.synchronize()   # kernels run async: wait for them
-        times.append(time.time() - t)
-    steady = sorted(times[steps // 3:])[: max(1, 2 * steps // 3)]   # past warm-up, without the slowest
-    tok_s = run.tokens_per_step / (sum(steady) / len(steady))
-    flops = tok_s * run.raw.flops_per_token(run.cfg.seq_len) / run.ddp.world
-    peak, what = peak_flops(run.ddp.device, run.dtype, run.cfg.peak_tflops)
-    cuda = run.ddp.device.startswith("cuda")
-    result = dict(preset=run.cfg.preset, tokens_per_s=tok_s, tflops_per_process=flops / 1e12, peak_tflops=peak / 1e12,
-                  peak_what=what, mfu=flops / peak, dtype=str(run.dtype).split(".")[-1],
+    tok_s = tokens_per_step / seconds_per_step
+    flops = tok_s * flops_per_token / world   # per process: each GPU's share of the work
+    peak, what = peak_flops(device, dtype, peak_tflops)
+    cuda = device.startswith("cuda")
+    result = dict(preset=name, tokens_per_s=tok_s, tflops_per_process=flops / 1e12, peak_tflops=peak / 1e12,
+                  peak_what=what, mfu=flops / peak, dtype=str(dtype).split(".")[-1],
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
-    if run.ddp.rank == 0:
-        print(f"bench {run.cfg.preset}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
+    if verbose:
+        print(f"bench {name}: {tok_s:,.0f} tokens/s, {flops / 1e12:.3f} TFLOP/s per process = "
               f"{100 * flops / peak:.1f}% of {peak / 1e12:.3f} TFLOP/s ({what}), dtype {result['dtype']}"
               + (f", peak memory {result['peak_memory_gib']:.1f} GiB" if cuda else ""))
     return result

@@ -71,7 +71,8 @@ def top_p_filter(probs, p, tol=1e-6):
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits [B, V] -> next token ids [B]: greedy, or temperature, top-k and top-p, then one draw."""
-    logits = logits.float()   # bf16 logits would round away the differences between the likely tokens
+    # bf16 logits would round away the differences between the likely tokens; float64 stays float64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature   # before the filters: temperature changes which tokens top-p keeps

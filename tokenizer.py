@@ -268,8 +268,9 @@ class FolderTokenizer:
         return bytes([int(byte[1], 16)]) if byte else piece.replace(self.space, " ").encode()
 
 
-def load_folder_tokenizer(folder):
-    """The tokenizer of a Hugging Face folder: ours (tokenizer_record.json) or a release's tokenizer.json."""
+def folder_tokenizer(folder):
+    """-> (spec, rank file path or None) of a Hugging Face folder's tokenizer: ours (tokenizer_record.json)
+    or a release's tokenizer.json (spec RELEASED_TOKENIZER)."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder} is not a folder: give a Hugging Face checkpoint folder")
     # our export names a tokenizer spec and a rank file: tiktoken builds it, exactly as in training
@@ -280,14 +281,20 @@ def load_folder_tokenizer(folder):
             spec, rank_file = rec["spec"], rec["rank_file"]
         except (KeyError, TypeError) as e:
             raise DataError(f"{record} is not a tokenizer record ({type(e).__name__}): it needs spec and rank_file") from None
-        return load_tokenizer(spec, rank_file and os.path.join(folder, rank_file))
+        return spec, rank_file and os.path.join(folder, rank_file)
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return FolderTokenizer(folder)
+        return RELEASED_TOKENIZER, os.path.join(folder, "tokenizer.json")
     # sentencepiece's own format would need the sentencepiece package; the releases ship both files
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         raise DataError(f"{folder} holds only a sentencepiece tokenizer.model, not supported alone: copy the release's "
                         f"tokenizer.json beside it (the released MiniCPM folders ship one) or pass --tokenizer NAME[@RANK_FILE]")
     raise DataError(f"{folder} has no tokenizer_record.json or tokenizer.json: pass --tokenizer NAME[@RANK_FILE]")
+
+
+def load_folder_tokenizer(folder):
+    """The tokenizer of a Hugging Face folder (folder_tokenizer's), ready to encode."""
+    spec, rank_file = folder_tokenizer(folder)
+    return FolderTokenizer(folder) if spec == RELEASED_TOKENIZER else load_tokenizer(spec, rank_file)
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

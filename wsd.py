@@ -85,10 +85,12 @@ def schedule(name, **kwargs):
 
 
 def resolve(name, *, lr, max_steps, warmup=-1, decay_steps=-1, decay_start=-1, shape="exp", final_frac=-1.0,
-            half_life=-1.0):
+            half_life=-1.0, period=-1):
     """lr(step) from a script's flags, -1 meaning "the default"; `lr_at.describe` says what was chosen."""
     # defaults: warmup WARMUP_STEPS; a WSD decay over the last PAPER_DECAY_FRACTION of max_steps, to
     # FINAL_LR_FRAC, or by its half-life in steps (§6.2: 5000) when half_life > 0; cosine to COSINE_FLOOR
+    # at T = period, or at max_steps when period < 0 (Cosine(T) is best when T is the whole run, §4.2;
+    # a shorter T is Figure 4's "lr at its floor early", and only then does cosine_loop loop)
     warmup = WARMUP_STEPS if warmup < 0 else warmup
     warmup = min(warmup, max_steps)   # a run shorter than the default warmup ramps over all of it
     if name == "wsd":
@@ -103,8 +105,8 @@ def resolve(name, *, lr, max_steps, warmup=-1, decay_steps=-1, decay_start=-1, s
         lr_at = schedule(name, lr_max=lr, warmup=warmup, decay_start=start, decay_steps=D, shape=shape, final_frac=final)
         what = f", {shape} decay over steps {start}-{start + D} to {final:.3g} of the peak"
     elif name in ("cosine", "cosine_loop"):
-        floor = COSINE_FLOOR if final_frac < 0 else final_frac
-        lr_at, what = schedule(name, lr_max=lr, warmup=warmup, T=max_steps, floor=floor), f", T {max_steps}, floor {floor:g}"
+        floor, T = COSINE_FLOOR if final_frac < 0 else final_frac, period if period > 0 else max_steps
+        lr_at, what = schedule(name, lr_max=lr, warmup=warmup, T=T, floor=floor), f", T {T}, floor {floor:g}"
     else:
         lr_at, what = schedule(name, lr_max=lr, warmup=warmup), ""
     lr_at(max_steps)   # a bad combination fails now, not at the end of the run

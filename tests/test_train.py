@@ -62,6 +62,19 @@ def test_lr_follows_the_wsd_schedule(corpus, tmp_path):
     assert logged == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["cosine", "cosine_loop"])
+def test_cosine_period_from_the_command_line(corpus, tmp_path, name):
+    # --cosine_period 4 over 12 steps (Appendix B.1): Cosine(4) stays at its floor after step 4,
+    # CosineLoop(4) rises back to the peak at 8 and falls again; by hand, warmup 0, floor 0.1
+    assert train.main(flags(corpus, tmp_path, "--max_steps", 12, "--schedule", name, "--cosine_period", 4,
+                            "--warmup_steps", 0, "--eval_interval", 0, "--log_interval", 1, "--lr", 0.02)) == 0
+    logged = [r["lr"] for r in metrics(tmp_path)]
+    by_hand = lambda s: 0.02 * (0.1 + 0.9 * (1 + math.cos(math.pi * s / 4)) / 2)
+    expected = [by_hand(min(s, 4) if name == "cosine" else s) for s in range(12)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert (logged[8] == pytest.approx(0.02)) == (name == "cosine_loop")
+
+
 def test_resume_is_bitwise_exact(corpus, tmp_path):
     common = ("--max_steps", 12, "--eval_interval", 6, "--log_interval", 1, "--ckpt_interval", 100)
     assert train.main(flags(corpus, tmp_path / "whole", *common)) == 0
