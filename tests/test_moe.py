@@ -5,6 +5,8 @@ layout, the paper's MiniCPM-MoE parameter counts (§7.3), and the Adam state car
 upcycling against a hand-written AdamW step (float64)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -449,8 +451,16 @@ def test_minicpm_moe_parameter_counts():
     assert total - 2_442_057_984 == L * ((E - 1) * expert + router)
 
 
-def test_bench_runs(capsys):
-    from moe import bench
+def test_bench_runs(capsys, repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(repo_root, "tools"))   # the benchmark lives in tools/moe_bench.py
+    from moe_bench import bench
     t_moe, t_dense = bench(d=64, ffn=32, n_experts=4, top_k=2, tokens=64, repeats=2, warmup=1)
     assert t_moe > 0 and t_dense > 0
     assert "ratio MoE / dense" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_sizes_in_one_line(repo_root, tmp_path):
+    # run from another folder: the script finds the repo's moe.py by itself
+    p = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "moe_bench.py"), "--n_experts", "4",
+                        "--top_k", "5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--top_k" in p.stderr, p.stderr
