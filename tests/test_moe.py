@@ -5,8 +5,6 @@ layout, the paper's MiniCPM-MoE parameter counts (§7.3), and the Adam state car
 upcycling against a hand-written AdamW step (float64)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -459,8 +457,12 @@ def test_bench_runs(capsys, repo_root, monkeypatch):
     assert "ratio MoE / dense" in capsys.readouterr().out
 
 
-def test_bench_refuses_bad_sizes_in_one_line(repo_root, tmp_path):
-    # run from another folder: the script finds the repo's moe.py by itself
-    p = subprocess.run([sys.executable, os.path.join(repo_root, "tools", "moe_bench.py"), "--n_experts", "4",
-                        "--top_k", "5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--top_k" in p.stderr, p.stderr
+def test_bench_refuses_bad_sizes_in_one_line(repo_root, monkeypatch, capsys):
+    # in-process through cli.main, as the command line runs it: one line, exit 2, nothing timed
+    monkeypatch.syspath_prepend(os.path.join(repo_root, "tools"))
+    import cli
+    from moe_bench import from_flags
+    assert cli.main("moe_bench.py", from_flags, ["--n_experts", "4", "--top_k", "5", "--tokens", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert "--top_k 5" in captured.err and "--tokens" in captured.err
