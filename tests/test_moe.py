@@ -447,22 +447,3 @@ def test_minicpm_moe_parameter_counts():
     assert round(active / 1e9, 1) == 4.0
     # the dense 2.4B plus 7 more experts and a router per layer
     assert total - 2_442_057_984 == L * ((E - 1) * expert + router)
-
-
-def test_bench_runs(capsys, repo_root, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(repo_root, "tools"))   # the benchmark lives in tools/moe_bench.py
-    from moe_bench import bench
-    t_moe, t_dense = bench(d=64, ffn=32, n_experts=4, top_k=2, tokens=64, repeats=2, warmup=1)
-    assert t_moe > 0 and t_dense > 0
-    assert "ratio MoE / dense" in capsys.readouterr().out
-
-
-def test_bench_refuses_bad_sizes_in_one_line(repo_root, monkeypatch, capsys):
-    # in-process through cli.main, as the command line runs it: one line, exit 2, nothing timed
-    monkeypatch.syspath_prepend(os.path.join(repo_root, "tools"))
-    import cli
-    from moe_bench import from_flags
-    assert cli.main("moe_bench.py", from_flags, ["--n_experts", "4", "--top_k", "5", "--tokens", "0"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.count("\n") == 1, captured
-    assert "--top_k 5" in captured.err and "--tokens" in captured.err

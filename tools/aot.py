@@ -11,7 +11,6 @@ Run:   python tools/aot.py [--targets sm_90] [--dtypes bf16] [--head_dims 64] [-
        prints one row per compiled kernel and exits 1 if any spills or overflows shared memory.
 Test:  python -m pytest -q tests/test_aot.py
 """
-import argparse
 import csv
 import os
 import pathlib

@@ -66,9 +66,11 @@ def bench(d=512, ffn=1280, n_experts=8, top_k=2, tokens=4096, repeats=10, warmup
 def from_flags(argv):
     """The layer sizes as flags -> bench(); bad sizes raise cli.UsageError before anything runs."""
     ap = cli.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    sizes = dict(d=512, ffn=1280, n_experts=8, top_k=2, tokens=4096, repeats=10)
-    for name, default in sizes.items():
-        ap.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+    sizes = dict(d=(512, "model width"), ffn=(1280, "each expert's hidden size (the dense MLP gets top_k x ffn)"),
+                 n_experts=(8, "experts per layer"), top_k=(2, "experts per token"),
+                 tokens=(4096, "tokens per forward"), repeats=(10, "timed repeats, after 3 warm-up ones"))
+    for name, (default, text) in sizes.items():
+        ap.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default: {default})")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     cli.check([*((getattr(args, n) < 1, f"--{n} must be at least 1") for n in sizes),
