@@ -90,7 +90,7 @@ def _bench_child(argv, port, log_path, conn):
         answer = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     log.flush()
     # JSON text, not a pickled object: the parent reads back plain numbers and strings only
-    conn.send_bytes(json.dumps(answer).encode())
+    conn.send_bytes(json.dumps(answer, default=str).encode())
 
 
 def bench_in_child(argv, log_path, timeout):
@@ -114,6 +114,9 @@ def bench_in_child(argv, log_path, timeout):
     if child.is_alive():   # a hung run must not hang the report, nor hold the GPU for the next one
         child.terminate()
         child.join(10)
+        if child.is_alive():   # SIGTERM can be caught (train.py's loop saves first); SIGKILL cannot
+            child.kill()
+            child.join()
     if answer is None:
         answer = {"error": f"timed out after {timeout} s" if hung else
                   f"the child exited with code {child.exitcode} without a result (see the log)"}
