@@ -14,13 +14,13 @@ How it works (Dao 2023, "FlashAttention-2"):
             the query blocks and all query heads sharing its KV head (grouped-query attention);
             another owns a query block and accumulates dQ over the key blocks.
 
-Run:    python kernels.py --bench [--out bench]      (needs a CUDA GPU; writes attention.csv and .png)
-        python kernels.py --aot                      (no GPU needed: compiles for sm_80 and sm_90, checks
-                                                      registers and shared memory; see aot.py)
+Run:    python tools/kernel_bench.py [--out bench]   (needs a CUDA GPU; times it against SDPA flash and eager,
+                                                      writes attention.csv and .png)
+        python tools/aot.py [--out bench]            (no GPU needed: compiles for sm_80 and sm_90, checks
+                                                      registers and shared memory; writes aot.csv)
 Test:   python -m pytest -q tests/test_kernels.py     (on CPU through Triton's interpreter, fp32)
 The interpreter (TRITON_INTERPRET=1) must be switched on before this module is imported.
 """
-import argparse
 import math
 import os
 from types import SimpleNamespace
@@ -78,7 +78,7 @@ def _per_head_dim(tiles):
 # forward and dQ keep a query tile (BLOCK_M) and stream K, V; dK/dV keeps K, V, dK, dV (four tiles of
 # BLOCK_N rows) and streams Q, dO. num_stages > 1 prefetches the next streamed block.
 # Every tile below compiles for sm_80 and sm_90 without spilling registers and within the block's shared
-# memory (`python kernels.py --aot` checks it, tests/test_aot.py in CI). Where an earlier tile spilled
+# memory (`python tools/aot.py` checks it, tests/test_aot.py in CI). Where an earlier tile spilled
 # (a stack frame at 255 registers), the comment says what replaced it. More warps split a tile's
 # registers over more threads; fewer stages keep fewer streamed blocks in flight; smaller tiles hold less.
 _FWD_TILES = {
@@ -440,29 +440,3 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale   # the usual 1/sqrt(d) by default
     return FlashAttention.apply(q, k, v, causal, sm_scale)
 
-
-if __name__ == "__main__":
-    # The tools live in modules of their own, so the model's import of this file stays lean:
-    # kernel_bench.py (GPU timings against SDPA) and aot.py (compiling for GPUs absent here).
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="time this kernel against SDPA (flash) and eager")
-    parser.add_argument("--aot", action="store_true", help="compile every kernel and config for sm_80/sm_90 "
-                        "without a GPU; print registers, stack, shared memory; exit 1 on spills")
-    parser.add_argument("--aot_targets", default="sm_80,sm_90", help="--aot: comma-separated targets")
-    parser.add_argument("--aot_dtypes", default="bf16,fp16", help="--aot: comma-separated input dtypes")
-    parser.add_argument("--aot_head_dims", default="64,128", help="--aot: comma-separated head dims")
-    parser.add_argument("--out", default="bench", help="folder for attention.csv/.png (--bench), aot.csv (--aot)")
-    args = parser.parse_args()
-    if args.aot:
-        import aot
-        lists = [args.aot_targets.split(","), args.aot_dtypes.split(","), args.aot_head_dims.split(",")]
-        for flag, given, allowed in zip(("targets", "dtypes", "head_dims"), lists,
-                                        (aot.TARGETS, aot.DTYPES, [str(d) for d in HEAD_DIMS])):
-            if not set(given) <= set(allowed):
-                parser.error(f"--aot_{flag}: {','.join(given)} not all in {','.join(allowed)}")
-        aot.run(lists[0], lists[1], [int(d) for d in lists[2]], out_dir=args.out)
-    elif args.bench:
-        import kernel_bench
-        kernel_bench.bench(args.out)
-    else:
-        parser.error("nothing to do: pass --bench or --aot (the kernel itself is used through minicpm.py --attn triton)")

@@ -15,11 +15,8 @@ starts as a copy of the dense MLP, the router as N(0, 0.1). `upcycle` does that,
 Parameter names are the released checkpoint's: `mlp.gate.weight` (router, [n, d]) and
 `mlp.experts.{j}.w1` (gate, d->ffn), `w3` (up, d->ffn), `w2` (down, ffn->d).
 
-    python moe.py --bench      # forward+backward time of the MoE layer vs a dense MLP of equal FLOPs
+The layer's speed against a dense MLP of equal FLOPs: python tools/moe_bench.py
 """
-import argparse
-import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -209,66 +206,3 @@ def upcycle_optimizer_state(dense_model, dense_optimizer_state, moe_model, moe_o
     # load_state_dict moves each tensor to its parameter's device (and keeps `step` where Adam wants it)
     moe_optimizer.load_state_dict(dict(state=new_state, param_groups=moe_optimizer.state_dict()["param_groups"]))
     return dict(carried=len(new_state), fresh=fresh)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def _fwd_bwd_seconds(layer, x):
-    """Wall time of one forward + backward (of the sum of the outputs, plus the aux loss if any)."""
-    x.grad = None
-    layer.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    y = layer(x)
-    loss = y.sum() + (layer.aux_loss if isinstance(layer, MoE) else 0)
-    loss.backward()
-    return time.perf_counter() - t0
-
-
-def bench(d=512, ffn=1280, n_experts=8, top_k=2, tokens=4096, repeats=10, warmup=3, seed=0):
-    """MoE layer against a dense SwiGLU with ffn_dim = top_k * ffn: the same matmul FLOPs per token
-    (the router's d x n is extra, and small), so the ratio measures the cost of routing and dispatch."""
-    torch.manual_seed(seed)
-    moe = MoE(d, ffn, n_experts, top_k)
-    dense = Expert(d, top_k * ffn)      # a SwiGLU MLP, the same computation as minicpm.MLP
-    for layer in (moe, dense):
-        for p in layer.parameters():
-            nn.init.normal_(p, std=d ** -0.5)
-    x = torch.randn(tokens, 1, d).requires_grad_()     # [B, T, d] with the tokens as the batch
-    # The two are timed in alternation, so a change in the machine's load (other processes) hits
-    # both alike; the medians ignore the odd slow repeat.
-    times = {"dense": [], "moe": []}
-    for i in range(warmup + repeats):
-        for name, layer in (("dense", dense), ("moe", moe)):
-            t = _fwd_bwd_seconds(layer, x)
-            if i >= warmup:
-                times[name].append(t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    best = {name: min(ts) for name, ts in times.items()}
-    print(f"{tokens} tokens, d {d}, fp32, {torch.get_num_threads()} CPU threads: forward + backward, "
-          f"{repeats} repeats after {warmup} warm-up")
-    labels = {"dense": f"dense SwiGLU, ffn {top_k * ffn}", "moe": f"MoE {n_experts}x top-{top_k}, ffn {ffn}"}
-    for name, label in labels.items():
-        print(f"  {label:28s} median {med[name] * 1e3:8.1f} ms   best {best[name] * 1e3:8.1f} ms")
-    print(f"  {'ratio MoE / dense':28s} median {med['moe'] / med['dense']:8.2f}      best {best['moe'] / best['dense']:8.2f}")
-    # On a shared machine other processes only ever add time: the best run is the steadier figure.
-    print(f"  expert load of the last step: {[round(v, 3) for v in moe.expert_load.tolist()]}")
-    return med["moe"], med["dense"]
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bench", action="store_true", help="time the MoE layer against a dense MLP of equal FLOPs")
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=1280)
-    ap.add_argument("--n_experts", type=int, default=8)
-    ap.add_argument("--top_k", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = ap.parse_args()
-    if not args.bench:
-        ap.error("nothing to do: pass --bench")
-    if args.threads:
-        # On a machine shared with other jobs, one thread per process gives steadier times: with
-        # several, each of the MoE's many smaller ops waits for its slowest (descheduled) thread.
-        torch.set_num_threads(args.threads)
-    bench(args.d, args.ffn, args.n_experts, args.top_k, args.tokens, args.repeats)

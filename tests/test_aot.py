@@ -1,4 +1,4 @@
-"""Tests for `python kernels.py --aot` (aot.py): kernels.py compiled for A100 (sm_80) and H100 (sm_90)
+"""Tests for `python tools/aot.py`: kernels.py compiled for A100 (sm_80) and H100 (sm_90)
 on a machine without a GPU, and the resource check that would catch a spilling or oversized tile.
 
 Everything runs in subprocesses without TRITON_INTERPRET: this test process has the interpreter on
@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The per-block shared memory limits, by hand from the CUDA C++ Programming Guide's table of
-# compute capabilities (163 KB on 8.0, 227 KB on 9.0), not from aot.py.
+# compute capabilities (163 KB on 8.0, 227 KB on 9.0), not from tools/aot.py.
 SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
@@ -30,7 +30,7 @@ def run(args, tmp_path, env_extra=None):
 
 @pytest.mark.slow   # ~30 s on 2 cores: 108 compiles
 def test_every_kernel_compiles_without_spills_for_sm80_and_sm90(tmp_path):
-    out = run(["kernels.py", "--aot", "--out", str(tmp_path)], tmp_path)
+    out = run(["tools/aot.py", "--out", str(tmp_path)], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "aot.csv")))
     # every kernel for every target, dtype and head dim: the delta kernel once, the tuned ones >= 3 tiles
@@ -55,7 +55,7 @@ def test_every_kernel_compiles_without_spills_for_sm80_and_sm90(tmp_path):
 
 
 def test_one_target_compiles_and_prints_the_table(tmp_path):
-    out = run(["kernels.py", "--aot", "--aot_targets", "sm_90", "--aot_dtypes", "bf16", "--aot_head_dims", "64",
+    out = run(["tools/aot.py", "--targets", "sm_90", "--dtypes", "bf16", "--head_dims", "64",
                "--out", str(tmp_path)], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     header = out.stdout.splitlines()[0].split("\t")
@@ -69,7 +69,7 @@ def test_one_target_compiles_and_prints_the_table(tmp_path):
 def test_the_check_catches_a_spilling_tile(tmp_path):
     # A tile kernels.py no longer lists because it failed: dK/dV, head dim 128, 128 x 64, 4 warps, 4 stages.
     # On sm_90 it needs ~290 KB of shared memory and spills registers (measured: 2.5 KB of stack).
-    code = ("import json, aot; print(json.dumps(aot.compile_one(('bwd_dkdv', 'sm_90', 'bf16', 128, "
+    code = ("import json, sys; sys.path.insert(0, 'tools'); import aot; print(json.dumps(aot.compile_one(('bwd_dkdv', 'sm_90', 'bf16', 128, "
             "(128, 64, 4, 4)))))")
     out = run(["-c", code], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -79,8 +79,15 @@ def test_the_check_catches_a_spilling_tile(tmp_path):
 
 
 def test_refusals_are_one_line(tmp_path):
-    out = run(["kernels.py", "--aot"], tmp_path, {"TRITON_INTERPRET": "1"})
+    out = run(["tools/aot.py"], tmp_path, {"TRITON_INTERPRET": "1"})
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "TRITON_INTERPRET" in out.stderr
-    # a target without a shared-memory limit in aot.TARGETS is refused, not compiled unchecked
-    out = run(["kernels.py", "--aot", "--aot_targets", "sm_75"], tmp_path)
-    assert out.returncode == 2 and "--aot_targets" in out.stderr.splitlines()[-1]
+    # a target without a shared-memory limit in aot.TARGETS is refused, not compiled unchecked; every bad
+    # flag is named in one line, before any compile and before anything is written. Run from another
+    # folder: the script puts the repo root on the path itself.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "aot.py"), "--targets", "sm_75", "--dtypes",
+                          "fp8", "--head_dims", "96", "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert all(flag in out.stderr for flag in ("--targets sm_75", "--dtypes fp8", "--head_dims 96")), out.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,18 +7,23 @@ what the autotuner would otherwise find out on the GPU: whether a tile size spil
 memory (slow: every spilled value makes a round trip through L1/L2) or asks for more shared memory than
 a block may have (the config fails to launch and the autotuner silently drops it).
 
-Run:   python kernels.py --aot [--aot_targets sm_90] [--aot_dtypes bf16] [--aot_head_dims 64] [--out DIR]
+Run:   python tools/aot.py [--targets sm_90] [--dtypes bf16] [--head_dims 64] [--out DIR]
        prints one row per compiled kernel and exits 1 if any spills or overflows shared memory.
 Test:  python -m pytest -q tests/test_aot.py
 """
 import csv
 import os
+import pathlib
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+# the repo's flat scripts (kernels.py) are not a package: put the repo root on the path, so this runs
+# as `python tools/aot.py` from any folder (and the pool's worker processes, which re-import it, find them too)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # Compute capability -> the most shared memory one block may use (opt-in), from the CUDA C++
 # Programming Guide, "Technical Specifications per Compute Capability": 163 KB on 8.0 (A100),
@@ -128,7 +133,7 @@ def run(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS, o
     """Compile every job (in parallel processes: each compile is ~1 s of CPU), print the table, write
     aot.csv under out_dir if given; return the rows. Exits 1 when any row has a problem."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("kernels.py --aot: TRITON_INTERPRET=1 is set, which replaces the compiler; unset it", file=sys.stderr)
+        print("aot.py: TRITON_INTERPRET=1 is set, which replaces the compiler; unset it", file=sys.stderr)
         sys.exit(2)
     # the jobs are independent and compiling is single-threaded: one process per core
     todo = jobs(targets, dtypes, head_dims)
@@ -148,5 +153,35 @@ def run(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=AOT_HEAD_DIMS, o
     bad = [r for r in rows if r["problem"]]
     print(f"{len(rows)} kernels compiled in {time.time() - t0:.0f} s, {len(bad)} with problems")
     if bad:
-        sys.exit(f"kernels.py --aot: {len(bad)} of {len(rows)} kernels spill or overflow shared memory (see 'problem')")
+        sys.exit(f"aot.py: {len(bad)} of {len(rows)} kernels spill or overflow shared memory (see 'problem')")
     return rows
+
+
+def from_flags(argv):
+    """--targets/--dtypes/--head_dims/--out -> run(); bad flags raise cli.UsageError before anything compiles."""
+    import cli
+    import kernels
+    # cli's parser raises UsageError for a bad flag, which cli.main prints as one line (exit 2)
+    p = cli.Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated input dtypes")
+    p.add_argument("--head_dims", default=",".join(map(str, AOT_HEAD_DIMS)), help="comma-separated head dims")
+    p.add_argument("--out", default="bench", help="folder for aot.csv")
+    args = p.parse_args(argv)
+    # a target without a shared-memory limit in TARGETS would be compiled unchecked, and a head dim
+    # the kernel refuses at run time is not worth compiling
+    allowed = {"targets": list(TARGETS), "dtypes": list(DTYPES), "head_dims": [str(d) for d in kernels.HEAD_DIMS]}
+    lists = {flag: getattr(args, flag).split(",") for flag in allowed}
+    cli.check([(not set(given) <= set(allowed[flag]), f"--{flag} {getattr(args, flag)}: not all in "
+                f"{','.join(allowed[flag])}") for flag, given in lists.items()])
+    run(lists["targets"], lists["dtypes"], [int(d) for d in lists["head_dims"]], out_dir=args.out)
+    return 0
+
+
+def main(argv=None):   # -> exit code: 0, 1 (a kernel spills or overflows shared memory), 2 (bad flags)
+    import cli
+    return cli.main("aot.py", from_flags, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,14 +1,19 @@
 """Timing kernels.py's fused attention against PyTorch's SDPA (flash backend) and eager attention.
 
-Needs a CUDA GPU. Run through `python kernels.py --bench [--out DIR]` or `python gpu_report.py`; writes
-attention.csv and attention.png.
+Needs a CUDA GPU. Run:  python tools/kernel_bench.py [--out DIR]   (or as part of python tools/gpu_report.py);
+writes DIR/attention.csv and attention.png.
 """
 import math
 import os
+import pathlib
+import sys
 
 import torch
 
-from kernels import HAVE_TRITON, INTERPRET, flash_attention
+# the repo's flat scripts are not a package: the repo root on the path, so this runs from any folder
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402  (importable once the root is on the path)
+from kernels import HAVE_TRITON, INTERPRET, flash_attention  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- benchmark
 # FLOP convention (causal): the forward is two matmuls, Q K^T and P V, of 2*T*T*D flops per head each,
@@ -53,7 +58,7 @@ def _time_ms(fn, grads):
 
 def bench(out_dir):
     if not torch.cuda.is_available() or not HAVE_TRITON or INTERPRET:
-        raise SystemExit("kernels.py --bench needs a CUDA GPU and triton, without TRITON_INTERPRET; none here")
+        raise cli.UsageError("needs a CUDA GPU and triton, without TRITON_INTERPRET; run it on a machine with a GPU")
     import csv
     impls = {"triton": flash_attention, "sdpa-flash": _sdpa_flash, "eager": _eager}
     rows = []   # one dict per (shape, length, implementation, mode): the CSV's rows
@@ -105,3 +110,13 @@ def _plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def from_flags(argv):
+    """--out DIR -> bench(DIR); exit code 0. No GPU: UsageError, which cli.main prints as one line (exit 2)."""
+    parser = cli.Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--out", default="bench", help="folder for attention.csv and attention.png")
+    bench(parser.parse_args(argv).out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main("kernel_bench.py", from_flags, None))
