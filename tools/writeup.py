@@ -1,7 +1,8 @@
 """Regenerate the experiments' tables and quoted numbers from the CSVs in docs/, so a write-up cannot
 drift from its data.
 
-A write-up (experiments/README.md, and the verdict table of README.md) marks what is generated:
+A write-up (experiments/README.md, the verdict table of README.md, docs/kernels.md) marks what is
+generated:
 
     <!-- table: NAME -->            a whole block, rewritten from TABLES[NAME]
     ...
@@ -28,7 +29,7 @@ DOCS = ROOT / "docs"
 # the fits are the experiments' own code (the write-up reports what the script would print), so the
 # repo root and experiments/ go on the path: `python tools/writeup.py` works from any folder
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
-FILES = [ROOT / "experiments" / "README.md", ROOT / "README.md"]
+FILES = [ROOT / "experiments" / "README.md", ROOT / "README.md", ROOT / "docs" / "kernels.md"]
 
 TABLE = re.compile(r"(<!-- table: (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 VALUE = re.compile(r"(<!-- v: ([^>]*?) -->)(.*?)(<!-- /v -->)", re.S)
@@ -323,6 +324,17 @@ def table_aot():
                      "sm_90 registers / shared KB / instruction"], out)
 
 
+def aot_fp16_differs():
+    """Where fp16 compiles differently from bf16 (registers or shared memory), in words."""
+    key = lambda r: (r["kernel"], r["target"], r["head_dim"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"])
+    rows = read_csv("aot")
+    bf16 = {key(r): r for r in rows if r["dtype"] == "bf16"}
+    out = [f"{KERNEL[r['kernel']]} on {r['target']} at head dim {r['head_dim']}: {bf16[key(r)]['regs']} registers "
+           f"in bf16, {r['regs']} in fp16" for r in rows if r["dtype"] == "fp16"
+           and (r["regs"], r["smem_bytes"]) != (bf16[key(r)]["regs"], bf16[key(r)]["smem_bytes"])]
+    return "; ".join(out) or "none"
+
+
 def aot_max_kb(target):
     return max(int(r["smem_bytes"]) for r in read_csv("aot") if r["target"] == target) / 1024
 
@@ -400,6 +412,7 @@ VALUES = {
     "lc_ct_cost": lambda: span([x - y for arm in "cde" for p in (0, 16, 32, 64)
                                 for x, y in zip(lc_loss(arm, p), lc_loss("a", p))]),
     # kernels
+    "aot_fp16_differs": aot_fp16_differs,
     "aot_max_kb": lambda target: f"{aot_max_kb(target):g}",
 }
 
@@ -435,7 +448,7 @@ def stale(old, new):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is out of date")
-    p.add_argument("files", nargs="*", type=pathlib.Path, help="write-ups (default: experiments/README.md, README.md)")
+    p.add_argument("files", nargs="*", type=pathlib.Path, help="write-ups (default: experiments/README.md, README.md, docs/kernels.md)")
     args = p.parse_args(argv)
     texts = {}
     # every file is rendered before any is written: a missing file or a bad marker writes nothing
