@@ -171,7 +171,10 @@ def test_balancing_loss_is_one_when_balanced():
 
 # ----------------------------------------------------------------------------- in the model
 
-def test_model_loss_is_cross_entropy_plus_mean_aux_and_router_learns():
+def test_model_loss_is_cross_entropy_the_trainer_adds_the_mean_aux_and_router_learns(monkeypatch):
+    # forward's loss is the language-model loss alone; train.py's objective adds 0.01 x the layers' mean aux
+    import contextlib, types
+    import train
     torch.manual_seed(0)
     model = MiniCPM(moe_config())
     idx = torch.randint(0, 97, (2, 16))
@@ -186,10 +189,17 @@ def test_model_loss_is_cross_entropy_plus_mean_aux_and_router_learns():
     ce = F.cross_entropy(logits.double().reshape(-1, 97), targets.reshape(-1), ignore_index=-100)
     aux = [naive_moe(m, x)[1].double() for m, x in inputs]
     assert len(aux) == 2 and all(a > 0.5 for a in aux)
-    expected = ce + 0.01 * sum(aux) / len(aux)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
     assert model.moe_stats["aux_loss"].item() == pytest.approx((sum(aux) / 2).item(), rel=1e-5)
-    loss.backward()
+    # the trainer's micro-batch on the same tokens (its data reader handed these ids)
+    monkeypatch.setattr(train.data, "get_batch", lambda *a, **k: (idx, targets))
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(batch_size=2, seq_len=16, seed=0, grad_accum=1), folder="",
+                                dist=types.SimpleNamespace(device="cpu", rank=0), data_offset=0, step=0,
+                                autocast=contextlib.nullcontext(), model=model, raw=model)
+    objective, scalars, n = train.Pretrain.micro_loss(run, 0)
+    assert objective.item() == pytest.approx((ce + 0.01 * sum(aux) / len(aux)).item(), rel=1e-5) and n == 32
+    assert scalars["train_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    objective.backward()
     for layer in model.model.layers:   # the router learns: from the top-k weights and the aux loss
         assert layer.mlp.gate.weight.grad is not None and layer.mlp.gate.weight.grad.abs().sum() > 0
 
