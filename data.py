@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+from checkpoint import atomic_write
 from cli import DataError   # one line, exit 2, like every bad input
 # The tokenizers (byte, bpe:N learned here, tiktoken's named encodings) live in tokenizer.py; their
 # names are data.py's too, so a reader (and sample.py, dpo.py) finds them where the data is made.
@@ -193,11 +194,10 @@ def default_name(source: str, tokenizer: str) -> str:
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    # whole file or none: a reader (or a second preparation) never sees a half-written meta.json
+    # whole file or none (checkpoint.atomic_write, the one writer): a reader, or a second
+    # preparation, never sees a half-written meta.json
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(str(path), lambda f: f.write(data))
 
 
 def learn_tokenizer(jobs, n_tokens: int, workers: int, sample_mb: float, log, quiet: bool) -> list[bytes]:

@@ -6,7 +6,7 @@ it resumes from and appends after them, so the file always tells one consistent 
 import json
 import os
 
-from checkpoint import atomic_write_text
+from checkpoint import atomic_write, atomic_write_text
 from cli import UsageError
 
 
@@ -68,7 +68,6 @@ def plot(rows, png_path, panels, x="step", title=""):
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"   # written whole, then renamed: a viewer never sees half a PNG
-    fig.savefig(tmp, dpi=110)
+    # written whole, then renamed (the one atomic writer): a viewer never sees half a PNG
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, png_path)

@@ -18,6 +18,7 @@ import regex
 import tiktoken.load  # also binds tiktoken
 from tqdm import tqdm
 
+from checkpoint import atomic_write
 from cli import DataError
 
 EOT = "<|endoftext|>"
@@ -103,9 +104,7 @@ def write_rank_file(path: pathlib.Path, vocab: list[bytes]) -> None:
     """tiktoken's rank-file format: one 'base64(token bytes) rank' line per token."""
     # tiktoken re-derives the merges from the ranks: a pair's merge is the rank of their concatenation
     text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(vocab))
-    tmp = pathlib.Path(str(path) + ".tmp")   # written whole, then renamed: never half a rank file
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(str(path), lambda f: f.write(text.encode()))   # written whole, then renamed: never half a rank file
 
 
 def parse_tokenizer(spec: str) -> int | None:
@@ -322,10 +321,8 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def atomic_write_json(path, obj):
-    tmp = path + ".tmp"   # written whole, then renamed: a reader never sees half a file
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    # written whole, then renamed (checkpoint.atomic_write): a reader never sees half a file
+    atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
 
 
 def write_hf_tokenizer(folder, enc: tiktoken.Encoding) -> None:

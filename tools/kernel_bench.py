@@ -13,6 +13,7 @@ import torch
 # the repo's flat scripts are not a package: the repo root on the path, so this runs from any folder
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402  (importable once the root is on the path)
+from checkpoint import atomic_write  # noqa: E402
 from kernels import HAVE_TRITON, INTERPRET, flash_attention  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- benchmark
@@ -107,7 +108,7 @@ def _plot(rows, path):
     axes[0].set_ylabel("TFLOP/s")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))   # never half a PNG
 
 
 def from_flags(argv):

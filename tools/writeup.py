@@ -25,6 +25,8 @@ import sys
 # the tables module sits next to this file: on the path however this is run (python tools/writeup.py, pytest)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from writeup_tables import ROOT, TABLES, VALUES, WriteupError  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from checkpoint import atomic_write_text  # noqa: E402
 
 FILES = [ROOT / "experiments" / "README.md", ROOT / "README.md", ROOT / "docs" / "kernels.md"]
 # a table's block runs from its opening marker's line to the closing marker; a value sits inside a line
@@ -78,7 +80,7 @@ def main(argv=None):
                                                     changed.items()) + ": run python tools/writeup.py", file=sys.stderr)
         return 1
     for path, (_, new) in ({} if args.check else changed).items():
-        path.write_text(new)
+        atomic_write_text(new, str(path))   # the one atomic writer: never half a README
         print(f"rewrote {path}")
     return 0
 
