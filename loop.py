@@ -113,6 +113,8 @@ def resume_config(cls, saved, explicit, may_change, resumed_path, differ=()):
 
 def schedule(cfg, max_steps):
     """lr(step) from the schedule flags (wsd.resolve: the one home of their defaults)."""
+    # max_steps is the trainer's schedule length: train.py's --max_steps, dpo.py's epochs when -1.
+    # Resolved before any file is written, so a bad combination is refused with nothing to undo.
     return wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=max_steps, warmup=cfg.warmup_steps,
                        decay_steps=cfg.decay_steps, decay_start=cfg.decay_start, shape=cfg.decay_shape,
                        final_frac=cfg.final_lr_frac, half_life=cfg.decay_half_life, period=cfg.cosine_period)
@@ -127,6 +129,7 @@ def optimizer(model, cfg, device):
 
 def autocast(device, dtype):
     """-> (autocast context, grad scaler): fp16 needs the scaler (its small gradients underflow), bf16 does not."""
+    # the weights stay fp32 (Adam's small updates would vanish in bf16); only the matmuls drop precision
     kind = device.split(":")[0]
     ctx = torch.autocast(kind, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return ctx, torch.amp.GradScaler(kind, enabled=dtype == torch.float16)
@@ -200,6 +203,8 @@ class Run:
 
 def restore(run, resumed):
     """Exactly where the saved run stopped: weights, optimizer moments, scaler, RNG, step, tokens."""
+    # all of it, or the resumed run drifts from the uninterrupted one: fresh Adam moments jolt the
+    # weights; torch's RNG state too, for any step that draws from it (tests/test_loop.py checks bitwise)
     checkpoint.restore(resumed, run.raw, run.optimizer)   # ckpt.pt or sharded, into a sharded model or not
     if resumed.get("scaler"):
         run.scaler.load_state_dict(resumed["scaler"])      # {} when the saved run was not fp16
@@ -221,6 +226,8 @@ def check_resumable(step, total, stop_at, path):
 
 def save(run):
     """The checkpoint: everything a resume needs to continue bitwise."""
+    # the config as the run resolved it (defaults filled in): a resume compares flags against it, so a
+    # changed default in a newer version cannot silently change a resumed run
     state = dict(step=run.step, tokens=run.tokens, config=dataclasses.asdict(run.cfg), tokenizer=run.tokenizer,
                  scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {}, rng=torch.get_rng_state(),
                  **run.checkpoint_state())
@@ -337,6 +344,8 @@ def stopped(run, stop, bar, say):
 
 def log_row(run, lr, scalars, grad_norm, tokens_per_s):
     """A metrics row: every step has step, tokens, lr; every log_interval (and the last) the measures."""
+    # the lr is the one the step used (logged after it, under the new step number): the curve of
+    # loss against lr lines up with the schedule's formula at step - 1
     row = dict(step=run.step, tokens=run.tokens, lr=lr)
     if run.step % run.cfg.log_interval == 0 or run.step == run.total:   # .item() syncs, so not every step
         row.update({k: v.item() for k, v in scalars.items()}, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
@@ -346,6 +355,7 @@ def log_row(run, lr, scalars, grad_norm, tokens_per_s):
 
 def bench(run, steps=30):
     """Seconds per step of real training steps (not logged, nothing written), past warm-up."""
+    # the same step() the loop runs, so the figure is the loop's speed, not a microbenchmark's
     # the middle third onwards, without the slowest: a cold cache or a neighbour's burst is not the figure
     times = []
     for _ in range(steps):

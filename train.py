@@ -218,6 +218,7 @@ class Pretrain(loop.Run):
         return dict(val_loss=val, val_bpb=val / math.log(2) / (self.meta["val"]["bytes"] / self.meta["val"]["tokens"]))
 
     def eval_line(self, row):
+        # nats/token to compare with the training loss, bits/byte to compare across tokenizers
         return f"step {row['step']}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte"
 
     def log_extra(self, row):
@@ -229,6 +230,7 @@ class Pretrain(loop.Run):
         return extra
 
     def checkpoint_state(self):
+        # the data position: a branched decay (--init_from) reads on from here instead of re-reading
         return dict(data_offset=self.data_offset)
 
     def start_folder(self, resumed):
@@ -284,6 +286,8 @@ def build_run(cfg, mcfg, *, overrides, resumed, source, ddp, lr_at, dtype, folde
 
 def describe(model, cfg, world, dtype, schedule):
     """plan.describe with this run's figures: what it costs before it runs."""
+    # printed before every run and instead of it with --dry_run: a 2.4B plan on a laptop is the way to
+    # learn whether a cluster's GPUs can hold it before asking for them
     return plan.describe(model, name=cfg.preset, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                          grad_accum=cfg.grad_accum, max_steps=cfg.max_steps, world=world, dtype=dtype,
                          schedule=schedule, grad_ckpt=cfg.grad_ckpt, fsdp=cfg.fsdp)
@@ -291,6 +295,7 @@ def describe(model, cfg, world, dtype, schedule):
 
 def measure(run, dtype):
     """--bench: tokens/s of real training steps and the fraction of peak; nothing is written."""
+    # the steps change the weights in memory only: no checkpoint, no metrics, the out_dir untouched
     cfg = run.cfg
     seconds = loop.bench(run)
     return plan.throughput(name=cfg.preset, seconds_per_step=seconds, device=run.dist.device, dtype=dtype,
@@ -332,6 +337,8 @@ def run(argv, results=None):
         parallel.teardown()
 
 
+# tools/gpu_report.py calls this in a child process per configuration, and reads the dict it returns
+# (not the printed line): the figures cross a process boundary as data
 def bench(argv):
     """train.py --bench as a function -> plan.throughput's dict (tokens_per_s, tflops_per_process, mfu,
     peak_memory_gib ...). Bad input raises UsageError; nothing is written (tools/gpu_report.py calls it)."""
