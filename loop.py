@@ -92,7 +92,33 @@ def check_loop_flags(cfg):
             (cfg.schedule not in wsd.SCHEDULES, f"--schedule must be one of {', '.join(wsd.SCHEDULES)}"),
             (cfg.decay_shape not in wsd.DECAY_SHAPES, f"--decay_shape must be one of {', '.join(wsd.DECAY_SHAPES)}"),
             (min(cfg.warmup_steps, cfg.decay_steps, cfg.decay_start, cfg.cosine_period) < -1 or cfg.cosine_period == 0,
-             "--warmup_steps, --decay_steps, --decay_start must be >= 0 and --cosine_period >= 1 (or -1: the default)")]
+             "--warmup_steps, --decay_steps, --decay_start must be >= 0 and --cosine_period >= 1 (or -1: the default)"),
+            (not (cfg.decay_half_life > 0 or cfg.decay_half_life == -1), f"--decay_half_life must be > 0, or -1 for "
+             f"none (got {cfg.decay_half_life})"),
+            (not (0 <= cfg.final_lr_frac <= 1 or cfg.final_lr_frac == -1), f"--final_lr_frac must be in [0, 1], or -1 "
+             f"for the default (got {cfg.final_lr_frac})"),
+            # numpy's and torch's generators take seeds in [0, 2^63): outside it the run would fail mid-way
+            (not 0 <= cfg.seed < 2**63, f"--seed must be in [0, 2^63) (got {cfg.seed})")] + schedule_contradictions(cfg)
+
+
+def schedule_contradictions(cfg):
+    """Schedule flags the chosen schedule would ignore: refused, not silently dropped."""
+    # a --decay_steps given to a cosine run means the user expects a decay that will not happen
+    wsd_only = {"decay_steps": -1, "decay_start": -1, "decay_shape": "exp", "decay_half_life": -1.0}
+    ignored = [f"--{k}" for k, default in wsd_only.items() if cfg.schedule != "wsd" and getattr(cfg, k) != default]
+    ignored += ["--cosine_period"] * (cfg.schedule not in ("cosine", "cosine_loop") and cfg.cosine_period != -1)
+    ignored += ["--final_lr_frac"] * (cfg.schedule == "constant" and cfg.final_lr_frac != -1)
+    return [(bool(ignored), f"{', '.join(ignored)} do(es) nothing with --schedule {cfg.schedule}: drop it or "
+             "choose the schedule it belongs to")]
+
+
+def check_lengths(cfg, total):
+    """Schedule lengths against the run's steps: a warmup or decay longer than the run is a mistake."""
+    # (a cosine period longer than the run is allowed: Figure 4's T > S arm stops before the decay ends)
+    cli.check([(cfg.warmup_steps > total, f"--warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps"),
+               (cfg.decay_steps > total, f"--decay_steps {cfg.decay_steps} is longer than the run's {total} steps"),
+               (cfg.decay_start >= total, f"--decay_start {cfg.decay_start} is at or past the run's end ({total} steps): "
+                "the decay would never happen")])
 
 
 def resume_config(cls, saved, explicit, may_change, resumed_path, differ=()):
@@ -115,6 +141,7 @@ def schedule(cfg, max_steps):
     """lr(step) from the schedule flags (wsd.resolve: the one home of their defaults)."""
     # max_steps is the trainer's schedule length: train.py's --max_steps, dpo.py's epochs when -1.
     # Resolved before any file is written, so a bad combination is refused with nothing to undo.
+    check_lengths(cfg, max_steps)
     return wsd.resolve(cfg.schedule, lr=cfg.lr, max_steps=max_steps, warmup=cfg.warmup_steps,
                        decay_steps=cfg.decay_steps, decay_start=cfg.decay_start, shape=cfg.decay_shape,
                        final_frac=cfg.final_lr_frac, half_life=cfg.decay_half_life, period=cfg.cosine_period)

@@ -5,20 +5,26 @@ it resumes from and appends after them, so the file always tells one consistent 
 """
 import json
 import os
+import sys
 
 from checkpoint import atomic_write, atomic_write_text
 from cli import UsageError
 
 
-def read(path):
+def read(path, drop_torn_tail=False):
     """The rows of a metrics.jsonl; a corrupt line is one error naming the file and the line."""
-    rows = []   # read whole: a run's metrics are a few thousand short lines at most
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:   # e.g. a line cut short by a full disk: say where, not a JSON traceback
-                raise UsageError(f"{path}:{lineno} is not a JSON line: fix or delete that line") from None
+    # drop_torn_tail: a last line cut short (a full disk, a kill mid-append) is dropped with a note;
+    # the resume that reads it repeats that step anyway. A bad line elsewhere is damage: refused.
+    rows, lines = [], open(path).read().split("\n")
+    lines = lines[:-1] if lines and lines[-1] == "" else lines   # the newline after the last row
+    for lineno, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:   # e.g. a line cut short by a full disk: say where, not a JSON traceback
+            if drop_torn_tail and lineno == len(lines):
+                print(f"note: {path}:{lineno} was cut short (a full disk or a kill mid-write); dropped", file=sys.stderr)
+                break
+            raise UsageError(f"{path}:{lineno} is not a JSON line: fix or delete that line") from None
     return rows
 
 
@@ -35,7 +41,7 @@ class MetricsLog:
             return
         kept, source = [], source or self.path   # a resume into another folder starts from the old history
         if resumed_step is not None and os.path.exists(source):
-            kept = [r for r in read(source) if r["step"] <= resumed_step]
+            kept = [r for r in read(source, drop_torn_tail=True) if r["step"] <= resumed_step]
         atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)   # never left half-cut
 
     def __call__(self, row):

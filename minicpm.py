@@ -54,8 +54,14 @@ class MiniCPMConfig:
     aux_loss_coef: float = 0.01   # load-balancing loss weight
 
     def __post_init__(self):   # every field checked at once: one error lists every problem
-        sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size")
+        sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "block_size", "dim_model_base")
         problems = [f"{name} must be positive (got {getattr(self, name)})" for name in sizes if getattr(self, name) <= 0]
+        # scales and epsilons: a negative or non-finite one trains (or divides) into NaN far from its cause
+        floats = ("rope_factor", "norm_eps", "scale_emb", "scale_depth", "init_std")
+        problems += [f"{name} must be a finite number > 0 (got {getattr(self, name)})" for name in floats
+                     if not 0 < getattr(self, name) < math.inf]
+        if not 0 <= self.aux_loss_coef < math.inf:
+            problems.append(f"aux_loss_coef must be a finite number >= 0 (got {self.aux_loss_coef})")
         if not problems:
             if self.n_embd % self.n_head:
                 problems.append(f"n_head={self.n_head} does not divide n_embd={self.n_embd}")
@@ -69,8 +75,8 @@ class MiniCPMConfig:
             problems.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling={self.rope_scaling}")
         elif self.rope_scaling == "dynamic" and self.n_embd // self.n_head <= 2:   # the NTK exponent hd/(hd-2)
             problems.append("rope_scaling=dynamic needs head_dim > 2")
-        if self.rope_theta <= 1:
-            problems.append(f"rope_theta={self.rope_theta} must be > 1")
+        if not 1 < self.rope_theta < math.inf:
+            problems.append(f"rope_theta={self.rope_theta} must be a finite number > 1")
         if self.n_experts and not 0 < self.top_k <= self.n_experts:
             problems.append(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
         if problems:

@@ -61,7 +61,7 @@ TRAIN = [  # (flags, what the one line must contain)
     (["--upcycle_from", "/nonexistent/run"], "no checkpoint at"),
     (["--resume", "RUN", "--init_from", "RUN"], "at most one of"), (["--decay_only"], "--decay_only and --untie_head go with --init_from"), (["--untie_head"], "--untie_head go with --init_from"),
     (["--decay_half_life", "10", "--final_lr_frac", "0.1"], "half-life"),
-    (["--decay_half_life", "10", "--decay_shape", "linear"], "half-life"), (["--final_lr_frac", "2"], "final_frac"),
+    (["--decay_half_life", "10", "--decay_shape", "linear"], "half-life"), (["--final_lr_frac", "2"], "--final_lr_frac"),
     (["--warmup_steps", "100", "--decay_start", "50", "--max_steps", "200"], "decay_start"),
     (["--batch_size", "abc"], "--batch_size: invalid int value"), (["--nlayer", "3"], "did you mean --n_layer"),
     (["--mup", "maybe"], "expected true or false"), (["--source", "/nonexistent/corpus"], "/nonexistent/corpus"),
