@@ -8,6 +8,7 @@ them in worker processes, one torch thread each: on a 2-core machine two single-
 finish sooner than two runs one after the other with two threads each, because small matmuls do
 not split well across threads and one thread that loses its core stalls the other.
 """
+import argparse
 import contextlib
 import json
 import multiprocessing
@@ -96,7 +97,7 @@ def add_common_flags(p, seeds=2, seeds_help=""):
     p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="sizes: cpu (2 cores) or gpu (one GPU)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNGs, CSVs and runs")
     p.add_argument("--seed", type=int, default=1337, help="the first seed")
-    p.add_argument("--seeds", type=int, default=seeds,
+    p.add_argument("--seeds", type=seed_count, default=seeds,
                    help=f"how many seeds: --seed, --seed + 1, ... (default {seeds}){seeds_help}")
     p.add_argument("--workers", type=int, default=0, help="parallel processes, one torch thread each "
                    "(default 0: one per CPU core; 1 at --scale gpu, where the runs take the GPU in turn)")
@@ -111,6 +112,15 @@ def add_data_flags(p):
     p.add_argument("--tokenizer", default="byte", help="tokenizer, passed to train.py (keep the vocabulary small)")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="prepared datasets, passed to train.py")
     return p
+
+
+def seed_count(text):
+    """--seeds' type: a count. A list (the old --seeds 1337,1338 of some scripts) gets a hint."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: --seeds N runs N seeds from --seed on "
+                                         "(e.g. --seed 1337 --seeds 2 for 1337 and 1338)") from None
 
 
 def parse(p, argv):
