@@ -197,7 +197,10 @@ def check_data(args):
             raise UsageError(f"--data_dir {args.data_dir}: {dataset} holds {meta['source']} with "
                              f"{meta['tokenizer']}, not --source {args.source}: give another --data_dir")
     elif args.source != "shakespeare":   # shakespeare: data.prepare downloads it once, nothing to list before
-        data.list_files(args.source, args.data_dir, lambda *a: None)
+        try:
+            data.list_files(args.source, args.data_dir, lambda *a: None)
+        except UsageError as e:   # data.py's DataError says what is wrong with the source; name the flag
+            raise UsageError(f"--source: {e}") from None
 
 
 # ----------------------------------------------------------------------------- shared pieces of the runs

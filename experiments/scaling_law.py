@@ -18,6 +18,7 @@ over the points (refit on resampled points, the 16th-84th percentiles).
     python experiments/scaling_law.py                     # 4 sizes, 25K-203K params, 10N-60N: ~8 min on 2 cores
     python experiments/scaling_law.py --quick             # 3 tiny sizes, under a minute (the smoke test)
     python experiments/scaling_law.py --scale gpu --device cuda --workers 4
+    python experiments/scaling_law.py --seeds 2           # every point measured with 2 seeds, fitted together
     python experiments/scaling_law.py --from out/run1 out/run2 ...   # fit your own finished runs
 
 Writes to --out (default experiments/out): scaling_law.png (loss against D per model with the fitted

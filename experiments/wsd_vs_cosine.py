@@ -369,6 +369,8 @@ def plot_anytime(runs, best, seeds, fits, n_params, path):
 
 def train_all(args, setup, runs_dir, lrs, seeds):
     """Phase 1: the whole lr grid, first seed; phase 2: each family's best lr, every other seed."""
+    # the other seeds rerun only the best lrs: the grid is what costs, and the verdict compares each
+    # family at its own best lr, so that is what every seed must confirm
     t0 = time.time()
     try:
         runs = run_phase(args, setup, runs_dir, [(lr, seeds[0], fam) for lr in lrs for fam in ("wsd", "cos10", "cos0")])
