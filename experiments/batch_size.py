@@ -11,6 +11,7 @@ log-log space).
 The loss is each step's training loss (every window is unseen data, so it estimates the loss on the
 training distribution without bias), smoothed by a centred moving average over a fixed number of
 tokens, the same for every batch size. Our tokens are bytes, so the loss is also bits per byte.
+With several seeds (--seeds), each batch size's smoothed curve is the mean of its seeds' curves.
 
     python experiments/batch_size.py              # 2 sizes x 5 batch sizes, 2.4M tokens each, ~8 min on 2 cores
     python experiments/batch_size.py --quick      # tiny sizes and budget: under a minute (the smoke test)
@@ -19,19 +20,18 @@ tokens, the same for every batch size. Our tokens are bytes, so the loss is also
 Writes to --out (default experiments/out): batch_size.png (smoothed loss against tokens per batch
 size with the optima connected, and the optimal batch size against the loss with the fitted law
 and the paper's), batch_size.csv (size, batch, level, tokens to reach it), batch_size_optimum.csv
-(size, level, optimal batch, edge) and runs/<run>/; prints the fit and the comparison.
+(size, level, optimal batch, edge) and batch_size_runs/<run>/; prints the fit and the comparison.
 """
-import argparse
 import csv
 import math
-import pathlib
 import shutil
 import sys
 import time
 
 import numpy as np
 
-from common import add_data_flags, pyplot, read_metrics, run_parallel
+import common
+from common import eval_flags, pyplot, read_metrics, run_parallel
 
 LR = 0.01                          # §3.2: every batch-size run at lr 0.01 (the wind tunnel's best)
 PAPER_A, PAPER_B = 1.21e9, 6.24    # §3.2, Figure 2: bs (tokens) = 1.21e9 / L^6.24, L = C4 loss in nats/token
@@ -44,61 +44,68 @@ PAPER_BYTES_PER_TOKEN = 4.0
 # A first run with batches of 256-4096 tokens found 1K-4K equally good at every level (the optimum
 # at or past the grid's top) and 256-512 clearly worse, so the grid was moved up by a factor 2-4.
 FULL = dict(sizes=dict(S=(2, 64), M=(3, 128)), head_dim=16, seq_len=64, batches=(8, 16, 32, 64, 128, 256),
-            tokens=2_400_000, warmup_frac=0.02, smooth_frac=0.04, levels=14, eval_tokens=65536, workers=None)
+            tokens=2_400_000, warmup_frac=0.02, smooth_frac=0.04, levels=14, eval_tokens=65536)
 QUICK = dict(FULL, sizes=dict(S=(1, 32), M=(1, 64)), head_dim=16, seq_len=32, batches=(2, 4, 8, 16, 32),
              tokens=40_000, levels=6, eval_tokens=2048)
 GPU = dict(FULL, sizes=dict(S=(4, 256), M=(8, 512)), head_dim=64, seq_len=256, batches=(8, 16, 32, 64, 128, 256),
-           tokens=40_000_000, eval_tokens=1_048_576, workers=1)
+           tokens=40_000_000, eval_tokens=1_048_576)
 # smooth_frac: the moving average spans 4% of the budget, wide enough to average out the per-step
 # noise of the small batches, narrow enough to keep the curves' shape; levels: loss levels per size
 SCALES = dict(cpu=FULL, gpu=GPU)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes and budget: under a minute")
-    p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (wider, deeper, longer)")
-    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
-    # one seed: every batch size starts from the same init, so only the batch size differs
-    p.add_argument("--seed", type=int, default=1337)
+    p = common.parser(__doc__)
+    # one seed by default: every batch size starts from the same init, so only the batch size differs
+    common.add_common_flags(p, seeds=1, seeds_help="; every batch size once per seed, the seeds' curves averaged")
+    common.add_data_flags(p)   # --source, --tokenizer, --data_dir
     p.add_argument("--reanalyse", action="store_true", help="no training: analyse the runs already in --out")
-    return p.parse_args(argv)
+    return common.parse(p, argv)
 
 
-def eval_flags(setup, batch):
-    # A final validation loss for the table (the levels use the training loss): eval_tokens spread
-    # evenly over the val split, the same set for every run whatever its batch.
-    return ["--eval_tokens", setup["eval_tokens"]]
+def run_name(args, size, batch_tokens, seed):
+    # one seed: the names of the published runs; several: the seed too
+    return f"{size}_bs{batch_tokens}" + (f"_s{seed}" if args.seeds > 1 else "")
+
+
+def run_argv(args, setup, n_layer, width, batch, seed):
+    """train.py's flags for one run: this model and batch, the budget's steps at lr 0.01, cosine."""
+    bt = batch * setup["seq_len"]        # tokens per step
+    steps = setup["tokens"] // bt        # the same budget in tokens for every batch size
+    warmup = max(1, round(setup["warmup_frac"] * steps))   # 2% of each run: the same share of tokens
+    heads = width // setup["head_dim"]
+    return ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
+            "--n_layer", n_layer, "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
+            "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--seq_len", setup["seq_len"],
+            "--batch_size", batch, "--lr", LR, "--schedule", "cosine", "--max_steps", steps,
+            # every step's training loss is logged: the levels are read from it, not from evals; the one
+            # evaluation at the end is a final validation loss for the table
+            "--warmup_steps", warmup, "--log_interval", 1, "--eval_interval", steps,
+            "--ckpt_interval", 10**9, "--seed", seed, *eval_flags(setup["eval_tokens"])]
 
 
 def run_all(args, setup, runs_dir, train=True):
-    """Train every (size, batch) (unless not train) -> {(size, batch tokens): metrics rows}."""
-    # one job per (size, batch): independent runs, so both cores are busy until the last one
+    """Train every (size, batch, seed) (unless not train) -> {(size, batch tokens): [metrics rows per seed]}."""
+    # one job per run: independent runs, so both cores are busy until the last one
     jobs, keys = [], []
     for name, (n_layer, width) in setup["sizes"].items():
-        heads = width // setup["head_dim"]
         for batch in setup["batches"]:
-            bt = batch * setup["seq_len"]        # tokens per step
-            steps = setup["tokens"] // bt        # the same budget in tokens for every batch size
-            warmup = max(1, round(setup["warmup_frac"] * steps))   # 2% of each run: the same share of tokens
-            argv = ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
-                    "--n_layer", n_layer, "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
-                    "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--seq_len", setup["seq_len"],
-                    "--batch_size", batch, "--lr", LR, "--schedule", "cosine", "--max_steps", steps,
-                    # every step's training loss is logged: the levels are read from it, not from evals
-                    "--warmup_steps", warmup, "--log_interval", 1, "--eval_interval", steps,
-                    "--ckpt_interval", 10**9, "--seed", args.seed, *eval_flags(setup, batch)]
-            run_dir = runs_dir / f"{name}_bs{bt}"
-            jobs.append([([*argv, "--out_dir", run_dir], run_dir)])
-            keys.append((name, bt, steps))
+            for seed in common.seed_list(args):
+                run_dir = runs_dir / run_name(args, name, batch * setup["seq_len"], seed)
+                jobs.append([([*run_argv(args, setup, n_layer, width, batch, seed), "--out_dir", run_dir], run_dir)])
+                keys.append((name, batch * setup["seq_len"], run_dir))
     # slowest first (the bigger model, then the small batches with the most steps)
     order = sorted(range(len(jobs)), key=lambda i: (-setup["sizes"][keys[i][0]][1], keys[i][1]))
     if train:
-        run_parallel([jobs[i] for i in order], workers=setup["workers"])
+        run_parallel([jobs[i] for i in order], workers=common.workers(args))
+    missing = [str(d) for _, _, d in keys if not (d / "metrics.jsonl").exists()]
+    if missing:   # --reanalyse of runs that are not there (another --scale or --seeds, or never trained)
+        raise common.UsageError(f"--reanalyse: no run in {missing[0]}: train it first (the same --scale, "
+                                "--quick and --seeds, without --reanalyse)")
     runs = {}
-    for name, bt, steps in keys:
-        (runs_dir / f"{name}_bs{bt}" / "ckpt.pt").unlink(missing_ok=True)   # keep the output small
-        runs[name, bt] = read_metrics(runs_dir / f"{name}_bs{bt}")
+    for name, bt, run_dir in keys:
+        (run_dir / "ckpt.pt").unlink(missing_ok=True)   # keep the output small
+        runs.setdefault((name, bt), []).append(read_metrics(run_dir))
     return runs
 
 
@@ -171,8 +178,8 @@ def analyse(runs, setup):
     curves, table, optima = {}, [], []
     for name in setup["sizes"]:
         batches = sorted(bt for n, bt in runs if n == name)
-        for bt in batches:
-            curves[name, bt] = smoothed_curve(runs[name, bt], bt, window, grid)
+        for bt in batches:   # the mean over seeds (one seed: its own curve, unchanged)
+            curves[name, bt] = np.mean([smoothed_curve(rows, bt, window, grid) for rows in runs[name, bt]], axis=0)
         # levels: from where the best run stands at a tenth of the budget down to the lowest loss
         # some run reaches (the best run's end); equal steps in log loss
         best_at = lambda frac: np.nanmin([c[int(frac * (len(grid) - 1))] for (n, _), c in curves.items() if n == name])
@@ -251,8 +258,8 @@ def write_csvs(table, optima, out):
 def summary(runs, optima, law, finals, setup):
     lines = ["| size | " + " | ".join(f"batch {bt}" for bt in sorted({bt for _, bt in runs})) + " |",
              "|---|" + "---|" * len({bt for _, bt in runs})]
-    for name in setup["sizes"]:   # the final validation loss of every run (each batch size its own set)
-        cells = [f"{[r['val_bpb'] for r in runs[name, bt] if 'val_bpb' in r][-1]:.4f}"
+    for name in setup["sizes"]:   # the final validation loss of every run, seeds apart: "a / b"
+        cells = [" / ".join(f"{[r['val_bpb'] for r in rows if 'val_bpb' in r][-1]:.4f}" for rows in runs[name, bt])
                  for bt in sorted(bt for n, bt in runs if n == name)]
         lines.append(f"| {name} final val bpb | " + " | ".join(cells) + " |")
     lines += ["", "| size | level (bpb) | optimal batch (tokens) | edge |", "|---|---|---|---|"]
@@ -276,12 +283,13 @@ def summary(runs, optima, law, finals, setup):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv):
+    args = parse_args(argv)
     setup = QUICK if args.quick else SCALES[args.scale]
-    out = pathlib.Path(args.out)
+    out = common.check_out(args.out)   # bad flags stop here, before the old runs are deleted
     runs_dir = out / "batch_size_runs"
     if not args.reanalyse:
+        common.check_data(args)
         shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
         # prepare the data here: workers of a pool are daemons and cannot start data.py's own pool
         import data
@@ -296,9 +304,14 @@ def main(argv=None):
     finals = final_optima(curves, setup)
     write_csvs(table, optima, out)
     plot(grid, curves, optima, law, finals, setup, out / "batch_size.png")
-    print(f"\n{len(runs)} runs, {time.time() - t0:.0f} s in all.\n{summary(runs, optima, law, finals, setup)}")
+    n_runs = sum(map(len, runs.values()))
+    print(f"\n{n_runs} runs, {time.time() - t0:.0f} s in all.\n{summary(runs, optima, law, finals, setup)}")
     print(f"\nwrote {out / 'batch_size.png'}, {out / 'batch_size.csv'}, {out / 'batch_size_optimum.csv'}, runs in {runs_dir}")
     return 0
+
+
+def main(argv=None):
+    return common.main("batch_size.py", run, argv)
 
 
 if __name__ == "__main__":

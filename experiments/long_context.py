@@ -26,7 +26,6 @@ Writes to --out (default experiments/out): long_context_passkey.png (a heatmap p
 seeds), long_context_loss.png, long_context.csv (kind: passkey or loss; arm, seed,
 length, depth, pos_lo, pos_hi, value) and runs/long_context/ (corpus, data, runs).
 """
-import argparse
 import csv
 import json
 import multiprocessing
@@ -38,7 +37,8 @@ import sysconfig
 import time
 from statistics import fmean as mean
 
-from common import ROOT, RunFailed, fail, pyplot, run_parallel, scale_setup
+import common
+from common import RunFailed, eval_flags, fail, pyplot, run_parallel, scale_setup
 
 # Sizes, measured on our 2-core machine with one thread per process: the d-128 model trains at
 # ~12K tokens/s at seq_len 256 and ~8K at 1024, and reads ~18K tokens/s at 2048 (forward only).
@@ -47,16 +47,16 @@ SCALES = {
     "cpu": dict(model=dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, ffn_dim=320),
                 train_len=256, ct_len=1024, batch_tokens=4096, trunk=1000, decay=150, warmup=50,
                 ct=150, ct_warmup=10, ct_decay=30, lengths=[128, 256, 512, 1024, 2048], keys=20,
-                loss_windows=48, corpus_mb=6.0, seeds=2),
+                loss_windows=48, corpus_mb=6.0, eval_tokens=65536),
     "quick": dict(model=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=2, ffn_dim=64),
                   train_len=128, ct_len=256, batch_tokens=512, trunk=12, decay=4, warmup=2,
                   ct=6, ct_warmup=1, ct_decay=2, lengths=[128, 256, 512], keys=2,
-                  loss_windows=4, corpus_mb=0.3, seeds=2),
+                  loss_windows=4, corpus_mb=0.3, eval_tokens=1024),
     # one GPU (an estimate, not run): a 25M-parameter model trained at 512, extended to 2048, tested to 4096
     "gpu": dict(model=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=8, ffn_dim=1280),
                 train_len=512, ct_len=2048, batch_tokens=65536, trunk=4000, decay=500, warmup=200,
                 ct=600, ct_warmup=30, ct_decay=100, lengths=[256, 512, 1024, 2048, 4096], keys=50,
-                loss_windows=32, corpus_mb=30.0, seeds=2),
+                loss_windows=32, corpus_mb=30.0, eval_tokens=65536),
 }
 LR = 0.002              # the peak lr of every run: below muP's ~0.01 (§3.3), where the retrieval
                         # lookups did not form in 600 steps (probes: they did at 0.002-0.003)
@@ -83,20 +83,14 @@ ARMS = {"a": "(a) base", "b": f"(b) base + NTK x{NTK_FACTOR} (inference)", "c": 
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (the smoke test)")
-    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="model size and batch (see SCALES)")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "out"), help="folder for the PNGs, CSV and runs")
+    p = common.parser(__doc__)
+    common.add_common_flags(p)   # no data flags: the corpus is made here (stdlib text + passkey documents)
     p.add_argument("--trunk_steps", type=int, help="stable steps of the base model (default: the scale's)")
     p.add_argument("--ct_steps", type=int, help="continued-training steps of (c) and (d) (default: the scale's)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 2)")
-    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per CPU core)")
-    p.add_argument("--seed", type=int, default=1337, help="first seed; the others follow it")
-    args = p.parse_args(argv)
-    # bad input: one line naming the flag, exit 2 (p.exit), no traceback
-    for name in ("trunk_steps", "ct_steps", "seeds"):
+    args = common.parse(p, argv)
+    for name in ("trunk_steps", "ct_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.exit(2, f"long_context.py: --{name} must be at least 1\n")
+            raise common.UsageError(f"--{name} must be at least 1")
     return args
 
 
@@ -209,16 +203,15 @@ def plan(args, setup, runs, data_short, data_long):
     S, D, W = setup["trunk"], setup["decay"], setup["warmup"]
     T, TL = setup["train_len"], setup["ct_len"]
     model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]
-    common = [*model, "--tokenizer", "byte", "--lr", LR, "--log_interval", 10, "--ckpt_interval", 10**9,
-              "--eval_tokens", 65536 if not args.quick else 1024]
+    shared = [*model, "--tokenizer", "byte", "--lr", LR, "--log_interval", 10, "--ckpt_interval", 10**9,
+              *eval_flags(setup["eval_tokens"])]
     hd = setup["model"]["n_embd"] // setup["model"]["n_head"]
     ntk_theta = BASE_THETA * NTK_FACTOR ** (hd / (hd - 2))   # NTK-aware base for a 4x longer context
     C, CW, CD = setup["ct"], setup["ct_warmup"], setup["ct_decay"]
     trunks, cts, arms = [], [], {}
-    for i in range(setup["seeds"]):
-        seed = args.seed + i
+    for seed in common.seed_list(args):
         d = {name: runs / f"{name}_s{seed}" for name in ("trunk", "base", "abf", "ntk")}
-        base = [*common, "--source", data_short, "--seed", seed, "--rope_theta", BASE_THETA,
+        base = [*shared, "--source", data_short, "--seed", seed, "--rope_theta", BASE_THETA,
                 "--block_size", T, "--seq_len", T, "--batch_size", setup["batch_tokens"] // T]
         # the trunk stops at the end of its stable phase (a checkpoint there), then (a) resumes into
         # its own folder for the decay, so that the trunk's folder keeps the stable checkpoint
@@ -228,7 +221,7 @@ def plan(args, setup, runs, data_short, data_long):
         # (c) and (d): new runs from the stable weights (fresh Adam: a short warmup), 4x the length,
         # the same steps and tokens per step; only the RoPE base differs
         for name, theta in (("abf", ABF_THETA), ("ntk", ntk_theta)):
-            cts.append([([*common, "--source", data_long, "--seed", seed, "--init_from", d["trunk"],
+            cts.append([([*shared, "--source", data_long, "--seed", seed, "--init_from", d["trunk"],
                           "--rope_theta", theta, "--block_size", TL, "--seq_len", TL,
                           "--batch_size", setup["batch_tokens"] // TL, "--schedule", "wsd", "--max_steps", C,
                           "--warmup_steps", CW, "--decay_steps", CD, "--eval_interval", C, "--out_dir", d[name]],
@@ -384,7 +377,7 @@ def plot_loss(results, setup, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
+def run(argv):
     args = parse_args(argv)
     setup = scale_setup(SCALES, args, trunk=args.trunk_steps, ct=args.ct_steps, seeds=args.seeds)
     # steps given on the command line: decay, warmup in the default's proportions (1000 + 150)
@@ -392,7 +385,7 @@ def main(argv=None):
         setup["decay"] = max(1, round(0.15 * setup["trunk"]))
     if args.ct_steps:
         setup["ct_warmup"], setup["ct_decay"] = max(1, round(0.07 * setup["ct"])), max(1, round(0.2 * setup["ct"]))
-    out = pathlib.Path(args.out)
+    out = common.check_out(args.out)   # a bad --out stops here, before the old runs are deleted
     work = out / "runs" / "long_context"
     shutil.rmtree(work, ignore_errors=True)   # fresh folders: a new run never lands on an old one
     t0 = time.time()
@@ -410,7 +403,7 @@ def main(argv=None):
     for src in sources.values():   # prepared here, once: two runs preparing one folder at once would race
         data.prepare(src, "byte", str(work / "data"), quiet=True, force=True)
     trunks, cts, arms = plan(args, setup, work, sources["short"], sources["long"])
-    workers = args.workers or (1 if args.scale == "gpu" else None)
+    workers = common.workers(args)
     try:
         run_parallel([[(a + ["--data_dir", work / "data"], d) if "--resume" not in a else (a, d) for a, d in job]
                       for job in trunks], workers)
@@ -418,7 +411,7 @@ def main(argv=None):
     except RunFailed as e:
         fail(str(e))
     t_train = time.time() - t0
-    results = evaluate_all(arms, tests, windows, max(setup["lengths"]), workers or min(2, len(arms)))
+    results = evaluate_all(arms, tests, windows, max(setup["lengths"]), min(workers, len(arms)))
     rows = table(results)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "long_context.csv", "w", newline="") as f:
@@ -444,6 +437,10 @@ def main(argv=None):
     print(f"{summary}; training {t_train:.0f} s, in all {time.time() - t0:.0f} s; wrote "
           f"{out / 'long_context_passkey.png'}, {out / 'long_context_loss.png'} and {out / 'long_context.csv'}")
     return 0
+
+
+def main(argv=None):
+    return common.main("long_context.py", run, argv)
 
 
 if __name__ == "__main__":

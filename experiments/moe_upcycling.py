@@ -26,14 +26,13 @@ Writes to --out (default experiments/out): moe_upcycling.png (validation loss ag
 against training FLOPs), moe_upcycling.csv (run, seed, step, tokens, flops, lr, val_loss, val_bpb,
 aux_loss; tokens and FLOPs count from the start of the trunk) and runs/moe_upcycling/<run>/.
 """
-import argparse
 import csv
-import pathlib
 import shutil
 import sys
 import time
 
-from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel, scale_setup
+import common
+from common import RunFailed, eval_flags, fail, pyplot, read_metrics, run_parallel, scale_setup
 
 # Sizes. The default was sized by measurement on our 2-core machine, one thread per run: the dense
 # model trains at ~35K tokens/s, the 4-expert MoE at ~23K (routing, and 1.5x the FLOPs per token).
@@ -41,16 +40,16 @@ from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_pa
 SCALES = {
     "cpu": dict(model=dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160, block_size=128),
                 batch_size=16, seq_len=128, trunk=1600, cont=1600, decay=320, warmup=100,
-                eval_tokens=65536, eval_interval=100, log_interval=20, seeds=2),
+                eval_tokens=65536, eval_interval=100, log_interval=20),
     "quick": dict(model=dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=80, block_size=32),
                   batch_size=4, seq_len=32, trunk=24, cont=24, decay=6, warmup=2,
-                  eval_tokens=256, eval_interval=6, log_interval=2, seeds=2),
+                  eval_tokens=256, eval_interval=6, log_interval=2),
     # one GPU: a 22M-parameter dense model, 64K tokens a step, ~0.5B tokens (24 per parameter) to
-    # the branch; the runs take the GPU in turn (--workers 1). By FLOPs ~1-1.5 hours on an H100/H200:
+    # the branch; the runs take the GPU in turn (--workers' default there). By FLOPs ~1-1.5 hours on an H100/H200:
     # an estimate, as no GPU was available to run it.
     "gpu": dict(model=dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=4, ffn_dim=1280, block_size=512),
                 batch_size=128, seq_len=512, trunk=8000, cont=8000, decay=1600, warmup=400,
-                eval_tokens=262144, eval_interval=500, log_interval=50, seeds=2),
+                eval_tokens=262144, eval_interval=500, log_interval=50),
 }
 LR = 0.01          # the peak lr of every run (§3.3: muP's ~0.01; matrices get lr / m)
 # 4 experts, top-2: MiniCPM-MoE has 8 experts, top-2 (§7.3); 4 copies of the MLP keep the MoE's
@@ -58,39 +57,24 @@ LR = 0.01          # the peak lr of every run (§3.3: muP's ~0.01; matrices get 
 N_EXPERTS, TOP_K = 4, 2
 
 
-def eval_flags(setup):
-    """The fixed validation set: eval_tokens (65,536 by default) spread evenly over the validation split."""
-    # the same windows at every evaluation and for every run and seed: the gaps are then the runs' own
-    return ["--eval_tokens", setup["eval_tokens"]]
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (the smoke test)")
-    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="model size and batch (see SCALES)")
-    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
+    p = common.parser(__doc__)
+    common.add_common_flags(p)   # 2 seeds: every arm of a seed shares its trunk, init and batches
+    common.add_data_flags(p)   # --source, --tokenizer, --data_dir
     p.add_argument("--trunk_steps", type=int, help="dense steps before the branch (default: the scale's)")
     p.add_argument("--cont_steps", type=int, help="steps of each continuation (default: the scale's)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 2)")
     p.add_argument("--no_fresh_adam", action="store_true", help="skip the fresh-Adam control run")
-    p.add_argument("--workers", type=int, default=0,
-                   help="parallel runs (default: one per CPU core; 1 with --scale gpu, the runs take the GPU in turn)")
-    p.add_argument("--seed", type=int, default=1337, help="first seed; the others follow it")
-    args = p.parse_args(argv)
-    # bad input: one line naming the flag, exit 2 (p.exit), no traceback
-    for name in ("trunk_steps", "cont_steps", "seeds"):
+    args = common.parse(p, argv)
+    for name in ("trunk_steps", "cont_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.exit(2, f"moe_upcycling.py: --{name} must be at least 1\n")
+            raise common.UsageError(f"--{name} must be at least 1")
     return args
 
 
 def flops_per_token(setup, vocab_size, n_experts=0):
     """Training FLOPs per token of the model (minicpm's count), on the meta device: nothing is allocated."""
     # 6 per active matrix parameter plus attention: an MoE counts only its top-k experts, not all of them
-    import torch
-    from minicpm import MiniCPM, MiniCPMConfig
-    with torch.device("meta"):
-        model = MiniCPM(MiniCPMConfig(**setup["model"], vocab_size=vocab_size, n_experts=n_experts, top_k=TOP_K))
+    model = common.meta_model(**setup["model"], vocab_size=vocab_size, n_experts=n_experts, top_k=TOP_K)
     return model.flops_per_token(setup["seq_len"])
 
 
@@ -101,29 +85,29 @@ def plan(args, setup, runs_dir, ratio):
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
     k = max(0, round(ratio * C) - D)       # the equal-FLOPs branch leaves the MoE's stable phase at k
     model = [x for key, v in setup["model"].items() for x in (f"--{key}", v)]   # the dense shape, as flags
-    common = [*model, "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--lr", LR,
+    shared = [*model, "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--lr", LR,
               "--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
-              "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9, *eval_flags(setup)]
+              "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9, *eval_flags(setup["eval_tokens"])]
     # how a continuation is watched, stated explicitly (a resume may change these; else it keeps the trunk's)
-    observe = ["--eval_interval", setup["eval_interval"], "--log_interval", setup["log_interval"], *eval_flags(setup)]
+    observe = ["--eval_interval", setup["eval_interval"], "--log_interval", setup["log_interval"],
+               *eval_flags(setup["eval_tokens"])]
     # The MoE runs are new runs (step 0 at the branch); their decay ends where the dense run's does.
     # No re-warmup: the lr goes on at the trunk's peak (He et al. 2024: resetting to the peak lr beats
     # a low constant one), and with the Adam state carried over there is nothing to warm up.
     moe_schedule = ["--schedule", "wsd", "--max_steps", C, "--decay_start", C - D, "--decay_steps", D]
     trunks, conts, runs = [], [], {}
-    for i in range(setup["seeds"]):
-        seed = args.seed + i   # the seed fixes init, batches and validation windows: all arms of a seed share them
+    for seed in common.seed_list(args):   # the seed fixes init and batches: all arms of a seed share them
         d = {name: runs_dir / f"{name}_s{seed}" for name in ("trunk", "dense", "upcycled", "upcycled_eqflops",
                                                              "upcycled_fresh_adam")}
         # A WSD run whose decay lies beyond its horizon: constant lr after warmup, and resumable
         # into a decay later (the schedule's name must stay "wsd" across a resume).
-        trunks.append([([*common, "--seed", seed, "--schedule", "wsd", "--max_steps", S, "--warmup_steps",
+        trunks.append([([*shared, "--seed", seed, "--schedule", "wsd", "--max_steps", S, "--warmup_steps",
                          setup["warmup"], "--decay_start", 10**9, "--decay_steps", D, "--eval_interval",
                          setup["eval_interval"], "--out_dir", d["trunk"]], d["trunk"])])
         # (a) the dense run goes on exactly (Adam state, data position), into its own folder
         conts.append([(["--resume", d["trunk"], "--out_dir", d["dense"], "--max_steps", S + C,
                         "--decay_start", S + C - D, "--decay_steps", D, *observe], d["dense"])])
-        moe = [*common, "--seed", seed, "--upcycle_from", d["trunk"], "--n_experts", N_EXPERTS, "--top_k", TOP_K,
+        moe = [*shared, "--seed", seed, "--upcycle_from", d["trunk"], "--n_experts", N_EXPERTS, "--top_k", TOP_K,
                "--eval_interval", setup["eval_interval"]]
         # (b) and (c): one MoE run stopped at k, (c) branched off it into the decay, then (b) resumed
         steps = [([*moe, *moe_schedule, "--warmup_steps", 0, "--stop_at", k, "--out_dir", d["upcycled"]], d["upcycled"]),
@@ -154,8 +138,7 @@ def run_all(args, setup, runs_dir):
     vocab = data.load_meta(data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True))["vocab_size"]
     fpt = {"dense": flops_per_token(setup, vocab), "moe": flops_per_token(setup, vocab, N_EXPERTS)}
     trunks, conts, runs, k = plan(args, setup, runs_dir, fpt["dense"] / fpt["moe"])
-    # on a GPU one run at a time: parallel runs would only share the one device
-    workers = args.workers or (1 if args.scale == "gpu" and not args.quick else None)
+    workers = common.workers(args)   # on a GPU one run at a time: parallel runs would only share the device
     # two phases: every continuation branches from its seed's finished trunk checkpoint
     run_parallel(trunks, workers)     # the seeds' trunks side by side
     run_parallel(conts, workers)      # then every continuation
@@ -202,8 +185,8 @@ def verdict(rows, setup):
     seeds = sorted({r["seed"] for r in rows})
     S, C, D = setup["trunk"], setup["cont"], setup["decay"]
     out = []
-    # Differences are taken within a seed: same batches and same validation windows (keyed by the
-    # seed), so the gap compares like with like even where the seeds' losses differ.
+    # Differences are taken within a seed: the same trunk and batches (the validation windows are the
+    # same for every seed), so the gap compares like with like even where the seeds' losses differ.
     for seed in seeds:
         def val(run, step):   # the last evaluation at or before `step`
             return max((r for r in rows if r["run"] == run and r["seed"] == seed and r["step"] <= step),
@@ -264,7 +247,7 @@ def plot(rows, path, title):
     for ax in axes[:2]:     # zoom on the continuations
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
     axes[0].legend(fontsize=7)
-    # the paired gap at equal tokens: same seed, same batches, same validation windows
+    # the paired gap at equal tokens: same seed, so the same trunk and batches
     for i, seed in enumerate(seeds):
         dense = dict(curve(rows, "dense", seed, "tokens"))
         for name in ("upcycled", "upcycled_fresh_adam"):
@@ -281,13 +264,15 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
+def run(argv):
     args = parse_args(argv)
-    setup = scale_setup(SCALES, args, trunk=args.trunk_steps, cont=args.cont_steps, seeds=args.seeds)
+    setup = scale_setup(SCALES, args, trunk=args.trunk_steps, cont=args.cont_steps)
     # the decay: 10% of the dense run's S + C steps (§4), at least one step and inside the continuation
     if args.trunk_steps or args.cont_steps:
         setup["decay"] = max(1, min(setup["cont"] - 1, round(0.1 * (setup["trunk"] + setup["cont"]))))
-    out = pathlib.Path(args.out)
+    # bad flags stop here, before the old runs are deleted
+    out = common.check_out(args.out)
+    common.check_data(args)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
@@ -319,6 +304,10 @@ def main(argv=None):
          f"Sparse upcycling (MiniCPM §7.3), {len(results)} seeds: {summary}")
     print(f"{summary}; {time.time() - t0:.0f} s; wrote {out / 'moe_upcycling.png'} and {out / 'moe_upcycling.csv'}")
     return 0
+
+
+def main(argv=None):
+    return common.main("moe_upcycling.py", run, argv)
 
 
 if __name__ == "__main__":

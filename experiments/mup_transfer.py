@@ -19,18 +19,17 @@ Under muP they stay flat; under SP they grow with width, which is why SP's best 
 
 Writes to --out (default experiments/out): mup_transfer.png (loss against lr for muP and SP, and
 the coordinate check), mup_transfer.csv (arm, width, seed, lr, val_loss, val_bpb), mup_coord_check.csv
-(arm, width, activation, step, rms) and runs/<run>/ (metrics.jsonl, log); prints the verdict table.
+(arm, width, activation, step, rms) and mup_transfer_runs/<run>/ (metrics.jsonl, log); prints the verdict table.
 """
-import argparse
 import csv
 import math
 import os
-import pathlib
 import shutil
 import sys
 import time
 
-from common import add_data_flags, pyplot, read_metrics, run_parallel
+import common
+from common import eval_flags, pyplot, read_metrics, run_parallel
 
 BASE_LR = 0.01   # §3.3: the lr found in the wind tunnel; every grid is BASE_LR * 2^k
 # CPU default. Depth 2 and head dim 16 at every width, so only the width changes. EleutherAI's
@@ -39,27 +38,26 @@ BASE_LR = 0.01   # §3.3: the lr found in the wind tunnel; every grid is BASE_LR
 # step lower. (Measured: muP's best is ~0.0025 at every width, second point of its grid; SP's best
 # goes from ~0.008 at d 32 to ~0.0025 at d 256.)
 FULL = dict(widths=(32, 64, 128, 256), head_dim=16, n_layer=2, seq_len=64, batch_size=24, steps=120, warmup=12,
-            lr_exps=dict(mup=range(-3, 4), sp=range(-4, 3)), seeds=(1337, 1338), seed2_lrs=5,
-            eval_tokens=65536, coord_steps=4, workers=None)
+            lr_exps=dict(mup=range(-3, 4), sp=range(-4, 3)), seed2_lrs=5, eval_tokens=65536, coord_steps=4)
 QUICK = dict(FULL, widths=(16, 32, 64, 128), head_dim=8, n_layer=1, seq_len=32, batch_size=8, steps=24, warmup=4,
              lr_exps=dict(mup=range(-1, 2), sp=range(-1, 2)), seed2_lrs=3, eval_tokens=4096, coord_steps=3)
 # One GPU: the EleutherAI nanoGPT-mup shapes (widths 256-2048, head dim 64, 8K-token batches),
-# 4 layers; one run at a time (the GPU is the parallelism).
+# 4 layers; one run at a time (the GPU is the parallelism: --workers' default at --scale gpu).
+# seed2_lrs=0: every seed sweeps the whole grid
 GPU = dict(FULL, widths=(256, 512, 1024, 2048), head_dim=64, n_layer=4, seq_len=256, batch_size=32, steps=120,
-           warmup=12, lr_exps=dict(mup=range(-6, 3), sp=range(-6, 3)), seed2_lrs=0, eval_tokens=262144, workers=1)
+           warmup=12, lr_exps=dict(mup=range(-6, 3), sp=range(-6, 3)), seed2_lrs=0, eval_tokens=262144)
 SCALES = dict(cpu=FULL, gpu=GPU)
 ARMS = ("mup", "sp")   # the claim (§3.1) is a contrast: the best lr holds across widths under muP, not under SP
 ACTIVATIONS = ("embedding", "attention", "mlp", "logits")   # the coordinates muP keeps O(1) in width
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny widths and 3 lrs: under a minute")
-    p.add_argument("--scale", default="cpu", choices=SCALES, help="cpu (default) or gpu (EleutherAI-sized widths)")
-    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
+    p = common.parser(__doc__)
     # 2 seeds by default: a best lr that moves by one grid step with the seed alone is not a width effect
-    p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="default 1337,1338")
-    return p.parse_args(argv)
+    common.add_common_flags(p, seeds_help="; the first sweeps the whole lr grid, the others the lrs around "
+                            "its best (the whole grid at --scale gpu)")
+    common.add_data_flags(p)   # --source, --tokenizer, --data_dir
+    return common.parse(p, argv)
 
 
 def model_flags(setup, width, arm):
@@ -68,12 +66,6 @@ def model_flags(setup, width, arm):
     heads = width // setup["head_dim"]   # full multi-head attention (no grouping), so heads grow with width
     return ["--n_layer", setup["n_layer"], "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
             "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--mup", str(arm == "mup").lower()]
-
-
-def eval_flags(setup):
-    # The fixed validation set: eval_tokens spread evenly over the val split, the same for every run,
-    # width, parameterisation and seed.
-    return ["--eval_tokens", setup["eval_tokens"]]
 
 
 def run_name(arm, width, k, seed):
@@ -86,15 +78,15 @@ def sweep(args, setup, runs_dir, points):
     # result of the sweep (the grid's high end), not a failure of the experiment
     # a constant lr after warmup: the loss then reflects the peak lr alone, not a decay shape (Figure 3)
     steps = setup["steps"]
-    common = ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
+    shared = ["--source", args.source, "--tokenizer", args.tokenizer, "--data_dir", args.data_dir,
               "--batch_size", setup["batch_size"], "--seq_len", setup["seq_len"], "--schedule", "constant",
               "--warmup_steps", setup["warmup"], "--max_steps", steps, "--eval_interval", steps,
-              "--log_interval", max(1, steps // 12), "--ckpt_interval", 10**9, *eval_flags(setup)]
+              "--log_interval", max(1, steps // 12), "--ckpt_interval", 10**9, *eval_flags(setup["eval_tokens"])]
     points = sorted(points, key=lambda p: -p[1])     # widest first: the slowest runs do not finish last
-    jobs = [[([*common, *model_flags(setup, w, arm), "--lr", BASE_LR * 2.0**k, "--seed", seed,
+    jobs = [[([*shared, *model_flags(setup, w, arm), "--lr", BASE_LR * 2.0**k, "--seed", seed,
                "--out_dir", runs_dir / run_name(arm, w, k, seed)], runs_dir / run_name(arm, w, k, seed))]
             for arm, w, k, seed in points]
-    done = run_parallel(jobs, workers=setup["workers"], allow_failures=True)   # None for a diverged run
+    done = run_parallel(jobs, workers=common.workers(args), allow_failures=True)   # None for a diverged run
     results = {}
     for point, ok in zip(points, done):
         run_dir = runs_dir / run_name(*point)
@@ -197,11 +189,11 @@ def run_coord_check(args, setup):
     dataset = data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
     train_bin = os.path.join(dataset, "train.bin")
     # the probe batch is step 10**6's window (the loader is a function of seed and step): never trained on
-    batches = lambda t: data.get_batch(train_bin, setup["batch_size"], setup["seq_len"], seed=args.seeds[0],
+    batches = lambda t: data.get_batch(train_bin, setup["batch_size"], setup["seq_len"], seed=args.seed,
                                        step=t if t >= 0 else 10**6)
     torch.set_num_threads(1)   # one thread like the pool's workers (small matmuls gain little from two)
     return coord_check(setup["widths"], setup["coord_steps"], batches, data.load_meta(dataset)["vocab_size"],
-                       setup["head_dim"], setup["n_layer"], seed=args.seeds[0])
+                       setup["head_dim"], setup["n_layer"], seed=args.seed)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -273,11 +265,13 @@ def verdict(results, best, growth):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv):
+    args = parse_args(argv)
     setup = QUICK if args.quick else SCALES[args.scale]
-    args.seeds = args.seeds or setup["seeds"]   # the first seed sweeps the whole grid
-    out = pathlib.Path(args.out)
+    seeds = common.seed_list(args)   # the first seed sweeps the whole grid
+    # bad flags stop here, before the old runs are deleted
+    out = common.check_out(args.out)
+    common.check_data(args)
     runs_dir = out / "mup_transfer_runs"
     shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
     out.mkdir(parents=True, exist_ok=True)
@@ -286,9 +280,9 @@ def main(argv=None):
     # the pool's workers cannot do: they are daemons, and data.py tokenizes with a pool of its own)
     print(f"coordinate check: {time.time() - t0:.0f} s", flush=True)
     # seed 1: the whole grid; further seeds: a window of the grid around seed 1's best lr
-    first = [(arm, w, k, args.seeds[0]) for arm in ARMS for w in setup["widths"] for k in setup["lr_exps"][arm]]
+    first = [(arm, w, k, seeds[0]) for arm in ARMS for w in setup["widths"] for k in setup["lr_exps"][arm]]
     results = sweep(args, setup, runs_dir, first)
-    print(f"seed {args.seeds[0]}: {len(first)} runs, {time.time() - t0:.0f} s", flush=True)
+    print(f"seed {seeds[0]}: {len(first)} runs, {time.time() - t0:.0f} s", flush=True)
     best = {}   # (arm, width, seed) -> (fractional best grid exponent, on_edge)
 
     def find_best(seed):
@@ -296,12 +290,12 @@ def main(argv=None):
             for w in setup["widths"]:
                 pts = sorted((k, v) for (a, w_, k, s), v in results.items() if (a, w_, s) == (arm, w, seed))
                 best[arm, w, seed] = best_exponent(*zip(*pts))
-    find_best(args.seeds[0])
-    more = [(arm, w, k, seed) for seed in args.seeds[1:] for arm in ARMS for w in setup["widths"]
-            for k in seed2_window(setup["lr_exps"][arm], best[arm, w, args.seeds[0]][0], setup["seed2_lrs"])]
+    find_best(seeds[0])
+    more = [(arm, w, k, seed) for seed in seeds[1:] for arm in ARMS for w in setup["widths"]
+            for k in seed2_window(setup["lr_exps"][arm], best[arm, w, seeds[0]][0], setup["seed2_lrs"])]
     if more:
         results.update(sweep(args, setup, runs_dir, more))
-        for seed in args.seeds[1:]:
+        for seed in seeds[1:]:
             find_best(seed)
     growth = growth_exponents(coord_rows, setup["coord_steps"])   # slopes after training, not at init
     write_csvs(results, coord_rows, out)
@@ -310,6 +304,10 @@ def main(argv=None):
           f"grid {BASE_LR} x 2^k), spread across widths in grid steps (factors of 2):\n{verdict(results, best, growth)}")
     print(f"\nwrote {out / 'mup_transfer.png'}, {out / 'mup_transfer.csv'}, {out / 'mup_coord_check.csv'}, runs in {runs_dir}")
     return 0
+
+
+def main(argv=None):
+    return common.main("mup_transfer.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ over the points (refit on resampled points, the 16th-84th percentiles).
     python experiments/scaling_law.py                     # 4 sizes, 25K-203K params, 10N-60N: ~8 min on 2 cores
     python experiments/scaling_law.py --quick             # 3 tiny sizes, under a minute (the smoke test)
     python experiments/scaling_law.py --scale gpu --device cuda --workers 4
+    python experiments/scaling_law.py --seeds 2           # every point measured with 2 seeds, fitted together
     python experiments/scaling_law.py --from out/run1 out/run2 ...   # fit your own finished runs
 
 Writes to --out (default experiments/out): scaling_law.png (loss against D per model with the fitted
 curves, cf. Figure 17; equal-loss contours over N and D, cf. Figure 10), scaling_law.csv (the points)
 and scaling_law_runs/<run>/.
 """
-import argparse
 import csv
 import math
 import pathlib
@@ -34,8 +34,10 @@ import time
 
 import numpy as np
 
-from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel
-import data  # noqa: E402  (after common, which puts the repo root on the path)
+import common
+from common import RunFailed, UsageError, eval_flags, fail, non_embedding_params, pyplot, read_metrics, run_parallel
+import checkpoint  # noqa: E402  (after common, which puts the repo root on the path)
+import data  # noqa: E402
 
 # cpu: widths 48-96 on bytes (vocabulary 257, so the embedding stays small), 2,048 tokens a step.
 # Non-embedding sizes 25K, 86K, 139K, 203K (8x). Throughput on one core: 125K, 63K, ~48K, 38K tokens/s,
@@ -61,20 +63,6 @@ SCALES = {
 }
 DECAY_FRAC, FINAL_FRAC = 0.1, 0.02     # §4: decays of ~10% of the run, exponential to 2% of the peak
 BOOTSTRAP = 200                        # refits: enough for stable 16th/84th percentiles, each a few ms
-
-
-def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim, **_):
-    """N of Eq. 2, the non-embedding parameters (**_ takes a checkpoint's other config fields)."""
-    # attention q/o and k/v, the SwiGLU's three matrices, two RMSNorm gains per layer, the final one;
-    # the embedding is left out as in §4.5 (with 257 tokens it would be a large share of a tiny model)
-    hd = n_embd // n_head
-    return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
-
-
-def eval_flags(tokens, batch, seq):
-    # A fixed validation set of `tokens` tokens spread over the val split, the same for every run.
-    # (batch, seq unused since --eval_tokens; the bits/byte of this set are the L of Eq. 2)
-    return ["--eval_tokens", tokens]
 
 
 # ----------------------------------------------------------------------------- Eq. 2 and Eq. 3
@@ -147,21 +135,22 @@ def bootstrap(N, D, L, fit, C, n=BOOTSTRAP, seed=0):
 
 # ----------------------------------------------------------------------------- the runs
 
-def size_job(args, setup, runs_dir, size):
+def size_job(args, setup, runs_dir, size, seed):
     """A worker's job: one model's stable trunk in segments and a 10% decay branched at each data size."""
     # §4.5 measured the WSD way: the trunk is trained once to the longest D and each D only costs its decay,
     # so a model's 4 data sizes cost ~1.1 runs instead of the ~2.2 runs of separate Cosine(T) runs per D
-    N = non_embedding_params(**size)
+    N = non_embedding_params(size)
     tps = setup["batch"] * setup["seq"]
-    name = f"N{N}"
+    name = f"N{N}" if args.seeds == 1 else f"N{N}_s{seed}"   # one seed: the names of the published runs
     trunk = runs_dir / name
     totals = sorted({max(2, round(m * N / tps)) for m in setup["multiples"]})   # steps of each data size
     flags = ["--n_layer", size["n_layer"], "--n_embd", size["n_embd"], "--n_head", size["n_head"],
              "--n_kv_head", size["n_kv_head"], "--ffn_dim", size["ffn_dim"], "--block_size", setup["seq"],
              "--batch_size", setup["batch"], "--seq_len", setup["seq"], "--source", args.source,
              "--tokenizer", args.tokenizer, "--data_dir", args.data_dir, "--device", args.device,
-             "--lr", args.lr or setup["lr"], "--seed", args.seed, "--warmup_steps", setup["warmup"],
-             *eval_flags(setup["eval_tokens"], setup["batch"], setup["seq"]),
+             "--lr", args.lr or setup["lr"], "--seed", seed, "--warmup_steps", setup["warmup"],
+             # the bits/byte of this fixed validation set are the L of Eq. 2
+             *eval_flags(setup["eval_tokens"]),
              # eval, logs and checkpoints only at segment ends (max_steps): a point needs only the final loss
              "--eval_interval", 10**9, "--log_interval", 10**9, "--ckpt_interval", 10**9,
              # a WSD run whose decay starts at the last total, never reached: the stable trunk
@@ -173,22 +162,25 @@ def size_job(args, setup, runs_dir, size):
         branch = runs_dir / f"{name}_D{T * tps}"
         job.append((["--resume", trunk, "--out_dir", branch, "--max_steps", T, "--decay_start", T - D,
                      "--decay_steps", D, "--decay_shape", "exp", "--final_lr_frac", FINAL_FRAC], branch))
-        points.append(dict(run=branch.name, N=N, k=T - D, **size))   # k: the branch point in the trunk
+        points.append(dict(run=branch.name, trunk=name, N=N, k=T - D, **size))   # k: the branch point in the trunk
     return job, points
 
 
 def train_points(args, setup, runs_dir):
     jobs, points = [], []
-    for size in sorted(setup["sizes"], key=lambda s: -non_embedding_params(**s)):
-        job, pts = size_job(args, setup, runs_dir, size)
-        jobs.append(job)   # largest first: the pool then fills the other worker with the smaller models
-        points += pts
-    run_parallel(jobs, workers=args.workers)
+    # several seeds: every (N, D) point measured once per seed, all fitted together (repeats weigh the
+    # noise of one run down; the bootstrap's band then covers the seed-to-seed spread too)
+    for size in sorted(setup["sizes"], key=lambda s: -non_embedding_params(s)):
+        for seed in common.seed_list(args):
+            job, pts = size_job(args, setup, runs_dir, size, seed)
+            jobs.append(job)   # largest first: the pool then fills the other worker with the smaller models
+            points += pts
+    run_parallel(jobs, workers=common.workers(args))
     for p in points:
         rows = read_metrics(runs_dir / p["run"])
         last = [r for r in rows if "val_bpb" in r][-1]
         # the trunk's loss at the branch point: the plot's x, to show what the decay itself gained (§4.3)
-        trunk = [r for r in read_metrics(runs_dir / f"N{p['N']}") if r["step"] == p["k"] and "val_bpb" in r]
+        trunk = [r for r in read_metrics(runs_dir / p["trunk"]) if r["step"] == p["k"] and "val_bpb" in r]
         p.update(D=last["tokens"], val_loss=last["val_loss"], bpb=last["val_bpb"],
                  stable_bpb=trunk[-1]["val_bpb"] if trunk else float("nan"))
     for ckpt in runs_dir.glob("*/ckpt.pt"):
@@ -198,25 +190,23 @@ def train_points(args, setup, runs_dir):
 
 def points_from(folders):
     """One point per finished run folder of train.py: its last evaluation, N from its checkpoint."""
-    # a WSD run's last evaluation comes after its decay; a run stopped mid-stable would bias its point up
-    import torch
+    # a WSD run's last evaluation comes after its decay; a run stopped mid-stable would bias its point up.
+    # The checkpoint is read by checkpoint.load (torch.load with weights_only=True): a folder from
+    # elsewhere may hold a pickle that runs code when loaded in full; this one only reads tensors and data
     points = []
     for folder in map(pathlib.Path, folders):
-        if not (folder / "metrics.jsonl").exists() or not (folder / "ckpt.pt").exists():
-            fail_usage(f"--from {folder}: needs a train.py run folder with metrics.jsonl and ckpt.pt")
-        cfg = torch.load(folder / "ckpt.pt", map_location="cpu", weights_only=False)["model_config"]
+        if not (folder / "metrics.jsonl").exists():
+            raise UsageError(f"--from {folder}: needs a train.py run folder with metrics.jsonl and a checkpoint")
+        try:
+            cfg = checkpoint.load(str(folder))["model_config"]
+        except UsageError as e:   # no checkpoint, or one that is not ours: one line naming the flag
+            raise UsageError(f"--from {folder}: {e}") from None
         rows = [r for r in read_metrics(folder) if "val_bpb" in r]
         if not rows:
-            fail_usage(f"--from {folder}: its metrics.jsonl has no evaluation; train with --eval_interval > 0")
-        points.append(dict(run=folder.name, N=non_embedding_params(**cfg), D=rows[-1]["tokens"],
+            raise UsageError(f"--from {folder}: its metrics.jsonl has no evaluation; train with --eval_interval > 0")
+        points.append(dict(run=folder.name, N=non_embedding_params(cfg), D=rows[-1]["tokens"],
                            val_loss=rows[-1]["val_loss"], bpb=rows[-1]["val_bpb"], stable_bpb=float("nan")))
     return points
-
-
-# bad input (a --from folder, too few points): one line on stderr, exit 2 (a failed run: fail(), exit 1)
-def fail_usage(message):
-    print(f"scaling_law.py: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -285,47 +275,50 @@ def report(points, fit, C_ref):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="three tiny models: under a minute")
-    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model sizes, batch")
+    p = common.parser(__doc__)
+    # one seed by default (the published runs); more seeds measure every point once per seed
+    common.add_common_flags(p, seeds=1, seeds_help="; every point is measured once per seed, all fitted together")
+    common.add_data_flags(p)   # --source, --tokenizer, --data_dir
     p.add_argument("--from", dest="from_runs", nargs="+", metavar="RUN_DIR",
                    help="fit the last evaluation of these finished train.py run folders instead of training")
-    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
     p.add_argument("--lr", type=float, help="peak lr (default: the scale's)")
-    p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu", help="passed to train.py")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
-    return p.parse_args(argv)
+    return common.parse(p, argv)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup = SCALES["quick" if args.quick else args.scale]
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+def measure(args, setup, out):
+    """The points: trained here (a fresh scaling_law_runs/), or read from --from's run folders."""
     if args.from_runs:
-        points = points_from(args.from_runs)
-    else:
-        runs_dir = out / "scaling_law_runs"
-        shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
-        sizes = ", ".join(f"{non_embedding_params(**s):,}" for s in setup["sizes"])
-        print(f"models (non-embedding parameters): {sizes}; data sizes {setup['multiples']} x N; "
-              f"{setup['batch'] * setup['seq']:,} tokens/step", flush=True)
-        # prepare the data here, once: in the pool's workers data.py could not start its own pool,
-        # and two workers would prepare the same folder at once
-        data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
-        try:
-            points = train_points(args, setup, runs_dir)
-        except RunFailed as e:
-            fail(str(e))
+        return points_from(args.from_runs)
+    common.check_data(args)   # before the old runs are deleted
+    runs_dir = out / "scaling_law_runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
+    sizes = ", ".join(f"{non_embedding_params(s):,}" for s in setup["sizes"])
+    print(f"models (non-embedding parameters): {sizes}; data sizes {setup['multiples']} x N; "
+          f"{setup['batch'] * setup['seq']:,} tokens/step", flush=True)
+    # prepare the data here, once: in the pool's workers data.py could not start its own pool,
+    # and two workers would prepare the same folder at once
+    data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
+    try:
+        return train_points(args, setup, runs_dir)
+    except RunFailed as e:
+        fail(str(e))
+
+
+def run(argv):
+    args = parse_args(argv)
+    setup = SCALES["quick" if args.quick else args.scale]
+    out = common.check_out(args.out)   # a bad --out stops here, before anything is deleted
+    t0 = time.time()
+    points = measure(args, setup, out)
     wall = time.time() - t0
     # Eq. 2 separates N and D only with 2+ sizes and 3+ data sizes, and needs more points than its 5 parameters
     if len({p["N"] for p in points}) < 2 or len({p["D"] for p in points}) < 3 or len(points) < 6:
-        fail_usage("Eq. 2 has 5 parameters: give at least 6 points over 2+ model sizes and 3+ data sizes")
+        raise UsageError("Eq. 2 has 5 parameters: give at least 6 points over 2+ model sizes and 3+ data sizes")
     fit = fit_scaling_law(*([p[k] for p in points] for k in ("N", "D", "bpb")))
     if fit is None:
         fail("the Eq. 2 fit did not converge from any starting point; add points or check the losses")
+    out.mkdir(parents=True, exist_ok=True)
     write_csv(points, out / "scaling_law.csv")
     plot(points, fit, out / "scaling_law.png")
     print("\n| N | D | D/N | bits/byte (decayed) | bits/byte (stable, before the decay) |\n|---|---|---|---|---|")
@@ -335,6 +328,10 @@ def main(argv=None):
     print(f"\n{report(points, fit, max(6 * p['N'] * p['D'] for p in points))}")
     print(f"\n{len(points)} points, {wall:.0f} s; wrote {out / 'scaling_law.png'}, {out / 'scaling_law.csv'}")
     return 0
+
+
+def main(argv=None):
+    return common.main("scaling_law.py", run, argv)
 
 
 if __name__ == "__main__":

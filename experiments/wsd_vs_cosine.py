@@ -9,7 +9,8 @@ For every peak lr of a grid (seed 1):
   - more 10% exponential decays from other points of the same trunk: the any-time figure (§4.3), whose
     lower envelope is fitted with L(C) = beta C^-alpha + L0 (Appendix B.2);
   - Cosine(T) to 10% of the peak (Appendix B.1) and Cosine(T) to 0, each its own run.
-Then the best lr of each family (WSD, Cosine to 10%, Cosine to 0) is trained again with seed 2.
+Then the best lr of each family (WSD, Cosine to 10%, Cosine to 0) is trained again with seed 2
+(and with each further seed of --seeds).
 
     python experiments/wsd_vs_cosine.py                  # cpu scale, ~10 min on 2 cores
     python experiments/wsd_vs_cosine.py --quick          # a 1-layer model, under a minute (the smoke test)
@@ -19,15 +20,14 @@ Writes to --out (default experiments/out): wsd_vs_cosine.png (schedules, Figure-
 wsd_anytime.png (the envelope and its fit), wsd_vs_cosine.csv (every logged row of every run),
 wsd_vs_cosine_grid.csv (each run's final loss: the full grid) and wsd_vs_cosine_runs/<run>/.
 """
-import argparse
 import csv
-import os
 import pathlib
 import shutil
 import sys
 import time
 
-from common import RunFailed, add_data_flags, fail, pyplot, read_metrics, run_parallel
+import common
+from common import RunFailed, eval_flags, fail, pyplot, read_metrics, run_parallel
 import data  # noqa: E402  (after common, which puts the repo root on the path)
 
 # cpu: 2 layers of width 64 on bytes: 86,336 non-embedding parameters (the 257 x 64 embedding is 16K
@@ -53,38 +53,19 @@ FINAL_FRAC = 0.02                    # both decay shapes end at 2% of the peak, 
 ANYTIME = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)   # any-time decays end at these fractions of the longer T
 
 
-def non_embedding_params(n_layer, n_embd, n_head, n_kv_head, ffn_dim):
-    """N of the paper's scaling laws, the non-embedding parameters (tests check it against minicpm.py)."""
-    # attention q/o (n_head heads) and k/v (n_kv_head heads, grouped), the SwiGLU's three matrices, two
-    # RMSNorm gains per layer and the final one; tokens per parameter are counted against this N (§4.5)
-    hd = n_embd // n_head
-    return n_layer * (2 * n_embd * n_head * hd + 2 * n_embd * n_kv_head * hd + 3 * n_embd * ffn_dim + 2 * n_embd) + n_embd
-
-
-def eval_flags(tokens, batch, seq):
-    # A fixed validation set of `tokens` tokens spread over the val split: the same windows at every
-    # evaluation, for every run and every seed, so differences between runs are the runs'.
-    return ["--eval_tokens", tokens]   # batch, seq unused since --eval_tokens: kept so callers need not change
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the quick scale: under a minute")
-    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu"), help="model, batch and horizons")
-    add_data_flags(p)   # --out, --source, --tokenizer, --data_dir
+    p = common.parser(__doc__)
+    # 2 seeds by default: the verdict must hold for both, and a third would not fit the 10-minute budget
+    common.add_common_flags(p, seeds_help="; the first sweeps the whole lr grid, the others rerun each "
+                            "family's best lr")
+    common.add_data_flags(p)   # --source, --tokenizer, --data_dir
     p.add_argument("--lrs", help="comma-separated peak lrs (default: the scale's grid)")
-    p.add_argument("--seeds", default="1337,1338", help="first seed: the whole grid; second: each family's best lr")
     p.add_argument("--device", default="cpu", help="passed to train.py")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: the CPU count)")
-    args = p.parse_args(argv)
-    # two seeds, no more: the verdict must hold for both, and a third would not fit the 10-minute budget
+    args = common.parse(p, argv)
     try:
         args.lrs = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else None
-        args.seeds = tuple(int(x) for x in args.seeds.split(","))
     except ValueError:
-        p.exit(2, f"{p.prog}: --lrs and --seeds take comma-separated numbers, e.g. --lrs 0.0025,0.005,0.01\n")
-    if len(args.seeds) != 2:
-        p.exit(2, f"{p.prog}: --seeds takes two seeds, e.g. --seeds 1337,1338\n")
+        raise common.UsageError(f"--lrs {args.lrs}: give comma-separated numbers, e.g. --lrs 0.0025,0.005,0.01") from None
     return args
 
 
@@ -99,7 +80,7 @@ def base_flags(args, setup, lr, seed):
             "--seq_len", setup["seq"], "--source", args.source, "--tokenizer", args.tokenizer,
             "--data_dir", args.data_dir, "--device", args.device, "--lr", lr, "--seed", seed,
             "--warmup_steps", setup["warmup"],   # the same warmup for every run: only the decay differs
-            "--eval_interval", setup["eval_interval"], *eval_flags(setup["eval_tokens"], setup["batch"], setup["seq"]),
+            "--eval_interval", setup["eval_interval"], *eval_flags(setup["eval_tokens"]),
             "--log_interval", setup["log_interval"], "--ckpt_interval", 10**9]   # checkpoints only at segment ends
 
 
@@ -161,7 +142,7 @@ def run_phase(args, setup, runs_dir, plan):
             runs.update(info)
     steps = lambda job: sum(int(a[a.index("--max_steps") + 1]) for a, _ in job)
     # longest first: the pool ends on short jobs instead of one worker idling while the other runs a long one
-    run_parallel(sorted(jobs, key=steps, reverse=True), workers=args.workers)
+    run_parallel(sorted(jobs, key=steps, reverse=True), workers=common.workers(args))
     for name, info in runs.items():
         # a branch's folder starts with its trunk's history (train.py --resume into another --out_dir):
         # keep only what the branch itself trained, the steps after its branch point k
@@ -260,8 +241,8 @@ def family(arm):
 
 def paired_differences(pts, best, seeds, totals):
     """{arm: {(T, seed): loss - Cosine(T) to 10% loss}}, each at its family's best lr."""
-    # the seed sets the validation windows too (train.py evaluates on windows of seed + 1), so only
-    # same-seed differences compare like with like; the two seeds' differences give the spread
+    # same-seed differences pair the runs: the same init and batches (the validation windows are the
+    # same for every seed), so the seed's own luck cancels; the seeds' differences give the spread
     ref = lambda T, s: pts.get(("Cosine(T) to 10%", T, best["cos10"], s))
     return {arm: {(T, s): pts[(arm, T, best[family(arm)], s)] - ref(T, s) for T in totals for s in seeds
                   if (arm, T, best[family(arm)], s) in pts and ref(T, s) is not None}
@@ -272,7 +253,8 @@ def verdict_table(pts, best, seeds, totals, tokens_per_step, n_params):
     """Markdown: each arm at its family's best lr: its loss and its difference from Cosine(T) to 10%."""
     # per seed, never averaged: the verdict must hold for each seed (a negative difference: the arm is better)
     diffs = paired_differences(pts, best, seeds, totals)
-    head = [f"T = {T} ({T * tokens_per_step / n_params:.1f} N): loss, seeds {seeds[0]} / {seeds[1]}" for T in totals]
+    head = [f"T = {T} ({T * tokens_per_step / n_params:.1f} N): loss, seeds {' / '.join(map(str, seeds))}"
+            for T in totals]
     head += [f"T = {T}: minus Cosine 10%, per seed" for T in totals]
     lines = ["| arm (its best lr) | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for arm in ARMS:
@@ -339,14 +321,14 @@ def plot(runs, pts, best, seeds, lrs, totals, path):
     sw_ax.set_xscale("log")
     sw_ax.set(xlabel="peak lr", ylabel="final validation loss", title=f"lr sweep, seed {s1} (dashed: shorter T)")
     sw_ax.legend(fontsize=7)
-    # the verdict: each arm minus Cosine(T) to 10% at the same T and seed (the same validation windows),
+    # the verdict: each arm minus Cosine(T) to 10% at the same T and seed (the same init and batches),
     # every arm at its family's best lr; one marker per seed shows the spread
     for arm, d in paired_differences(pts, best, seeds, totals).items():
         for (T, seed), v in d.items():
-            d_ax.plot(v, arm, "o" if seed == s1 else "s", color=color[T], ms=6, alpha=0.8,
+            d_ax.plot(v, arm, "osD^v"[seeds.index(seed) % 5], color=color[T], ms=6, alpha=0.8,
                       label=f"T={T}, seed {seed}" if arm.startswith("stable") else None)
     d_ax.axvline(0, color="k", lw=0.8)
-    d_ax.set(xlabel="loss minus Cosine(T) to 10% (nats/byte; < 0: better)", title="each arm at its best lr, both seeds")
+    d_ax.set(xlabel="loss minus Cosine(T) to 10% (nats/byte; < 0: better)", title="each arm at its best lr, every seed")
     d_ax.legend(fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -360,7 +342,7 @@ def plot_anytime(runs, best, seeds, fits, n_params, path):
     fig, ax = plt.subplots(figsize=(8, 5.5))
     flops = lambda tokens: 6 * n_params * tokens   # C = 6 N D, N non-embedding (§4.5)
     # per seed: the trunk (constant lr) and its 10% exp decays; the decays' ends lie below the trunk (§4.3)
-    for seed, mk in zip(seeds, ("o", "s")):
+    for seed, mk in zip(seeds, "osD^v" * len(seeds)):
         trunk = runs[f"wsd_lr{best['wsd']:g}_s{seed}"]
         tv = [(flops(r["tokens"]), r["val_loss"]) for r in trunk["rows"] if "val_loss" in r and r["step"] > 0]
         ax.plot(*zip(*tv), color="k", lw=1.5 if seed == seeds[0] else 0.7, label=f"stable trunk, seed {seed}")
@@ -370,7 +352,7 @@ def plot_anytime(runs, best, seeds, fits, n_params, path):
                 pts = [(flops(r["tokens"]), r["val_loss"]) for r in run["rows"] if "val_loss" in r]
                 ax.plot(*zip(*pts), color="C0", lw=0.8)
                 ax.plot(*pts[-1], mk, color="C0", ms=6)
-    for (seed, fit), ls in zip(fits.items(), ("--", ":")):
+    for (seed, fit), ls in zip(fits.items(), ["--", ":", "-."] * len(fits)):
         C = np.geomspace(fit["C0"], max(flops(r["tokens"]) for r in trunk["rows"]) * 1.5, 200)
         ax.plot(C, fit["beta"] * (C / fit["C0"]) ** -fit["alpha"] + fit["L0"], "r", ls=ls,
                 label=f"seed {seed}: L = {fit['beta']:.3f} (C/C0)^-{fit['alpha']:.3f} + {fit['L0']:.3f}, C0 = {fit['C0']:.2e}")
@@ -385,13 +367,31 @@ def plot_anytime(runs, best, seeds, fits, n_params, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def train_all(args, setup, runs_dir, lrs, seeds):
+    """Phase 1: the whole lr grid, first seed; phase 2: each family's best lr, every other seed."""
+    # the other seeds rerun only the best lrs: the grid is what costs, and the verdict compares each
+    # family at its own best lr, so that is what every seed must confirm
+    t0 = time.time()
+    try:
+        runs = run_phase(args, setup, runs_dir, [(lr, seeds[0], fam) for lr in lrs for fam in ("wsd", "cos10", "cos0")])
+        print(f"  lr grid done ({time.time() - t0:.0f} s)", flush=True)
+        best = best_lrs(grid_points(runs, setup["totals"]), seeds[0], lrs, setup["totals"])
+        if seeds[1:]:
+            runs.update(run_phase(args, setup, runs_dir, [(lr, s, fam) for s in seeds[1:] for fam, lr in best.items()]))
+    except RunFailed as e:
+        fail(str(e))
+    return runs, best, time.time() - t0
+
+
+def run(argv):
+    args = parse_args(argv)
     setup = SCALES["quick" if args.quick else args.scale]
-    lrs, totals, seeds = sorted(args.lrs or setup["lrs"]), setup["totals"], args.seeds
-    n_params = non_embedding_params(**setup["model"])   # N: horizons are read as tokens per parameter
+    lrs, totals, seeds = sorted(args.lrs or setup["lrs"]), setup["totals"], common.seed_list(args)
+    n_params = common.non_embedding_params(setup["model"])   # N: horizons are read as tokens per parameter
     tokens_per_step = setup["batch"] * setup["seq"]
-    out = pathlib.Path(args.out)
+    # bad flags stop here, before the old runs are deleted
+    out = common.check_out(args.out)
+    common.check_data(args)
     runs_dir = out / "wsd_vs_cosine_runs"
     shutil.rmtree(runs_dir, ignore_errors=True)   # every run gets a fresh folder
     out.mkdir(parents=True, exist_ok=True)
@@ -400,18 +400,10 @@ def main(argv=None):
     # prepare the data here, once: in the pool's workers data.py could not start its own pool,
     # and two workers would prepare the same folder at once
     data.prepare(args.source, args.tokenizer, args.data_dir, quiet=True)
-    t0 = time.time()
-    try:   # phase 1: the whole lr grid, first seed; phase 2: each family's best lr, second seed
-        runs = run_phase(args, setup, runs_dir, [(lr, seeds[0], fam) for lr in lrs for fam in ("wsd", "cos10", "cos0")])
-        print(f"  lr grid done ({time.time() - t0:.0f} s)", flush=True)
-        best = best_lrs(grid_points(runs, totals), seeds[0], lrs, totals)
-        runs.update(run_phase(args, setup, runs_dir, [(lr, seeds[1], fam) for fam, lr in best.items()]))
-    except RunFailed as e:
-        fail(str(e))
-    wall = time.time() - t0
+    runs, best, wall = train_all(args, setup, runs_dir, lrs, seeds)
     pts = grid_points(runs, totals)
-    # any-time: the ends of the 10% exp decays of the best WSD trunk (both seeds) are the envelope
-    # (fitted per seed: the seeds' validation windows differ, see paired_differences)
+    # any-time: the ends of the 10% exp decays of the best WSD trunk (every seed) are the envelope,
+    # fitted per seed: each seed's trunk is a run of its own (its init and batches)
     fits = {}
     for seed in seeds:
         env = [(6 * n_params * final(r)[2], final(r)[0]) for r in runs.values() if r["family"] == "wsd"
@@ -421,9 +413,9 @@ def main(argv=None):
     plot(runs, pts, best, seeds, lrs, totals, out / "wsd_vs_cosine.png")
     plot_anytime(runs, best, seeds, fits, n_params, out / "wsd_anytime.png")
     print(f"\nbest lr: WSD {best['wsd']:g}, Cosine to 10% {best['cos10']:g}, Cosine to 0 {best['cos0']:g}; "
-          f"{len(runs)} runs in {wall:.0f} s on {args.workers or os.cpu_count()} workers")
-    print(f"\nfinal validation loss (nats/byte) at each family's best lr, seeds {seeds[0]} and {seeds[1]} "
-          f"(mean ± half the difference):\n{verdict_table(pts, best, seeds, totals, tokens_per_step, n_params)}")
+          f"{len(runs)} runs in {wall:.0f} s on {common.workers(args)} workers")
+    print(f"\nfinal validation loss (nats/byte) at each family's best lr, seeds {', '.join(map(str, seeds))}:"
+          f"\n{verdict_table(pts, best, seeds, totals, tokens_per_step, n_params)}")
     print(f"\nlr sweep, seed {seeds[0]}:\n{sweep_table(pts, lrs, seeds[0], totals)}")
     for seed, fit in fits.items():
         e = fit["err"]
@@ -432,6 +424,10 @@ def main(argv=None):
     print(f"\nwrote {out / 'wsd_vs_cosine.png'}, {out / 'wsd_anytime.png'}, {out / 'wsd_vs_cosine.csv'}, "
           f"{out / 'wsd_vs_cosine_grid.csv'}; runs in {runs_dir}")
     return 0
+
+
+def main(argv=None):
+    return common.main("wsd_vs_cosine.py", run, argv)
 
 
 if __name__ == "__main__":

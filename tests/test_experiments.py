@@ -1,10 +1,12 @@
 """Smoke tests of the scripts in experiments/: each runs in --quick mode on a small corpus and its
 outputs are checked for the claims the experiment rests on; the fitting code is checked on points
-generated from the formula it fits."""
+generated from the formula it fits. Then the flags every experiment shares, parsed, and bad input
+refused before anything is deleted or written."""
 import csv
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,6 +17,11 @@ import torch
 import wsd
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import batch_size  # noqa: E402
+import common  # noqa: E402
+import long_context  # noqa: E402
+import moe_upcycling  # noqa: E402
+import mup_transfer  # noqa: E402
 import scaling_law  # noqa: E402
 import wsd_vs_cosine  # noqa: E402
 
@@ -47,13 +54,16 @@ def by_run(path):
     return runs
 
 
-@pytest.mark.parametrize("shape", [dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160),
-                                   dict(n_layer=3, n_embd=96, n_head=6, n_kv_head=3, ffn_dim=256)])
-def test_non_embedding_params_match_the_model(shape):
-    from minicpm import MiniCPM, MiniCPMConfig
-    model = MiniCPM(MiniCPMConfig(vocab_size=257, block_size=64, **shape))
-    assert wsd_vs_cosine.non_embedding_params(**shape) == model.num_params(non_embedding=True)
-    assert scaling_law.non_embedding_params(**shape) == model.num_params(non_embedding=True)
+# N by hand: per layer q, o (d x d each), k, v (d x kv_heads * head_dim each), the SwiGLU's three
+# d x ffn matrices, two RMSNorm gains of d; then the final norm. d 64, 4 heads of 16, 2 KV heads, ffn 160:
+# 2 x 4,096 + 2 x 2,048 + 3 x 10,240 + 128 = 43,136 per layer; x 2 + 64 = 86,336 (wsd_vs_cosine's cpu
+# model). d 96, 6 heads of 16, 3 KV heads, ffn 256: 2 x 9,216 + 2 x 4,608 + 3 x 24,576 + 192 = 101,568;
+# x 3 + 96 = 304,800.
+@pytest.mark.parametrize("shape, N", [(dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160), 86_336),
+                                      (dict(n_layer=3, n_embd=96, n_head=6, n_kv_head=3, ffn_dim=256), 304_800)])
+def test_non_embedding_params_by_hand(shape, N):
+    assert common.non_embedding_params(shape) == N
+    assert common.non_embedding_params(shape, vocab_size=50_000) == N   # the embedding is not in N
 
 
 def test_wsd_vs_cosine_quick(repo_root, tmp_path):
@@ -164,7 +174,7 @@ def test_scaling_law_from_run_folders(repo_root, tmp_path):
               dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=2, ffn_dim=256)]
     folders = []
     for i, shape in enumerate(shapes):
-        N = scaling_law.non_embedding_params(**shape)
+        N = common.non_embedding_params(shape)
         for m in (10, 20, 40, 60):
             D = m * N
             L = TRUE["C_N"] * N ** -TRUE["alpha"] + TRUE["C_D"] * D ** -TRUE["beta"] + TRUE["L0"]
@@ -172,7 +182,8 @@ def test_scaling_law_from_run_folders(repo_root, tmp_path):
             folder.mkdir()
             (folder / "metrics.jsonl").write_text(json.dumps(dict(step=1, tokens=D // 2, lr=0.01, train_loss=9.0)) + "\n"
                                                   + json.dumps(dict(step=2, tokens=D, val_loss=L * math.log(2), val_bpb=L)) + "\n")
-            torch.save(dict(model_config=dict(shape, vocab_size=257, block_size=128)), folder / "ckpt.pt")
+            # a checkpoint of train.py's format (no weights needed: N comes from the config)
+            torch.save(dict(model={}, model_config=dict(shape, vocab_size=257, block_size=128), step=2), folder / "ckpt.pt")
             folders.append(str(folder))
     proc = subprocess.run([sys.executable, "experiments/scaling_law.py", "--out", str(tmp_path / "out"), "--from", *folders],
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
@@ -205,3 +216,122 @@ def test_scaling_law_quick(repo_root, tmp_path):
         assert rows[-1]["lr"] == wsd.wsd(T - 1, lr_max=setup["lr"], warmup=setup["warmup"], decay_start=k,
                                          decay_steps=T - k, final_frac=scaling_law.FINAL_FRAC)
     assert "alpha =" in stdout and "compute-optimal D/N" in stdout
+
+
+class CreatesMarker:
+    """A pickle payload: unpickled in full (torch.load weights_only=False), it creates a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))   # unpickling calls open(path, "w"): code run by loading
+
+
+def test_scaling_law_from_never_unpickles_code(repo_root, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps(dict(step=2, tokens=100, val_loss=2.0, val_bpb=2.9)) + "\n")
+    marker = tmp_path / "pwned"
+    torch.save(dict(model={}, model_config=CreatesMarker(str(marker)), step=2), folder / "ckpt.pt")
+    # the control: a full unpickle does run the payload, so the file below is a live one
+    torch.load(folder / "ckpt.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    proc = subprocess.run([sys.executable, "experiments/scaling_law.py", "--out", str(tmp_path / "out"),
+                           "--from", str(folder)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--from" in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the shared flags
+
+# every experiment, the folder its runs go to under --out, and its default seed count (1: the designs
+# that train one seed, so their default runs stay the published ones)
+EXPERIMENTS = [(wsd_vs_cosine, "wsd_vs_cosine_runs", 2), (scaling_law, "scaling_law_runs", 1),
+               (mup_transfer, "mup_transfer_runs", 2), (batch_size, "batch_size_runs", 1),
+               (moe_upcycling, "runs/moe_upcycling", 2), (long_context, "runs/long_context", 2)]
+DATA_SCRIPTS = [e for e in EXPERIMENTS if e[0] is not long_context]   # long_context makes its own corpus
+
+
+@pytest.mark.parametrize("module, runs, n_seeds", EXPERIMENTS, ids=lambda e: getattr(e, "__name__", None))
+def test_every_experiment_parses_the_shared_flags_alike(module, runs, n_seeds, tmp_path):
+    args = module.parse_args(["--quick", "--scale", "gpu", "--out", str(tmp_path), "--seed", "7", "--seeds", "3",
+                              "--workers", "5"])
+    assert (args.quick, args.scale, args.out, args.seed, args.seeds, args.workers) == (True, "gpu", str(tmp_path), 7, 3, 5)
+    assert common.seed_list(args) == [7, 8, 9] and common.workers(args) == 5
+    default = module.parse_args([])
+    assert (default.quick, default.scale, default.seed, default.seeds, default.workers) == (False, "cpu", 1337, n_seeds, 0)
+    assert pathlib.Path(default.out) == pathlib.Path(__file__).resolve().parents[1] / "experiments" / "out"
+    # --workers 0: one process per CPU core, but one at --scale gpu (the runs take the GPU in turn)
+    assert common.workers(default) == os.cpu_count()
+    assert common.workers(module.parse_args(["--scale", "gpu"])) == 1
+    assert common.workers(module.parse_args(["--scale", "gpu", "--quick"])) == os.cpu_count()
+    if module is not long_context:
+        assert (default.source, default.tokenizer) == ("stdlib", "byte")
+
+
+def seeds_in(jobs):
+    return sorted({int(argv[argv.index("--seed") + 1]) for job in jobs for argv, _ in job if "--seed" in argv})
+
+
+def test_seeds_count_from_seed_in_the_runs_built(tmp_path):
+    # --seed 7 --seeds 3: the trunks of 7, 8 and 9 (moe_upcycling, long_context build their jobs purely)
+    args = moe_upcycling.parse_args(["--quick", "--seed", "7", "--seeds", "3"])
+    trunks, conts, _, _ = moe_upcycling.plan(args, moe_upcycling.SCALES["quick"], tmp_path, 0.7)
+    assert seeds_in(trunks) == [7, 8, 9] and len(trunks) == 3
+    args = long_context.parse_args(["--quick", "--seed", "7", "--seeds", "3"])
+    trunks, cts, arms = long_context.plan(args, long_context.SCALES["quick"], tmp_path, "s.jsonl", "l.jsonl")
+    assert seeds_in(trunks) == seeds_in(cts) == [7, 8, 9] and {s for _, s in arms} == {7, 8, 9}
+
+
+@pytest.mark.parametrize("argv, message", [(["--seeds", "0"], "--seeds 0"), (["--seeds", "1337,1338"], "not a count"),
+                                           (["--workers", "-1"], "--workers -1"), (["--scale", "tpu"], "--scale")])
+@pytest.mark.parametrize("module", [e[0] for e in EXPERIMENTS], ids=lambda m: m.__name__)
+def test_bad_shared_flags_are_one_line(module, argv, message, capsys):
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith(module.__name__ + ".py: ")
+
+
+# ----------------------------------------------------------------------------- refused before any delete
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder, and its folders: to compare byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def old_runs(out, runs):
+    """An --out holding a previous call's runs (a file in a run folder), as a user's would."""
+    run = out / runs / "old_run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "val_loss": 2.5}\n')
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("module, runs, _", DATA_SCRIPTS, ids=lambda e: getattr(e, "__name__", None))
+@pytest.mark.parametrize("flag, value", [("--source", "/nonexistent/corpus"), ("--tokenizer", "bpe:12"),
+                                         ("--data_dir", "FILE")])
+def test_bad_data_flags_delete_nothing(module, runs, _, flag, value, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = old_runs(out, runs)
+    (tmp_path / "file").write_text("not a folder")
+    value = str(tmp_path / "file") if value == "FILE" else value
+    assert module.main(["--quick", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(module.__name__ + ".py: ")
+    assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["file", "out"]
+
+
+@pytest.mark.parametrize("module, runs, _", EXPERIMENTS, ids=lambda e: getattr(e, "__name__", None))
+@pytest.mark.parametrize("where", ["a file", "under a file", "/proc"])
+def test_bad_out_is_one_line_and_writes_nothing(module, runs, _, where, tmp_path, capsys):
+    if where == "/proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this system")   # Linux's: a folder nobody can make anything in
+    (tmp_path / "file").write_text("not a folder")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out", "/proc": pathlib.Path("/proc")}[where]
+    before = snapshot(tmp_path)
+    assert module.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}" in err
+    assert snapshot(tmp_path) == before
