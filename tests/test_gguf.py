@@ -28,6 +28,8 @@ TEXT = open(f"{ROOT}/train.py", encoding="utf-8").read()   # real text for a sma
 
 def save_ckpt(folder, vocab_size=300, spec="bpe:300", seed=0, **model):
     """A train.py-style checkpoint: random weights (random norm gains), GQA, untied head."""
+    # init_std 0.5 gives sharp logits, GQA makes k_proj's interleave differ from q_proj's, and the
+    # untied head must be divided by m while the embedding is multiplied by scale_emb
     if spec.startswith("bpe:"):
         vocab, _ = data.learn_bpe(collections.Counter(data.split_chunks(TEXT)), vocab_size - 1)
         data.write_rank_file(folder / "tokenizer.tiktoken", vocab)
@@ -45,6 +47,7 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     model = save_ckpt(folder, rope_theta=5e5, rope_scaling="linear", rope_factor=2.0)
     readers = {}
+    # through the command line, as a user runs it: the flags, the checks and the atomic write included
     for dtype in export.GGUF_DTYPES:
         path = folder / f"model-{dtype}.gguf"
         assert export.main(["--ckpt", str(folder), "--gguf", str(path), "--gguf_dtype", dtype]) == 0
@@ -53,6 +56,7 @@ def exported(tmp_path_factory):
 
 
 def value(reader, key):
+    # contents(): the field decoded (a string, a number, a list), as llama.cpp's gguf_get_* would
     return reader.fields[key].contents()
 
 
@@ -90,6 +94,7 @@ def rotate_half_rows(w, n_heads):
 @pytest.mark.parametrize("dtype,rtol", [("f32", 0.0), ("f16", 2 ** -11), ("bf16", 2 ** -8)])
 def test_every_tensor_is_the_folded_one(exported, dtype, rtol):
     model, _, readers = exported
+    # hf.llama_state is the fold test_hf.py checks against transformers: the file must hold exactly it
     cfg, folded = model.config, hf.llama_state(model)
     names = llama_names(cfg.n_layer)
     tensors = {t.name: t for t in readers[dtype].tensors}
@@ -142,6 +147,7 @@ def llama_cpp_reference(reader, ids):
 
 def test_the_file_computes_our_logits_with_llama_cpps_formulas(exported):
     model, _, readers = exported
+    # a wrong row order, a missing multiplier or a swapped head count each change these logits
     ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(0))
     theirs = torch.from_numpy(llama_cpp_reference(readers["f32"], ids.numpy()))
     ours = copy.deepcopy(model).double()(ids[None])[0][0]
@@ -152,6 +158,8 @@ def test_the_file_computes_our_logits_with_llama_cpps_formulas(exported):
 
 def test_metadata_is_what_llama_cpp_reads(exported):
     model, folder, readers = exported
+    # the keys llama.cpp's loader reads for LLM_ARCH_LLAMA, with the values our config means; a key it
+    # lacks falls back to a default (e.g. no add_bos_token: llama-bpe adds a BOS our model never saw)
     cfg, reader = model.config, readers["f32"]
     expected = {"general.architecture": "llama", "llama.context_length": cfg.block_size,
                 "llama.embedding_length": cfg.n_embd, "llama.block_count": cfg.n_layer,
@@ -194,6 +202,7 @@ def test_refusals_are_one_line_and_write_nothing(exported, tmp_path, capsys):
     moe.mkdir()
     save_ckpt(moe, vocab_size=257, spec="byte", n_experts=4, top_k=2)
     capsys.readouterr()
+    # each refusal names what to change, and comes before the file (or its temporary) is opened
     cases = [(["--ckpt", str(folder), "--gguf", str(tmp_path / "a.gguf"), "--gguf_dtype", "q8_0"], "--gguf_dtype"),
              (["--ckpt", str(folder), "--gguf", str(tmp_path)], "is a folder"),
              (["--ckpt", str(folder), "--gguf", str(tmp_path / "taken.gguf")], "--overwrite"),
@@ -207,6 +216,8 @@ def test_refusals_are_one_line_and_write_nothing(exported, tmp_path, capsys):
 
 
 def test_unknown_pre_split_is_refused():
+    # GPT-2's split ("gpt-2" in llama.cpp) differs from ours on digits and code: a wrong name would
+    # tokenize differently without any error, so only the pattern known to match is named
     gpt2_split = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     with pytest.raises(UsageError, match="no llama.cpp pre-tokenizer") as e:
         export.gguf_pre(gpt2_split)

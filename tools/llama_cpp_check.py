@@ -135,22 +135,28 @@ def run_binary(bin_dir, name, *args):
 # ----------------------------------------------------------------------------- (a) tokens
 
 def check_tokens(bin_dir, gguf_path, enc, work):
-    """llama-tokenize against our tokenizer on every sample -> the number that differ."""
+    """llama-tokenize against our tokenizer on every sample, two ways -> the number of texts that differ."""
+    # with special tokens read (llama-tokenize's default and llama-completion's prompts; sample.py's
+    # prompts too) and without (--no-parse-special; tiktoken's encode_ordinary, i.e. training data)
     bad = 0
     for i, text in enumerate(SAMPLES):
         path = os.path.join(work, f"text{i}.txt")
         with open(path, "wb") as f:   # bytes: CR and CRLF must reach llama.cpp as written
             f.write(text.encode())
-        # -f is read verbatim; --no-escape keeps "\n" typed in code as two characters; --no-bos: the text alone
-        out = run_binary(bin_dir, "llama-tokenize", "-m", gguf_path, "-f", path, "--ids", "--no-bos",
-                         "--no-escape", "--log-disable")
-        theirs = [int(t) for t in out.strip().splitlines()[-1].strip("[]").split(",") if t.strip()]
-        ours = enc.encode_ordinary(text)
-        bad += ours != theirs
-        print(f"  tokens {'same' if ours == theirs else 'DIFFER'}: {len(ours):3d} ids  {text[:48]!r}")
-        if ours != theirs:
-            k = first_difference(ours, theirs)
-            print(f"    first difference at {k}: ours {piece(enc, ours, k)}, llama.cpp's {piece(enc, theirs, k)}")
+        same = []
+        for flags, ours in (([], enc.encode(text, allowed_special={tokenizer.EOT})),
+                            (["--no-parse-special"], enc.encode_ordinary(text))):
+            # -f is read verbatim; --no-escape keeps a typed "\n" two characters; --no-bos: the text alone
+            out = run_binary(bin_dir, "llama-tokenize", "-m", gguf_path, "-f", path, "--ids", "--no-bos",
+                             "--no-escape", "--log-disable", *flags)
+            theirs = [int(t) for t in out.strip().splitlines()[-1].strip("[]").split(",") if t.strip()]
+            same.append(ours == theirs)
+            if ours != theirs:
+                k = first_difference(ours, theirs)
+                print(f"    {' '.join(flags) or 'specials read'}: first difference at {k}: ours {piece(enc, ours, k)}, "
+                      f"llama.cpp's {piece(enc, theirs, k)}")
+        bad += not all(same)
+        print(f"  tokens {'same' if all(same) else 'DIFFER'}: {len(ours):3d} ids  {text[:48]!r}")
     return bad
 
 
@@ -179,9 +185,14 @@ def llama_greedy(bin_dir, gguf_path, prompt, n, cfg, work, i):
     prompt_path, session = os.path.join(work, f"prompt{i}.txt"), os.path.join(work, f"session{i}.bin")
     with open(prompt_path, "wb") as f:
         f.write(prompt.encode())
-    # -no-cnv: plain completion, no chat template; the session file is written at the end, all ids in it
+    if os.path.exists(session):   # an existing one would be loaded as a cache of this prompt
+        os.unlink(session)
+    # -no-cnv: plain completion, no chat template; the session file is written at the end, all ids in it.
+    # The KV cache is f16 by default (keys and values rounded to 11 bits: ties of a small model's logits
+    # then break the other way): f32, and no flash attention, so that only the file's dtype rounds
     run_binary(bin_dir, "llama-completion", "-m", gguf_path, "-f", prompt_path, "-n", str(n), "--temp", "0",
                "-no-cnv", "--no-escape", "--seed", "0", "-t", str(cfg.threads), "--no-warmup",
+               "-ctk", "f32", "-ctv", "f32", "-fa", "off",
                "--prompt-cache", session, "--prompt-cache-all", "--log-disable")
     return read_session(session)
 
@@ -191,10 +202,11 @@ def check_greedy(bin_dir, gguf_path, model, enc, cfg, work):
     bad = 0
     for i, prompt in enumerate(PROMPTS):
         ids = enc.encode(prompt, allowed_special={tokenizer.EOT})   # as sample.py encodes a prompt
-        ours = sample.generate(model, ids, cfg.max_new_tokens, temperature=0, stop_id=enc.eot_token)
+        n = min(cfg.max_new_tokens, model.config.block_size - len(ids))   # sample.py's cap: within block_size
+        ours = sample.generate(model, ids, n, temperature=0, stop_id=enc.eot_token)
         # sample.py drops the end-of-text it stops at; llama.cpp evaluates it: put it back to compare
-        ours = ours + [enc.eot_token] * (len(ours) < cfg.max_new_tokens)
-        theirs = llama_greedy(bin_dir, gguf_path, prompt, cfg.max_new_tokens, cfg, work, i)
+        ours = ours + [enc.eot_token] * (len(ours) < n)
+        theirs = llama_greedy(bin_dir, gguf_path, prompt, n, cfg, work, i)
         prompt_same, theirs = theirs[:len(ids)] == ids, theirs[len(ids):]
         same = prompt_same and ours == theirs
         bad += not same
