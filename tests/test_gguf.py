@@ -7,6 +7,7 @@ import collections
 import copy
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +224,19 @@ def test_unknown_pre_split_is_refused():
         export.gguf_pre(gpt2_split)
     assert "\n" not in str(e.value)
     assert export.gguf_pre(tokenizer.GPT4_SPLIT) == "llama-bpe"
+
+
+def test_llama_cpp_check_downloads_nothing(exported, tmp_path, capsys):
+    # tools/llama_cpp_check.py without a cached build: it names the one command that fetches the
+    # sdist, and a file that is not one is refused; both before any build starts
+    sys.path.insert(0, f"{ROOT}/tools")
+    import llama_cpp_check
+    _, folder, _ = exported
+    (tmp_path / "not-an-sdist.tar.gz").write_bytes(b"plain bytes")
+    capsys.readouterr()
+    assert llama_cpp_check.main(["--ckpt", str(folder), "--cache", str(tmp_path / "cache")]) == 2
+    assert "pip download llama-cpp-python==0.3.36" in capsys.readouterr().err
+    assert llama_cpp_check.main(["--ckpt", str(folder), "--cache", str(tmp_path / "cache"),
+                                 "--sdist", str(tmp_path / "not-an-sdist.tar.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not a readable .tar.gz" in err

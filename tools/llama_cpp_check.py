@@ -110,15 +110,15 @@ def build(cache, sdist):
 
 def extract(sdist, into):
     """The sdist's vendor/llama.cpp folder, extracted under into -> its path."""
-    shutil.rmtree(into, ignore_errors=True)
     try:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
             if not members:
                 raise UsageError(f"--sdist {sdist} holds no vendor/llama.cpp: not a llama-cpp-python sdist")
+            shutil.rmtree(into, ignore_errors=True)   # only now: a bad --sdist leaves the cache as it was
             tar.extractall(into, members=members, filter="data")   # "data": no paths outside into, no devices
-    except tarfile.TarError as e:
-        raise UsageError(f"--sdist {sdist} is not a readable .tar.gz ({e})") from None
+    except tarfile.TarError as e:   # its message lists every compression tried, one per line
+        raise UsageError(f"--sdist {sdist} is not a readable .tar.gz ({type(e).__name__})") from None
     top = members[0].name.split("/")[0]
     return os.path.join(into, top, "vendor", "llama.cpp")
 
