@@ -260,9 +260,11 @@ def export_gguf(cfg):
         print(f"export.py: note: llama.cpp has no dynamic NTK RoPE for llama: the file computes our logits up to "
               f"context_length {model.config.block_size}, not beyond", file=sys.stderr)
     spec = ckpt["tokenizer"]["spec"]
+    # a released tokenizer.json is sentencepiece-style: llama.cpp's "llama" vocabulary merges by piece
+    # scores, which tokenizer.json does not hold; tiktoken's named ones need their own pre-split names
     if spec != "byte" and not spec.startswith("bpe:"):
-        raise UsageError(f"--gguf writes this project's tokenizers (bpe:N, byte), not {spec}: "
-                         "export a Hugging Face folder (--llama) and use llama.cpp's convert_hf_to_gguf.py")
+        raise UsageError(f"--gguf writes this project's tokenizers (bpe:N, byte), not {spec} (a released or named "
+                         "vocabulary: its scores or split are not ours): export --llama and use llama.cpp's convert_hf_to_gguf.py")
     enc = tokenizer.load_tokenizer(spec, checkpoint.rank_file_path(ckpt))
     pre = gguf_pre(enc._pat_str)   # tiktoken keeps the regex only in this attribute
     gguf = import_gguf()

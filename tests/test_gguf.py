@@ -240,3 +240,15 @@ def test_llama_cpp_check_downloads_nothing(exported, tmp_path, capsys):
                                  "--sdist", str(tmp_path / "not-an-sdist.tar.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not a readable .tar.gz" in err
+
+
+def test_released_tokenizer_is_refused(tmp_path, capsys):
+    # a dpo.py run on a released folder records its tokenizer.json: not written to GGUF (see export.py)
+    save_ckpt(tmp_path, vocab_size=257, spec="byte")
+    ckpt = checkpoint.load(str(tmp_path))
+    ckpt["tokenizer"] = dict(spec="tokenizer.json", rank_file="tokenizer.json", eot_id=2, vocab_size=257)
+    torch.save({k: v for k, v in ckpt.items() if k != "path"}, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer.json" in err and not (tmp_path / "r.gguf").exists()
