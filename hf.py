@@ -1,6 +1,7 @@
 """The Hugging Face folder layouts, read and written exactly: MiniCPM's released one (config.json +
-pytorch_model.bin or *.safetensors, the released parameter names), and the Llama one that
-transformers' LlamaForCausalLM, vLLM and llama.cpp's converter load with no custom code.
+pytorch_model.bin or *.safetensors, the released parameter names), and the Llama one (config.json +
+model.safetensors) that transformers' LlamaForCausalLM, vLLM and llama.cpp's converter load with no
+custom code.
 
 The two differ only in where MiniCPM's muP multipliers (§3.1, Table 7) live. The released code
 applies them in the forward pass (h0 = embed * scale_emb, each branch x scale_depth / sqrt(L),
@@ -101,6 +102,15 @@ def check_llama(config):
                          "--llama, in MiniCPM-MoE's released layout (its modeling code: trust_remote_code)")
 
 
+def import_safetensors():
+    """safetensors' save_file, which writes the Llama layout's weights; a one-line error without it."""
+    try:
+        from safetensors.torch import save_file   # installed with transformers
+    except ImportError:
+        raise UsageError("--llama writes model.safetensors, which needs the safetensors package: pip install safetensors") from None
+    return save_file
+
+
 def llama_state(model):
     """Our state dict with the muP multipliers folded into the weights (the function is unchanged)."""
     # embedding x scale_emb: h0 = embed[ids] * scale_emb becomes a plain lookup
@@ -135,16 +145,31 @@ def llama_config(model, eos_id, bos_id=None):
 # ----------------------------------------------------------------------------- folders
 
 def save_hf(model, out_dir, tokenizer_record=None, llama=False, eos_id=EOS_ID):
-    """config.json + pytorch_model.bin, written atomically: MiniCPM's released layout, or Llama's."""
+    """config.json + weights, written atomically: MiniCPM's released layout (pytorch_model.bin), or
+    Llama's (model.safetensors, what every Llama reader takes first and which holds no code)."""
     # with a tokenizer record, tokenizer_record.json too (sample.py --hf reads it)
     # the state first: a model that has no such layout is refused before anything is written
-    if llama:
-        state, config = llama_state(model), llama_config(model, eos_id)
+    if llama:   # our end-of-text is BOS too: the documents' separator, and the only one a model saw
+        state, config, save_file = llama_state(model), llama_config(model, eos_id, bos_id=eos_id), import_safetensors()
     else:
         state, config = model.state_dict(), hf_config(model, eos_id)
     os.makedirs(out_dir, exist_ok=True)
     # on the CPU and contiguous: loadable on a machine without a GPU, and no views of bigger storages
-    atomic_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "pytorch_model.bin"))
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    weights, other = ("model.safetensors", "pytorch_model.bin") if llama else ("pytorch_model.bin", "model.safetensors")
+    if llama:   # to a temporary name, then renamed (as atomic_save): "format": "pt" is what transformers checks
+        tmp = os.path.join(out_dir, ".tmp-" + weights)
+        try:
+            save_file(state, tmp, metadata={"format": "pt"})   # from the tensors: no second copy in memory
+            os.replace(tmp, os.path.join(out_dir, weights))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        atomic_save(state, os.path.join(out_dir, weights))
+    if os.path.exists(os.path.join(out_dir, other)):   # an --overwrite of the other layout: one set of weights
+        os.unlink(os.path.join(out_dir, other))
     atomic_write_text(json.dumps(config, indent=2) + "\n", os.path.join(out_dir, "config.json"))
     if tokenizer_record:
         atomic_write_text(json.dumps(tokenizer_record, indent=2) + "\n", os.path.join(out_dir, "tokenizer_record.json"))
@@ -199,14 +224,17 @@ def read_hf_weights(ckpt_dir):
                 state.update(torch.load(os.path.join(ckpt_dir, n), map_location="cpu", weights_only=True))
             except Exception as e:
                 raise UsageError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a PyTorch file") from None
-    elif safetensors:
+    elif safetensors:   # --llama exports, released checkpoints, transformers' save_pretrained
         try:
-            from safetensors.torch import load_file   # optional: only released checkpoints need it
+            from safetensors.torch import load_file   # comes with transformers; optional otherwise
         except ImportError:
             raise UsageError(f"{ckpt_dir} holds *.safetensors weights; reading them needs the 'safetensors' "
                              "package: pip install safetensors") from None
         for n in safetensors:
-            state.update(load_file(os.path.join(ckpt_dir, n)))
+            try:
+                state.update(load_file(os.path.join(ckpt_dir, n)))
+            except Exception as e:   # safetensors raises its own error types, with long messages
+                raise UsageError(f"cannot read {os.path.join(ckpt_dir, n)} ({type(e).__name__}): corrupt or not a safetensors file") from None
     else:
         raise UsageError(f"{ckpt_dir} has neither pytorch_model*.bin nor *.safetensors weights")
     return state

@@ -38,6 +38,10 @@ def ckpt_dir(tmp_path_factory):
 def test_llama_export_runs_in_transformers(ckpt_dir, tmp_path, capsys):
     out = tmp_path / "llama"
     assert export.main(["--ckpt", str(ckpt_dir), "--out", str(out), "--llama"]) == 0
+    # safetensors weights (no pickle), and end-of-text named as BOS and EOS: null BOS made llama.cpp pick id 11
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"] and not list(out.glob("*.bin"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == 299
     enc = data.load_tokenizer("bpe:300", str(ckpt_dir / "tokenizer.tiktoken"))
     # the tokenizer: AutoTokenizer on the folder gives our ids for every text, multilingual included
     theirs = AutoTokenizer.from_pretrained(out)
@@ -52,6 +56,9 @@ def test_llama_export_runs_in_transformers(ckpt_dir, tmp_path, capsys):
         generated = lm.generate(ids, max_new_tokens=24, do_sample=False)
     capsys.readouterr()
     assert sample.main(["--ckpt", str(ckpt_dir), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24"]) == 0
+    assert capsys.readouterr().out == theirs.decode(generated[0], skip_special_tokens=True) + "\n"
+    # and sample.py --hf reads the folder's safetensors back to the same text
+    assert sample.main(["--hf", str(out), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24"]) == 0
     assert capsys.readouterr().out == theirs.decode(generated[0], skip_special_tokens=True) + "\n"
 
 

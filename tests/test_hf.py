@@ -119,6 +119,7 @@ def test_llama_export_logits_equal_transformers(tmp_path, scaling, factor, n_kv_
     hf.save_hf(model, tmp_path, llama=True)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "llama" and "scale_emb" not in config and config["tie_word_embeddings"] is False
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("model", "pytorch"))] == ["model.safetensors"]
     ids = ids_for(model, length_for(scaling))
     with torch.no_grad():
         theirs = transformers_llama(tmp_path)(ids).logits
@@ -159,6 +160,16 @@ def test_loads_a_folder_written_by_transformers(tmp_path):
     ids = ids_for(ours, 32)
     with torch.no_grad():
         assert_fp32_equal(theirs(ids).logits, ours(ids)[0])
+
+
+def test_overwriting_one_layout_with_the_other_keeps_one_set_of_weights(tmp_path):
+    # a reader takes safetensors first (transformers) or .bin first (ours): two sets would disagree
+    model = model_of()
+    hf.save_hf(model, tmp_path)
+    hf.save_hf(model, tmp_path, llama=True)
+    assert not (tmp_path / "pytorch_model.bin").exists() and (tmp_path / "model.safetensors").exists()
+    hf.save_hf(model, tmp_path)
+    assert (tmp_path / "pytorch_model.bin").exists() and not (tmp_path / "model.safetensors").exists()
 
 
 def test_moe_has_no_llama_layout(tmp_path):
