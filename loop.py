@@ -303,55 +303,64 @@ def step(run, lr):
 
 def train(run, resumed=None, script="train.py"):
     """step, log, evaluate, checkpoint, until the end (or --stop_at, or a signal) -> exit code."""
-    cfg, last = run.cfg, last_step(run)
-    say = print if run.master else (lambda *a, **k: None)   # one copy of each message, not one per rank
     # the handlers go in before the run folder is first written: a Ctrl-C from here on always ends
     # with a checkpoint, never with a folder that refuses both a new run and --resume
-    with cli.StopSignals() as stop, tqdm(total=last, initial=run.step, desc=script[:-3], unit="step",
-                                         dynamic_ncols=True, disable=not run.master) as bar:
-        run.start_folder(resumed)
-        if run.step == 0 and not run.resumed and cfg.eval_interval:   # the loss at initialisation: the curves' first point
-            row = dict(step=0, tokens=0, **run.evaluate())
-            run.log(row)
-            if run.master:
-                bar.write(run.eval_line(row))
-        t0, shown = time.time(), {}
-        while run.step < last and not stopping(stop, run):
-            lr = run.lr_at(run.step)                # the schedule is a pure function of the step
-            scalars, grad_norm, n_tokens = step(run, lr)
-            if grad_norm is None:                   # NaN/inf: stop with exit 1 rather than train on garbage
-                bar.close()
-                say(f"{script}: the loss is {scalars['objective'].item()} at step {run.step}; stopping. Last good checkpoint: "
-                    f"{run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then --resume from it.",
-                    file=sys.stderr)
-                return 1
-            run.step, run.tokens = run.step + 1, run.tokens + n_tokens * run.dist.world
-            if run.dist.device.startswith("cuda") and run.step % cfg.log_interval == 0:
-                torch.cuda.synchronize()            # GPU time: wait for the queued kernels
-            dt, t0 = time.time() - t0, time.time()
-            row = log_row(run, lr, scalars, grad_norm, n_tokens * run.dist.world / dt)
-            if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or run.step == run.total):
-                row.update(run.evaluate())
-                if run.master:
-                    bar.write(run.eval_line(row))
-            shown.update({k: f"{v:.3g}" for k, v in row.items() if k in ("lr", "train_loss", "loss", "accuracy")})
-            bar.set_postfix(shown)                  # the last measured values, between log steps too
-            bar.update(1)
-            if len(row) > 3:                        # more than step, tokens, lr: something was measured
-                run.log(row)
-                if run.master and any(k.startswith(("val_", "eval_")) for k in row):
-                    run.plot()                      # redrawn at every evaluation: a stopped run has one
-            if run.step % cfg.ckpt_interval == 0 or run.step == last:
-                save(run)
-            t0 = time.time()   # the checkpoint and the plot are not part of the next step's time
-        if stopping(stop, run):   # called on every rank: a collective
-            return stopped(run, stop, bar, say)
-        if run.step == 0:   # --stop_at 0: the initial weights, as a checkpoint a later --resume continues
-            save(run)
-    if run.master:
+    with cli.StopSignals() as stop:
+        run.start_folder(resumed)   # the first write; the progress bar only after it (a refusal stays one line)
+        with tqdm(total=last_step(run), initial=run.step, desc=script[:-3], unit="step", dynamic_ncols=True,
+                  disable=not run.master) as bar:
+            code = steps(run, stop, bar, script)
+    if code == 0 and run.master:
         run.plot()
-    say(run.done_line())
+        print(run.done_line())
+    return code
+
+
+def steps(run, stop, bar, script):
+    """The loop proper: from run.step to the last step -> exit code."""
+    cfg, last = run.cfg, last_step(run)
+    if run.step == 0 and not run.resumed and cfg.eval_interval:   # the loss at initialisation: the curves' first point
+        evaluation(run, dict(step=0, tokens=0), bar)
+    t0, shown = time.time(), {}
+    while run.step < last and not stopping(stop, run):
+        lr = run.lr_at(run.step)                # the schedule is a pure function of the step
+        scalars, grad_norm, n_tokens = step(run, lr)
+        if grad_norm is None:                   # NaN/inf: stop with exit 1 rather than train on garbage
+            if run.master:
+                bar.close()
+                print(f"{script}: the loss is {scalars['objective'].item()} at step {run.step}; stopping. Last good "
+                      f"checkpoint: {run.last_ckpt or 'none saved yet'}. Try a lower --lr or --grad_clip, then "
+                      "--resume from it.", file=sys.stderr)
+            return 1
+        run.step, run.tokens = run.step + 1, run.tokens + n_tokens * run.dist.world
+        if run.dist.device.startswith("cuda") and run.step % cfg.log_interval == 0:
+            torch.cuda.synchronize()            # GPU time: wait for the queued kernels
+        dt, t0 = time.time() - t0, time.time()
+        row = log_row(run, lr, scalars, grad_norm, n_tokens * run.dist.world / dt)
+        if cfg.eval_interval and (run.step % cfg.eval_interval == 0 or run.step == run.total):
+            evaluation(run, row, bar)           # logs the row itself, with the evaluation in it
+        elif len(row) > 3:                      # more than step, tokens, lr: something was measured
+            run.log(row)
+        shown.update({k: f"{v:.3g}" for k, v in row.items() if k in ("lr", "train_loss", "loss", "accuracy")})
+        bar.set_postfix(shown)                  # the last measured values, between log steps too
+        bar.update(1)
+        if run.step % cfg.ckpt_interval == 0 or run.step == last:
+            save(run)
+        t0 = time.time()   # the checkpoint and the plot are not part of the next step's time
+    if stopping(stop, run):   # called on every rank: a collective
+        return stopped(run, stop, bar)
+    if run.step == 0:   # --stop_at 0: the initial weights, as a checkpoint a later --resume continues
+        save(run)
     return 0
+
+
+def evaluation(run, row, bar):
+    """Evaluate into row, log it, say it, redraw the plot (at every evaluation: a stopped run has one)."""
+    row.update(run.evaluate())
+    run.log(row)
+    if run.master:
+        bar.write(run.eval_line(row))
+        run.plot()
 
 
 def stopping(stop, run):
@@ -360,12 +369,13 @@ def stopping(stop, run):
     return bool(parallel.total(flag_, run.dist).item())
 
 
-def stopped(run, stop, bar, say):
+def stopped(run, stop, bar):
     """A signal: the step in progress finished; save it, say how to continue, exit 130 / 143."""
     if run.saved_step != run.step:   # not already saved at this step
         save(run)
     bar.close()
-    say(f"stopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. Continue with --resume {run.cfg.out_dir}")
+    if run.master:
+        print(f"stopped by signal at step {run.step}; checkpoint saved: {run.last_ckpt}. Continue with --resume {run.cfg.out_dir}")
     return stop.exit_code or 130   # another rank's signal: this rank exits as Ctrl-C would
 
 

@@ -80,7 +80,7 @@ def test_train_bad_input(prior, capsys, flags, needle):
 
 
 RESUME = [  # a resume asked for something the saved run cannot do
-    (["--max_steps", "2"], "already past --max_steps"), (["--lr", "0.5"], "--lr: checkpoint has 0.01, given 0.5"),
+    (["--max_steps", "2"], "already at the end of its 2 steps"), (["--lr", "0.5"], "--lr: checkpoint has 0.01, given 0.5"),
     (["--n_layer", "3"], "--n_layer: checkpoint has 2, given 3"), (["--seed", "7"], "--seed"),
 ]
 
@@ -120,7 +120,7 @@ def test_sample_bad_input(prior, capsys, flags, needle):
 
 
 DPO = [
-    (["--batch_size", "0"], "--batch_size"), (["--eval_interval", "0"], "--eval_interval"),
+    (["--batch_size", "0"], "--batch_size"), (["--eval_interval", "-1"], "--eval_interval"),
     (["--max_steps", "0"], "--max_steps"), (["--beta", "0"], "--beta"), (["--label_smoothing", "0.6"], "--label_smoothing"),
     (["--val_frac", "1.5"], "--val_frac"), (["--data", "/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
     (["--data", "BINARY"], "binary.jsonl"), (["--data", "BAD"], "bad.jsonl:1"),
@@ -229,12 +229,17 @@ def test_device_cuda_without_a_gpu_is_one_line(prior, capsys, script, tmp_path):
 
 
 def test_corrupt_metrics_line_on_resume_names_the_file_and_line(prior, capsys, tmp_path):
+    # a bad line inside the history is damage: refused, naming it; a cut-short LAST line is what a
+    # full disk or a kill mid-append leaves: dropped with a note, and the resume goes on
     import shutil
     run = tmp_path / "run"
     shutil.copytree(prior["run"], run)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write("{half a line\n")
+    good = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(good[:1] + ["{half a line\n"] + good[1:]))
     before = snapshot(run)
-    lines = len((run / "metrics.jsonl").read_text().splitlines())
-    check_one_line(capsys, train.main(["--resume", str(run), "--max_steps", "4"]), 2, f"metrics.jsonl:{lines}")
+    check_one_line(capsys, train.main(["--resume", str(run), "--max_steps", "4"]), 2, "metrics.jsonl:2")
     assert snapshot(run) == before
+    (run / "metrics.jsonl").write_text("".join(good) + '{"step": 4, "tok')   # torn while appending
+    assert train.main(["--resume", str(run), "--max_steps", "4"]) == 0
+    assert "metrics.jsonl:%d was cut short" % (len(good) + 1) in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4
