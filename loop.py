@@ -114,11 +114,10 @@ def schedule_contradictions(cfg):
 
 def check_lengths(cfg, total):
     """Schedule lengths against the run's steps: a warmup or decay longer than the run is a mistake."""
-    # (a cosine period longer than the run is allowed: Figure 4's T > S arm stops before the decay ends)
+    # (a cosine period longer than the run is allowed: Figure 4's T > S arm stops before the decay ends;
+    # so is a decay_start past the end: a stable trunk run in segments, branched later, §4.3)
     cli.check([(cfg.warmup_steps > total, f"--warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps"),
-               (cfg.decay_steps > total, f"--decay_steps {cfg.decay_steps} is longer than the run's {total} steps"),
-               (cfg.decay_start >= total, f"--decay_start {cfg.decay_start} is at or past the run's end ({total} steps): "
-                "the decay would never happen")])
+               (cfg.decay_steps > total, f"--decay_steps {cfg.decay_steps} is longer than the run's {total} steps")])
 
 
 def resume_config(cls, saved, explicit, may_change, resumed_path, differ=()):
