@@ -130,7 +130,8 @@ def anytime_fits():
     """Appendix B.2's L(C) fitted per seed to the ends of the best trunk's 10% exp decays."""
     import wsd_vs_cosine   # the experiment's own fit (curve_fit, its bounds and start): what it printed
     # N, for C = 6 N D: from the model shape (the CSV's tokens_per_param is rounded)
-    n_params = wsd_vs_cosine.non_embedding_params(**wsd_vs_cosine.SCALES["cpu"]["model"])
+    import common
+    n_params = common.non_embedding_params(wsd_vs_cosine.SCALES["cpu"]["model"])
     fits = {}
     for seed in SEEDS:
         env = [(6 * n_params * float(r["tokens"]), float(r["val_loss"])) for r in read_csv("wsd_vs_cosine_grid")
