@@ -201,6 +201,8 @@ def save_sharded(folder, kind, model, optimizer, rank, **state):
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(root, name),
                      no_dist=not dist.is_initialized())
     except CheckpointException as e:   # a BaseException wrapping each rank's error: a full disk is an OSError
+        if rank == 0:   # every rank has failed (DCP gathers them): the half-written folder only takes space
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         raise dcp_cause(e, lambda c: disk_error(c, root, os.path.join(root, name))) from None
     if rank == 0:
         atomic_save(dict(kind=kind, model_config=asdict(model.config), **state), os.path.join(root, name, "state.pt"))
@@ -258,16 +260,20 @@ class MetadataUnpickler(pickle.Unpickler):
 class DataReader(FileSystemReader):
     """DCP's file reader, with .metadata read by MetadataUnpickler instead of pickle.load."""
 
+    def __init__(self, folder):
+        super().__init__(folder)
+        # read now, outside DCP: DCP would log a failed read with its traceback (several lines on stderr),
+        # then look for the per-rank __0.metadata that a checkpoint of ours never has
+        with open(os.path.join(folder, ".metadata"), "rb") as f:
+            self.metadata = MetadataUnpickler(f).load()
+        if not isinstance(self.metadata, dcp.Metadata):
+            raise NotData(f".metadata holds a {type(self.metadata).__name__}, not DCP's Metadata")
+
     def read_metadata(self, *args, **kwargs):
-        # as FileSystemReader.read_metadata, which reads __RANK.metadata when given a rank
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            metadata = MetadataUnpickler(f).load()
-        if not isinstance(metadata, dcp.Metadata):
-            raise NotData(f".metadata holds a {type(metadata).__name__}, not DCP's Metadata")
-        if metadata.storage_meta is None:
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        # what FileSystemReader.read_metadata adds to the file's contents: this load's id
+        self.metadata.storage_meta = self.metadata.storage_meta or dcp.metadata.StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
 
 class DataOnlyBytes:
