@@ -309,15 +309,17 @@ def dcp_cause(e, convert):
 
 
 def unreadable(folder, e):
-    why = f"{e}" if isinstance(e, NotData) else f"({type(e).__name__}) incomplete"
-    return UsageError(f"cannot read the sharded checkpoint in {folder}: {why}, or not written by this project")
+    if isinstance(e, NotData):   # say what was refused: a user who wrote the file by other means can see why
+        return UsageError(f"cannot read the sharded checkpoint in {folder}: {e}; refused, nothing in it was run")
+    return UsageError(f"cannot read the sharded checkpoint in {folder} ({type(e).__name__}): "
+                      "incomplete, or not written by this project")
 
 
 @contextmanager
 def reading(folder):
     """Any failure to read a sharded checkpoint as one UsageError naming folder (a Ctrl-C stays one)."""
-    # DCP raises CheckpointException, a BaseException, for a missing or truncated file; a truncated
-    # .metadata is an EOFError, UnpicklingError or AssertionError, also wrapped by DCP
+    # DCP raises CheckpointException, a BaseException, for a missing or truncated shard file (wrapping
+    # each rank's error); a truncated .metadata is an EOFError or UnpicklingError from DataReader
     try:
         yield
     except UsageError:
