@@ -21,17 +21,29 @@ each rank its own slice of every tensor, so no process ever holds the whole mode
 
 load() reads either; DCP reshards on load, so a sharded run resumes on any number of processes,
 with or without --fsdp, and export.py converts it to ckpt.pt or a Hugging Face folder.
+
+Nothing read here can run code. DCP itself would: it reads .metadata with plain pickle.load and its
+non-tensor items (the optimizer's param_groups) with torch.load(weights_only=False), so every DCP read
+goes through DataReader and DataPlanner below, which accept only DCP's own metadata classes and
+plain data.
 """
+import errno
+import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -57,9 +69,30 @@ def atomic_write(path, write):
             os.fsync(f.fileno())   # on disk before the rename, or a power cut could keep a renamed empty file
         os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)   # atomic on POSIX and Windows, even over an existing file
+    except (OSError, RuntimeError) as e:   # a full disk: cli.main prints "cannot use PATH: ..." and exits 1
+        error = disk_error(e, tmp, path)
+        os.unlink(tmp)
+        raise error from None
     except BaseException:   # KeyboardInterrupt too: never leave a .tmp- file behind on purpose
         os.unlink(tmp)
         raise
+
+
+def disk_error(e, tmp, path):
+    """The OSError, naming path, behind a failed write (an OSError or RuntimeError); else e itself."""
+    if not isinstance(e, (OSError, RuntimeError)):
+        return e   # a bug, not the disk: it keeps its traceback
+    # torch.save on a full disk raises RuntimeError("... unexpected pos ..."), with the OSError that
+    # caused it only as its __context__; an OSError from flush or fsync names no file
+    cause = e if isinstance(e, OSError) else e.__context__
+    if isinstance(cause, OSError) and cause.errno:
+        return OSError(cause.errno, cause.strerror, path)
+    if isinstance(e, OSError):
+        return e
+    # no OSError to go by: a disk with no block left (the temporary file still holds them) is full
+    if hasattr(os, "statvfs") and os.statvfs(os.path.dirname(tmp)).f_bavail == 0:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})", path)
 
 
 def current_umask():
@@ -105,11 +138,8 @@ def load(path, kind=None, device="cpu", weights=True):
     """A checkpoint (ckpt.pt, a sharded one, or the folder holding either) as a dict, with "path" added."""
     # kind: the kind the caller can resume; another kind is one line saying which script wrote it
     if sharded_folder(path):   # weights=False: the run's state only (an FSDP resume reads its slices later)
-        try:
+        with reading(sharded_folder(path)):   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
             ckpt = load_sharded(sharded_folder(path), weights)
-        except Exception as e:   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
-            raise UsageError(f"cannot read the sharded checkpoint in {sharded_folder(path)} ({type(e).__name__}): "
-                             "incomplete, or not written by this project") from None
         return check_kind(ckpt, kind)
     path = ckpt_path(path)
     if not os.path.isfile(path):
@@ -165,8 +195,15 @@ def save_sharded(folder, kind, model, optimizer, rank, **state):
     # writing leaves the previous step's folder named, complete; older step folders are deleted after
     root, name = os.path.join(folder, "sharded"), f"step_{state['step']:08d}"
     model_sd, optim_sd = get_state_dict(model, optimizer)   # keyed by parameter name, each a DTensor slice
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(root, name),
-             no_dist=not dist.is_initialized())   # one process (--fsdp without torchrun): no group to ask
+    try:
+        with warnings.catch_warnings():   # one process (--fsdp without torchrun): DCP warns there is no group
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(root, name),
+                     no_dist=not dist.is_initialized())
+    except CheckpointException as e:   # a BaseException wrapping each rank's error: a full disk is an OSError
+        if rank == 0:   # every rank has failed (DCP gathers them): the half-written folder only takes space
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        raise dcp_cause(e, lambda c: disk_error(c, root, os.path.join(root, name))) from None
     if rank == 0:
         atomic_save(dict(kind=kind, model_config=asdict(model.config), **state), os.path.join(root, name, "state.pt"))
     if dist.is_initialized():
@@ -186,12 +223,111 @@ def load_sharded(root, weights=True):
     ckpt = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     ckpt.update(path=root, sharded=folder)   # path: dirname is the run folder, as for ckpt.pt
     if weights:   # every tensor whole, in one process: for export, sampling, or a resume without --fsdp
-        # every key DCP's metadata lists: DCP's public load fills only a state dict given in advance
-        # (tensors of known shapes), this private helper builds it from the metadata (torch 2.13)
-        full = _load_state_dict_from_keys(checkpoint_id=folder)
+        # every key DCP's metadata lists (DCP's public load fills only a state dict given in advance,
+        # with tensors of known shapes): torch's _load_state_dict_from_keys, with our reader and planner
+        full = {}
+        _load_state_dict(full, storage_reader=DataReader(folder), planner=WholePlanner(), no_dist=not dist.is_initialized())
         ckpt["model"] = full["model"]
         ckpt["optimizer"] = optimizer_by_position(full["optimizer"])   # as optimizer.state_dict() writes it
     return ckpt
+
+
+# ----------------------------------------------------------------------------- reading DCP as data only
+
+# Every global a DCP .metadata file may name (torch 2.13's metadata.py and filesystem.py): DCP's own
+# dataclasses, torch.Size, the layout (pickled as a call of _get_layout("torch.strided")) and the path
+# DCP records the checkpoint was written to. Dtypes (torch.float32, ...) are allowed by type, below.
+DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath")}
+
+
+class NotData(pickle.UnpicklingError):
+    """A checkpoint file that holds something other than tensors and plain data: code, refused."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    # pickle calls find_class for every global a file names, before anything is called: refusing all
+    # but DCP_GLOBALS leaves a .metadata file nothing to run (os.system, eval, ... are never resolved)
+    def find_class(self, module, name):
+        if (module, name) in DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise NotData(f".metadata names {module}.{name}, which is not checkpoint data")
+
+
+class DataReader(FileSystemReader):
+    """DCP's file reader, with .metadata read by MetadataUnpickler instead of pickle.load."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        # read now, outside DCP: DCP would log a failed read with its traceback (several lines on stderr),
+        # then look for the per-rank __0.metadata that a checkpoint of ours never has
+        with open(os.path.join(folder, ".metadata"), "rb") as f:
+            self.metadata = MetadataUnpickler(f).load()
+        if not isinstance(self.metadata, dcp.Metadata):
+            raise NotData(f".metadata holds a {type(self.metadata).__name__}, not DCP's Metadata")
+
+    def read_metadata(self, *args, **kwargs):
+        # what FileSystemReader.read_metadata adds to the file's contents: this load's id
+        self.metadata.storage_meta = self.metadata.storage_meta or dcp.metadata.StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class DataOnlyBytes:
+    """A planner mixin: DCP's non-tensor items (param_groups' lr, betas, names) read as data only."""
+    # DCP's own load_bytes uses torch.load(weights_only=False); the value is read here with
+    # weights_only=True, then handed on re-saved, so DCP's code puts it in place without our copy of it
+    def load_bytes(self, read_item, value):
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise NotData(f"the item {read_item.dest_index.fqn} holds objects other than plain data") from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        super().load_bytes(read_item, clean)
+
+
+class DataPlanner(DataOnlyBytes, DefaultLoadPlanner):
+    """dcp.load's default planner (a state dict given in advance), data only."""
+
+
+class WholePlanner(DataOnlyBytes, _EmptyStateDictLoadPlanner):
+    """The planner that builds the state dict from the metadata (_load_state_dict_from_keys'), data only."""
+
+
+def dcp_cause(e, convert):
+    """convert(the first rank's error) of a CheckpointException; a Ctrl-C or exit in it is raised as itself."""
+    causes = [exc for exc, _ in e.failures.values()] or [e]
+    for exc in causes:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return exc
+    return convert(causes[0])
+
+
+def unreadable(folder, e):
+    if isinstance(e, NotData):   # say what was refused: a user who wrote the file by other means can see why
+        return UsageError(f"cannot read the sharded checkpoint in {folder}: {e}; refused, nothing in it was run")
+    return UsageError(f"cannot read the sharded checkpoint in {folder} ({type(e).__name__}): "
+                      "incomplete, or not written by this project")
+
+
+@contextmanager
+def reading(folder):
+    """Any failure to read a sharded checkpoint as one UsageError naming folder (a Ctrl-C stays one)."""
+    # DCP raises CheckpointException, a BaseException, for a missing or truncated shard file (wrapping
+    # each rank's error); a truncated .metadata is an EOFError or UnpicklingError from DataReader
+    try:
+        yield
+    except UsageError:
+        raise
+    except CheckpointException as e:
+        raise dcp_cause(e, lambda c: unreadable(folder, c)) from None
+    except Exception as e:
+        raise unreadable(folder, e) from None
 
 
 # An optimizer's own state_dict() numbers the parameters by their position in its groups; DCP's
@@ -217,11 +353,13 @@ def restore(ckpt, model, optimizer):
     if sharded and "sharded" in ckpt:   # each rank reads only its slices, resharded to this many ranks
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=ckpt["sharded"])
+        with reading(ckpt["path"]):
+            dcp.load(state, storage_reader=DataReader(ckpt["sharded"]), planner=DataPlanner())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return
     if "model" not in ckpt:   # a sharded checkpoint resumed without --fsdp: assembled whole
-        ckpt = load_sharded(os.path.dirname(ckpt["sharded"]))
+        with reading(ckpt["path"]):
+            ckpt = load_sharded(ckpt["path"])
     if sharded:   # a ckpt.pt resumed with --fsdp: whole tensors in, each rank keeps its slices
         set_state_dict(model, optimizer, model_state_dict=ckpt["model"],
                        optim_state_dict=optimizer_by_name(ckpt["optimizer"], model, optimizer),

@@ -8,6 +8,8 @@ Exit codes of every script: 0 done, 1 the run failed (a NaN loss, a disk error),
 """
 import argparse
 import difflib
+import math
+import os
 import signal
 import sys
 from dataclasses import field, fields
@@ -75,7 +77,11 @@ def parse(p, argv):
         names = [o for a in p._actions for o in a.option_strings]
         close = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
         raise UsageError(f"unknown flag {bad}" + (f"; did you mean {close[0]}?" if close else "; see --help"))
-    return vars(given)
+    # float("inf") and float("nan") parse: an lr or a beta of inf would only fail steps later, as a NaN loss
+    values = vars(given)
+    check([(not math.isfinite(values[a.dest]), f"{a.option_strings[0]} {values[a.dest]}: must be a finite number")
+           for a in p._actions if isinstance(values.get(a.dest), float)])
+    return values
 
 
 def dataclass_flags(dataclass, doc, argv):
@@ -163,10 +169,16 @@ def main(script, run, argv):
     # bad input exits 2 with no traceback; ValueError too, since float("3e-3x") and friends are
     # user input; any other exception is a bug and keeps its traceback
     except (UsageError, ValueError) as e:
-        print(f"{script}: {e}", file=sys.stderr)
+        say(f"{script}: {e}")
         return 2
     # an operating-system error (disk full, permission, missing folder) names its path and exits 1
     except OSError as e:   # names the file; the last good checkpoint was never touched (atomic writes)
         where = f" {e.filename}" if e.filename else ""
-        print(f"{script}: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        say(f"{script}: cannot use{where}: {e.strerror or e}")
         return 1
+
+
+def say(line):
+    # under torchrun every rank meets the same bad input: rank 0 alone says it, once, not N times
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
