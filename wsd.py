@@ -140,9 +140,8 @@ def plot(out_path, total=10_000, warmup=500, lr_max=0.01):
     for ax in (left, right):
         ax.set(xlabel="step", ylabel="learning rate")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    from checkpoint import atomic_write   # the one atomic writer (imported here: wsd.py stays import-light)
-    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    fig.tight_layout()   # written by the one atomic writer (imported here: wsd.py stays import-light)
+    __import__("checkpoint").atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 if __name__ == "__main__":
