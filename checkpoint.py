@@ -92,7 +92,7 @@ def disk_error(e, tmp, path):
     # no OSError to go by: a disk with no block left (the temporary file still holds them) is full
     if hasattr(os, "statvfs") and os.statvfs(os.path.dirname(tmp)).f_bavail == 0:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})", path)
+    return e   # a RuntimeError with no disk behind it (an object that cannot be pickled): a bug, traceback kept
 
 
 def current_umask():
