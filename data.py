@@ -37,7 +37,7 @@ from cli import DataError   # one line, exit 2, like every bad input
 from sources import FORMATS, documents, file_format, pieces   # the formats, and cutting files into pieces
 # The tokenizers (byte, bpe:N learned here, tiktoken's named encodings) live in tokenizer.py; their
 # names are data.py's too, so a reader (and sample.py, dpo.py) finds them where the data is made.
-from tokenizer import (EOT, GPT4_SPLIT, RELEASED_TOKENIZER, TIKTOKEN_NAMES, encode_documents,  # noqa: F401
+from tokenizer import (EOT, GPT4_SPLIT, RELEASED_TOKENIZER, TIKTOKEN_NAMES, check_tokenizer, encode_documents,  # noqa: F401
                        learn_bpe, load_tokenizer, parse_tokenizer, split_chunks, tokenizer_source, write_rank_file)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -316,16 +316,6 @@ def _build(out, jobs, files, source, tok, workers, bpe_sample_mb, log, quiet):
         meta["python"] = platform.python_version()  # the corpus changes with the Python version
     write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta, stats, tokenize_seconds
-
-
-def check_tokenizer(meta, record, where) -> None:
-    """A model's tokenizer (its checkpoint's record) must be the data's: the same ids for the same text."""
-    # a released folder's record carries its tokenizer.json's hash; older ckpt.pt records have none, and
-    # the vocabulary size (train.py) is all that can be compared for them
-    want = (record or {}).get("sha256")
-    if want and meta.get("tokenizer_sha256") != want:
-        raise DataError(f"the data was prepared with {meta.get('tokenizer_arg', meta['tokenizer'])}, not with the "
-                        f"tokenizer of {where}: prepare it with --tokenizer {where}")
 
 
 # ----------------------------------------------------------------------------- reading prepared data

@@ -320,19 +320,31 @@ def tokenizer_source(tokenizer: str) -> tuple[str, str | None, int | None]:
                     f"bpe:N@RANK_FILE, or a released MiniCPM folder (holding tokenizer.json)")
 
 
-def encode_documents(enc, texts: list[str]) -> list[list[int]]:
-    """Each document's ids followed by the end-of-text token; a released tokenizer's BOS before, if it adds one."""
+def encode_documents(enc, texts: list[str]):
+    """Each document's ids followed by the end-of-text token (a list per document, yielded in order);
+    a released tokenizer's BOS before them, if it adds one."""
+    # yielded, not returned as one list: a piece's ids as Python ints take ~36 bytes a token
     if not isinstance(enc, FolderTokenizer):   # tiktoken: text in a document is never read as a special token
-        return [enc.encode_ordinary(text) + [enc.eot_token] for text in texts]
+        yield from (enc.encode_ordinary(text) + [enc.eot_token] for text in texts)
+        return
     enc.tok.encode_special_tokens = True   # "</s>" written in a text is characters, as encode_ordinary has it
-    out, batch = [], []
+    start = size = 0
     for i, text in enumerate(texts):   # the batch encoder (Rust, no offsets kept) on ~1 MB at a time
-        batch.append(text)
-        if sum(map(len, batch)) > 1 << 20 or i == len(texts) - 1:
-            out += [[enc.bos_token] * enc.add_bos + e.ids + [enc.eot_token]
-                    for e in enc.tok.encode_batch_fast(batch, add_special_tokens=False)]
-            batch = []
-    return out
+        size += len(text)
+        if size > 1 << 20 or i == len(texts) - 1:
+            for e in enc.tok.encode_batch_fast(texts[start:i + 1], add_special_tokens=False):
+                yield [enc.bos_token] * enc.add_bos + e.ids + [enc.eot_token]
+            start, size = i + 1, 0
+
+
+def check_tokenizer(meta, record, where) -> None:
+    """A model's tokenizer (its checkpoint's record) must be the data's: the same ids for the same text."""
+    # a released folder's record carries its tokenizer.json's hash; older ckpt.pt records have none, and
+    # the vocabulary size (train.py) is all that can be compared for them
+    want = (record or {}).get("sha256")
+    if want and meta.get("tokenizer_sha256") != want:
+        raise DataError(f"the data was prepared with {meta.get('tokenizer_arg', meta['tokenizer'])}, not with the "
+                        f"tokenizer of {where}: prepare it with --tokenizer {where}")
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
