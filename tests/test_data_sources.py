@@ -30,6 +30,7 @@ DOCS_SEED = 7
 
 
 def released_folder(folder, style):
+    # test_tokenizer's builder writes into an existing folder; here each release gets a new one
     folder.mkdir(parents=True, exist_ok=True)
     return released_tokenizer(folder, style)
 
@@ -55,6 +56,7 @@ def expected_split(docs):
 
 
 def jsonl_bytes(docs, field="text"):
+    # one record per line with an extra key, and one blank line (skipped, as today) to shift the offsets
     return "".join(json.dumps({"id": i, field: d}) + "\n" + ("\n" if i == 5 else "") for i, d in enumerate(docs)).encode()
 
 
@@ -74,6 +76,7 @@ def write_formats(folder, docs):
 
 
 def bins(dataset):
+    # the two token files as bytes: "identical" means byte for byte, as a cached dataset is compared
     return tuple((dataset / f"{split}.bin").read_bytes() for split in ("train", "val"))
 
 
@@ -106,6 +109,8 @@ def test_a_piece_boundary_on_a_line_start_loses_and_repeats_nothing(tmp_path):
     raw = jsonl_bytes(docs)
     (tmp_path / "a.jsonl").write_bytes(raw)
     line_len = raw.index(b"\n") + 1   # the first line's length: a piece of exactly that size starts on line 2
+    # a range ending just before, at, or just after a line start, and ranges smaller than a line: each
+    # line must be read by exactly the piece it starts in
     for chunk in (line_len, line_len - 1, line_len + 1, 1, 3):
         out = data.prepare(str(tmp_path / "a.jsonl"), "byte", data_dir=str(tmp_path / "d"), name=f"c{chunk}",
                            quiet=True, workers=1, chunk_mb=chunk / 1e6)
@@ -128,6 +133,7 @@ def test_text_field_names_the_column(tmp_path):
 def large_released_folder(folder):
     """A released-style folder whose vocabulary (70,000) needs uint32 ids, as MiniCPM's 122,753 does."""
     released_folder(folder, "new")
+    # 70,000 ids: past uint16, so data.py must switch to uint32 exactly as it will for the real release
     spec = json.loads((folder / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     vocab.update({f"<extra_{i}>": i for i in range(len(vocab), 70_000)})   # pieces no merge makes: ids only
@@ -139,6 +145,7 @@ def test_released_folder_tokenizes_to_the_tokenizers_packages_ids(tmp_path):
     folder = large_released_folder(tmp_path / "MiniCPM-like")
     docs = corpus_docs(80)
     (tmp_path / "docs.jsonl").write_bytes(jsonl_bytes(docs))
+    # one file cut into ~2 KB pieces, over 1 and 2 workers: the batch encoder must not depend on either
     runs = [data.prepare(str(tmp_path / "docs.jsonl"), str(folder), data_dir=str(tmp_path / "d"), name=f"w{w}",
                          quiet=True, workers=w, chunk_mb=0.002) for w in (1, 2)]
     assert bins(runs[0]) == bins(runs[1])
@@ -163,6 +170,7 @@ def test_a_shared_rank_file_is_reused_not_learned(tmp_path):
     ranks = first / "tokenizer.tiktoken"
     docs = corpus_docs(60)
     pq.write_table(pa.table({"text": docs}), tmp_path / "other.parquet", row_group_size=20)
+    # a second corpus in another format, with the first one's merges: what a data mixture needs
     spec = f"bpe:300@{ranks}"
     out = data.prepare(str(tmp_path / "other.parquet"), spec, data_dir=str(tmp_path / "d"), quiet=True, workers=2)
     assert out.name == "other-bpe300-from-first"
@@ -186,6 +194,7 @@ def release(folder, style="new", seed=0):
     from safetensors.torch import save_file
     released_folder(folder, style)
     n_vocab = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    # random weights are enough: the test compares losses of one function computed two ways
     torch.manual_seed(seed)
     model = MiniCPM(small_config(vocab_size=n_vocab))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied
@@ -248,6 +257,7 @@ def test_a_release_whose_tokenizer_is_not_the_datas_is_refused(tmp_path, capsys)
 # ----------------------------------------------------------------------------- bad inputs and interruption
 
 def refused(source, tmp_path, match, **kw):
+    # the house rule for bad input: one line naming what to do, and the data folder left as it was
     with pytest.raises(data.DataError, match=match) as e:
         data.prepare(str(source), kw.pop("tokenizer", "byte"), data_dir=str(tmp_path / "d"), quiet=True, **kw)
     assert "\n" not in str(e.value)
@@ -258,6 +268,7 @@ def test_bad_sources_are_one_line_and_write_nothing(tmp_path, monkeypatch):
     docs = corpus_docs(40)
     pq.write_table(pa.table({"content": docs}), tmp_path / "no_text.parquet")
     refused(tmp_path / "no_text.parquet", tmp_path, r"no column 'text'.*--text_field")
+    # garbage in the middle of the deflate stream: found only by decompressing, not from the header
     corrupt = bytearray(gzip.compress(jsonl_bytes(docs)))
     corrupt[len(corrupt) // 2:len(corrupt) // 2 + 40] = b"\xff" * 40
     (tmp_path / "bad").mkdir()
