@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -61,20 +62,22 @@ def _raw_share(args):
                 break
             if n >= lo:
                 texts.append(json.loads(line)["text"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in tokenizer.encode_documents(enc, texts):   # what data.py's workers call: ids + end-of-text per document
         pass
-    return sum(len(t.encode()) for t in texts), time.perf_counter() - start
+    return sum(len(t.encode()) for t in texts), time.perf_counter() - start, time.process_time() - cpu
 
 
-def raw_throughput(path, n_docs, workers, spec, rank_file) -> float:
-    """MB/s of the tokenizer alone over the first n_docs documents, split evenly over `workers` processes."""
+def raw_throughput(path, n_docs, workers, spec, rank_file) -> tuple[float, float]:
+    """(MB/s, MB per CPU second) of the tokenizer alone over the first n_docs documents, split evenly over
+    `workers` processes. Per CPU second too: on a shared machine the wall time depends on the neighbours."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one core per process, as in data.py's workers
     shares = [(str(path), n_docs * k // workers, n_docs * (k + 1) // workers, spec, rank_file) for k in range(workers)]
     with Pool(workers) as pool:
         results = pool.map(_raw_share, shares)
     # the processes run at once: the slowest one's time is the wall time of the whole
-    return sum(b for b, _ in results) / 1e6 / max(s for _, s in results)
+    mb = sum(r[0] for r in results) / 1e6
+    return mb / max(r[1] for r in results), mb / sum(r[2] for r in results)
 
 
 # ----------------------------------------------------------------------------- preparation, measured
@@ -104,22 +107,29 @@ def tree_memory(root_pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children (and theirs, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def prepare_measured(source, spec, workers, data_dir, chunk_mb) -> dict:
     """Run data.py on source in a child process; -> MB/s (text bytes / wall time) and peak tree memory."""
     cmd = [sys.executable, str(ROOT / "data.py"), "--source", str(source), "--tokenizer", spec, "--data_dir",
            str(data_dir), "--workers", str(workers), "--chunk_mb", str(chunk_mb), "--quiet", "--force"]
     start, peak_rss, peak_pss = time.perf_counter(), 0, 0
+    cpu = cpu_seconds()
     child = subprocess.Popen(cmd)
     while child.poll() is None:
         rss, pss = tree_memory(child.pid)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.1)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu   # the whole tree: its workers were waited for
     if child.returncode:
         sys.exit(f"data_bench.py: {' '.join(cmd)} failed with exit code {child.returncode}")
     meta = json.loads(next(pathlib.Path(data_dir).glob(f"{pathlib.Path(source).stem}-*/meta.json")).read_text())
     text_bytes = meta["train"]["bytes"] + meta["val"]["bytes"]
-    return dict(mb=text_bytes / 1e6, seconds=seconds, mb_s=text_bytes / 1e6 / seconds, rss=peak_rss, pss=peak_pss,
+    return dict(mb=text_bytes / 1e6, seconds=seconds, mb_s=text_bytes / 1e6 / seconds, rss=peak_rss, pss=peak_pss, cpu=cpu,
                 tokens=meta["train"]["tokens"] + meta["val"]["tokens"])
 
 
@@ -154,14 +164,16 @@ def main(argv=None):
             spec = f"{spec}@{rank_file}"
         load_spec = spec.split("@")[0] if rank_file else tokenizer.folder_tokenizer(spec)[0]
         raw_file = rank_file or tokenizer.folder_tokenizer(spec)[1]
-        raw = raw_throughput(corpora[sizes[-1]], args.raw_docs, args.workers, load_spec, raw_file)
-        print(f"tokenizer {args.tokenizer}, {args.workers} workers, --chunk_mb {args.chunk_mb}: "
-              f"the tokenizer alone {raw:.1f} MB/s ({args.workers} processes, {args.raw_docs} documents)")
-        print(f"{'corpus MB':>10} {'tokens':>13} {'seconds':>8} {'MB/s':>7} {'x raw':>6} {'peak RSS MB':>12} {'peak PSS MB':>12}")
+        raw, raw_cpu = raw_throughput(corpora[sizes[-1]], args.raw_docs, args.workers, load_spec, raw_file)
+        print(f"tokenizer {args.tokenizer}, {args.workers} workers, --chunk_mb {args.chunk_mb}: the tokenizer alone "
+              f"{raw:.1f} MB/s, {raw_cpu:.1f} MB per CPU second ({args.workers} processes, {args.raw_docs} documents)")
+        print(f"{'corpus MB':>10} {'tokens':>13} {'seconds':>8} {'MB/s':>7} {'x raw':>6} {'MB/CPU s':>9} {'x raw':>6} "
+              f"{'peak RSS MB':>12} {'peak PSS MB':>12}")
         for size in sizes:
             r = prepare_measured(corpora[size], spec, args.workers, tmp / "data", args.chunk_mb)
+            per_cpu = r["mb"] / r["cpu"]   # preparation's MB per CPU second, startup (Python, torch) included
             print(f"{r['mb']:>10.0f} {r['tokens']:>13,} {r['seconds']:>8.1f} {r['mb_s']:>7.1f} {r['mb_s'] / raw:>6.2f} "
-                  f"{r['rss'] / 1e6:>12.0f} {r['pss'] / 1e6:>12.0f}", flush=True)
+                  f"{per_cpu:>9.1f} {per_cpu / raw_cpu:>6.2f} {r['rss'] / 1e6:>12.0f} {r['pss'] / 1e6:>12.0f}", flush=True)
             for f in (tmp / "data").glob("*/*.bin"):
                 f.unlink()   # 2 GB of tokens per size: disk, not the measure
 
