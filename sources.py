@@ -38,6 +38,8 @@ def need(module: str, package: str, path):
         raise DataError(f"{path} needs the {package} package: pip install {package}") from None
 
 
+# A tuple, not a class with methods: pieces are pickled to the worker processes, and a compressed
+# file's piece carries its lines with it (the worker cannot seek into the compressed stream itself).
 class Piece(NamedTuple):
     """One unit of work: a part of one file (kind "text", "lines", "block" or "rows")."""
     kind: str
@@ -54,6 +56,8 @@ class Piece(NamedTuple):
 
 def pieces(files, chunk_bytes: int, text_field: str):
     """Every file's pieces, in file order, lazily: compressed files are read as the pieces are consumed."""
+    # in file order, and in order within a file: the .bin files are the pieces' ids concatenated, so the
+    # output is today's for the same documents, and the same for any number of workers
     for path in files:
         fmt = file_format(path)
         if fmt == "text":
@@ -70,6 +74,8 @@ def pieces(files, chunk_bytes: int, text_field: str):
 
 def parquet_pieces(path, chunk_bytes: int, text_field: str):
     """Row ranges of each row group, each about chunk_bytes of (uncompressed) data."""
+    # FineWeb-Edu's shards hold ~1 GB of text in row groups of ~100 MB: the row group is the unit the
+    # format can read alone, and a large one is cut further, into row ranges
     meta = parquet_file(path, text_field).metadata   # the footer only: no rows are read here
     for g in range(meta.num_row_groups):
         rows, size = meta.row_group(g).num_rows, meta.row_group(g).total_byte_size
@@ -88,6 +94,7 @@ def parquet_file(path, text_field: str):
         schema = pf.schema_arrow
     except Exception as e:   # ArrowInvalid and friends, with multi-line messages
         raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}): re-download or remove it") from None
+    # checked from the footer before any work: a wrong --text_field fails at once, not an hour in
     if text_field not in schema.names:
         raise DataError(f"{path} has no column {text_field!r} (it has {', '.join(schema.names[:8])}): "
                         f"pass --text_field with the column that holds the text")
@@ -154,6 +161,8 @@ def text_documents(path, single_file: bool) -> list[str]:
 
 def parquet_rows(piece: Piece, text_field: str):
     """Rows [start, end) of one row group, read in batches (a row group may hold gigabytes)."""
+    # 1024 rows a batch: a piece never holds its whole row group in memory; rows before the range are
+    # skipped (decoded, then dropped), the price of a row group cut into k ranges (k ~ its size / chunk)
     pf, seen = parquet_file(piece.path, text_field), 0
     for batch in pf.iter_batches(batch_size=1024, row_groups=[piece.group], columns=[text_field]):
         lo, hi = max(piece.start - seen, 0), min(piece.end - seen, batch.num_rows)

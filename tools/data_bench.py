@@ -84,6 +84,8 @@ def raw_throughput(path, n_docs, workers, spec, rank_file) -> tuple[float, float
 
 def tree_memory(root_pid: int) -> tuple[int, int]:
     """(sum of RSS, sum of PSS) in bytes of root_pid and all its descendants, from /proc."""
+    # polled, not getrusage: RUSAGE_CHILDREN's maxrss is the largest single process, never their sum, and
+    # the sum of RSS counts the pages the forked workers share with the main process (torch) once each
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -127,6 +129,7 @@ def prepare_measured(source, spec, workers, data_dir, chunk_mb) -> dict:
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu   # the whole tree: its workers were waited for
     if child.returncode:
         sys.exit(f"data_bench.py: {' '.join(cmd)} failed with exit code {child.returncode}")
+    # throughput over the text itself (meta.json's bytes), not the file: JSON quoting is not work done
     meta = json.loads(next(pathlib.Path(data_dir).glob(f"{pathlib.Path(source).stem}-*/meta.json")).read_text())
     text_bytes = meta["train"]["bytes"] + meta["val"]["bytes"]
     return dict(mb=text_bytes / 1e6, seconds=seconds, mb_s=text_bytes / 1e6 / seconds, rss=peak_rss, pss=peak_pss, cpu=cpu,
@@ -154,6 +157,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         tmp, sizes = pathlib.Path(tmp), [int(s) for s in args.sizes_mb.split(",")]
+        # one file per size, each a single file: the case where only cutting below the file lets every
+        # worker help, and where reading the whole file (as data.py once did) would cost its size in memory
         corpora = {}
         for size in sizes:
             corpora[size] = tmp / f"corpus{size}.jsonl"
