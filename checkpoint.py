@@ -141,6 +141,8 @@ def load(path, kind=None, device="cpu", weights=True):
         with reading(sharded_folder(path)):   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
             ckpt = load_sharded(sharded_folder(path), weights)
         return check_kind(ckpt, kind)
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(ckpt_path(path)):
+        return load_hf_folder(path, kind)   # a released (Hugging Face) folder: its weights as a step-0 checkpoint
     path = ckpt_path(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: train one with python train.py, or give the right folder")
@@ -155,6 +157,25 @@ def load(path, kind=None, device="cpu", weights=True):
         ckpt["model_config"].pop(key, None)
     ckpt["path"] = path
     return check_kind(ckpt, kind)
+
+
+def load_hf_folder(folder, kind=None):
+    """A Hugging Face folder (a released MiniCPM: config.json, weights, tokenizer.json) as load() returns a
+    ckpt.pt: the model's state dict, model_config, step 0, the tokenizer record and path (folder/config.json,
+    so that its dirname is the folder, as a ckpt.pt's is its run folder)."""
+    import hashlib
+    import hf, tokenizer   # here: hf.py imports this module (atomic writes)
+    if kind:   # a release has no run to continue (optimizer, step, flags)
+        raise UsageError(f"{folder} is a Hugging Face folder, not a run to resume: start from it with --init_from {folder}")
+    model = hf.load_hf(folder)
+    spec, rank_file = tokenizer.folder_tokenizer(folder)
+    enc = tokenizer.load_folder_tokenizer(folder)
+    # sha256: the tokenizer file's hash, compared with a prepared dataset's meta.json tokenizer_sha256
+    record = dict(spec=spec, rank_file=rank_file and os.path.basename(rank_file), eot_id=enc.eot_token,
+                  vocab_size=model.config.vocab_size,
+                  sha256=rank_file and hashlib.sha256(open(rank_file, "rb").read()).hexdigest())
+    return dict(kind="pretrain", model=model.state_dict(), model_config=asdict(model.config), config={}, step=0,
+                tokenizer=record, path=os.path.join(folder, "config.json"))
 
 
 def check_kind(ckpt, kind):

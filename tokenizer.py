@@ -5,6 +5,8 @@ the document separator; tiktoken does the encoding, so a learned BPE encodes at 
 Hugging Face folders, both ways: `load_folder_tokenizer` reads a folder's tokenizer (our export's
 tokenizer_record.json, else a released MiniCPM's tokenizer.json through the optional `tokenizers`
 package), and `write_hf_tokenizer` writes ours as tokenizer.json, which transformers' AutoTokenizer reads.
+`tokenizer_source` reads data.py's --tokenizer (a name, bpe:N@RANK_FILE, or a folder); `encode_documents`
+frames each document as the tokenizer's model expects (BOS where a release adds it, then end-of-text).
 """
 import base64
 import collections
@@ -14,6 +16,7 @@ import os
 import pathlib
 import re
 
+import numpy as np
 import regex
 import tiktoken.load  # also binds tiktoken
 from tqdm import tqdm
@@ -294,6 +297,59 @@ def load_folder_tokenizer(folder):
     """The tokenizer of a Hugging Face folder (folder_tokenizer's), ready to encode."""
     spec, rank_file = folder_tokenizer(folder)
     return FolderTokenizer(folder) if spec == RELEASED_TOKENIZER else load_tokenizer(spec, rank_file)
+
+
+def tokenizer_source(tokenizer: str) -> tuple[str, str | None, int | None]:
+    """--tokenizer -> (spec as load_tokenizer takes it, a file to copy into the dataset, N of a bpe:N to learn)."""
+    name, at, ranks = tokenizer.partition("@")
+    if at:   # another dataset's merges: datasets meant to be mixed must share one tokenizer
+        if not parse_tokenizer(name):
+            raise DataError(f"--tokenizer {tokenizer}: only bpe:N takes @RANK_FILE, "
+                            f"e.g. bpe:4096@data/stdlib-bpe4096/tokenizer.tiktoken")
+        load_tokenizer(name, ranks)   # a missing file, or one of another size, fails here before any work
+        return name, ranks, None
+    if tokenizer in ("byte", *TIKTOKEN_NAMES) or tokenizer.startswith("bpe:"):   # names first: a folder "byte" is not it
+        n = parse_tokenizer(tokenizer)
+        if not n:
+            load_tokenizer(tokenizer)  # a named tiktoken encoding fails here, offline, before any work
+        return tokenizer, None, n
+    if os.path.isdir(tokenizer):   # a released MiniCPM folder's tokenizer.json (or our export's record)
+        spec, file = folder_tokenizer(tokenizer)
+        FolderTokenizer(tokenizer) if spec == RELEASED_TOKENIZER else load_tokenizer(spec, file)   # readable?
+        return spec, file, None
+    raise DataError(f"unknown tokenizer {tokenizer!r}: use bpe:N (e.g. bpe:4096), byte, {', '.join(TIKTOKEN_NAMES)}, "
+                    f"bpe:N@RANK_FILE, or a released MiniCPM folder (holding tokenizer.json)")
+
+
+def encode_documents(enc, texts: list[str]):
+    """Each document's ids followed by the end-of-text token (a list per document, yielded in order);
+    a released tokenizer's BOS before them, if it adds one."""
+    # yielded, not returned as one list: a piece's ids as Python ints take ~36 bytes a token
+    if not isinstance(enc, FolderTokenizer):
+        # tiktoken straight into a numpy array (30% faster than encode_ordinary's list); no special tokens
+        # allowed, none disallowed: "<|endoftext|>" in a text is plain text, exactly as encode_ordinary
+        eot = np.array([enc.eot_token], np.uint32)
+        for text in texts:
+            yield np.concatenate([enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()), eot])
+        return
+    enc.tok.encode_special_tokens = True   # "</s>" written in a text is characters, as encode_ordinary has it
+    start = size = 0
+    for i, text in enumerate(texts):   # the batch encoder (Rust, no offsets kept) on ~1 MB at a time
+        size += len(text)
+        if size > 1 << 20 or i == len(texts) - 1:
+            for e in enc.tok.encode_batch_fast(texts[start:i + 1], add_special_tokens=False):
+                yield [enc.bos_token] * enc.add_bos + e.ids + [enc.eot_token]
+            start, size = i + 1, 0
+
+
+def check_tokenizer(meta, record, where) -> None:
+    """A model's tokenizer (its checkpoint's record) must be the data's: the same ids for the same text."""
+    # a released folder's record carries its tokenizer.json's hash; older ckpt.pt records have none, and
+    # the vocabulary size (train.py) is all that can be compared for them
+    want = (record or {}).get("sha256")
+    if want and meta.get("tokenizer_sha256") != want:
+        raise DataError(f"the data was prepared with {meta.get('tokenizer_arg', meta['tokenizer'])}, not with the "
+                        f"tokenizer of {where}: prepare it with --tokenizer {where}")
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

@@ -112,6 +112,8 @@ def resolve(cfg, overrides, explicit):
             loop.check_resumable(resumed["step"], cfg.max_steps, cfg.stop_at, resumed["path"])
     elif cfg.init_from or cfg.upcycle_from:
         source = checkpoint.load(cfg.init_from or cfg.upcycle_from)
+        if source["path"].endswith("config.json") and "tokenizer" not in explicit:   # a released folder: its tokenizer
+            cfg = dataclasses.replace(cfg, tokenizer=os.path.dirname(source["path"]))
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.preset))
     if cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint, as a run of its own
         D = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps   # no warmup: the weights are already trained
@@ -134,6 +136,8 @@ def model_config(cfg, overrides, resumed, source, meta):
     if meta and (resumed or source) and meta["vocab_size"] != kw["vocab_size"]:
         raise UsageError(f"the checkpoint's vocabulary ({kw['vocab_size']}) is not the data's ({meta['vocab_size']}): "
                          "pass the --source/--tokenizer it was trained with")
+    if meta and source:   # the same size is not enough: a released folder's tokenizer.json must be the data's
+        data.check_tokenizer(meta, source.get("tokenizer"), os.path.dirname(source["path"]))
     mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})   # no meta: a dry run without data
     cli.check([(cfg.seq_len > mcfg.block_size, f"--seq_len {cfg.seq_len} is longer than the model's block_size {mcfg.block_size}")])
     return mcfg
