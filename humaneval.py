@@ -159,9 +159,9 @@ def program_of(problem, completion):
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def check_completions(problems, completions, timeout=10.0, memory_mb=1024, workers=2):
+def check_completions(problems, completions, timeout=10.0, memory_mb=1024, workers=2, python=None):
     """completions[i]: a list of completions of problems[i] -> the same nesting of results."""
-    python = sandbox_python()   # checked once, before any process starts
+    python = python or sandbox_python()   # checked once, before any process starts
     jobs = [(i, program_of(p, c)) for i, (p, cs) in enumerate(zip(problems, completions)) for c in cs]
     with ThreadPoolExecutor(workers) as pool:   # threads only wait on processes: the GIL is no limit
         results = list(pool.map(lambda job: run_one(job[1], timeout, memory_mb, python), jobs))
