@@ -41,6 +41,8 @@ from generation import context_length, generate, load
 TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"   # lm-eval's defaults for multiple_choice tasks
 
 
+# The flags. Greedy decoding by default: pass@1 is then one completion per problem, reproducible, and
+# what Table 2's HumanEval column reports; --samples with a temperature estimates pass@k instead.
 @dataclass
 class EvalConfig:
     ckpt: str = flag("out/tiny", "train.py checkpoint: ckpt.pt, a sharded one, or the run folder holding it")
@@ -108,6 +110,13 @@ def encode(enc, text):
     return enc.encode(text, allowed_special="all") if hasattr(enc, "special_tokens_set") else enc.encode(text)
 
 
+def text_of(enc, ids):
+    """New token ids -> their text, piece by piece."""
+    # not enc.decode: a sentencepiece decoder drops the first piece's space ("▁▁▁▁return" -> "   return"),
+    # which would shift a completion's indentation; each token's own bytes keep every space
+    return b"".join(enc.decode_single_token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+
 def encode_pair(enc, context, continuation):
     """(context ids, continuation ids) split as lm-eval does: the whole text encoded, cut at the context."""
     # trailing spaces of the context move to the continuation (" Paris", not "Paris" after "is ")
@@ -159,7 +168,7 @@ def multiple_choice(model, enc, docs, device, num_fewshot=0, seed=1234, batch_si
         for i, values in enumerate((lls, chars, utf8)):
             hits[i] += max(range(len(values)), key=values.__getitem__) == gold   # first maximum, as np.argmax
         items.append(dict(loglikelihoods=lls, gold=gold))
-    n = len(docs)
+    n = len(docs)   # acc_bytes too: lm-eval's own byte-normalised variant, for tasks that ask for it
     return dict(acc=hits[0] / n, acc_norm=hits[1] / n, acc_bytes=hits[2] / n, n=n), items
 
 
@@ -190,7 +199,7 @@ def exact_match(model, enc, items, device, max_new_tokens=64):
     for item in tqdm(items, desc="exact match", file=sys.stderr, leave=False):
         ids = encode(enc, item["prompt"])[-(most - 1):]   # the prompt's end, if it is longer than the context
         new = generate(model, ids, min(max_new_tokens, most - len(ids)), temperature=0, stop_id=enc.eot_token)
-        reply = enc.decode(new).strip()
+        reply = text_of(enc, new).strip()
         family = item.get("family", "all")
         seen[family] = seen.get(family, 0) + 1
         right[family] = right.get(family, 0) + (reply == str(item["answer"]).strip())
@@ -208,14 +217,15 @@ def complete(model, enc, prompt, cfg, generator):
     ids = encode(enc, prompt)
     budget = min(cfg.max_new_tokens, most - 1)
     ids = ids[-(most - budget):]   # a prompt longer than the context keeps its end (the signature)
-    stop = lambda new: any(s in enc.decode(new) for s in humaneval.STOP_SEQUENCES)   # noqa: E731
-    return [humaneval.truncate(enc.decode(generate(model, ids, budget, cfg.temperature, 0, cfg.top_p, generator,
+    stop = lambda new: any(s in text_of(enc, new) for s in humaneval.STOP_SEQUENCES)   # noqa: E731
+    return [humaneval.truncate(text_of(enc, generate(model, ids, budget, cfg.temperature, 0, cfg.top_p, generator,
                                                    stop_id=enc.eot_token, stop=stop)))
             for _ in range(cfg.samples)]
 
 
 def run_humaneval(model, enc, cfg, device):
     """Generate, then run every completion in the sandbox -> metrics (pass@k) and per-problem results."""
+    # all completions first, then all executions: the model and the sandbox never compete for the CPU
     problems = humaneval.load_problems(cfg.limit)
     python = humaneval.sandbox_python()   # before the (long) generation: a missing interpreter fails fast
     if humaneval.isolation()[0] is None:
@@ -247,7 +257,9 @@ def parse_flags(argv):
                 "--limit, --num_fewshot, --seq_len, --eval_tokens and --temperature must be >= 0"),
                (cfg.samples > 1 and cfg.temperature == 0, "--samples > 1 needs --temperature > 0 (greedy repeats itself)"),
                (not 0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"), (cfg.timeout <= 0, "--timeout must be > 0"),
-               (cfg.dtype not in cli.DTYPES, f"--dtype must be one of {', '.join(cli.DTYPES)}")])
+               (cfg.dtype not in cli.DTYPES, f"--dtype must be one of {', '.join(cli.DTYPES)}"),
+               (cfg.out and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))) or os.path.isdir(cfg.out),
+                f"--out {cfg.out}: give a file in an existing folder")])
     if kind == "mc":   # read now: a bad file is found before a model is loaded
         docs = [mc_doc(d, path) for d in read_jsonl(path, "--task mc:")]
         docs = docs[:cfg.limit] if cfg.limit else docs
@@ -259,7 +271,7 @@ def parse_flags(argv):
             raise UsageError(f"{path}: every line needs a string \"prompt\" and an \"answer\"")
         cfg.items = items[:cfg.limit] if cfg.limit else items
     elif cfg.task == "humaneval":
-        humaneval.load_problems(1)   # the package is there
+        humaneval.load_problems(1)   # the package is there: said before minutes of loading and generating
     for d in filter(None, cfg.data.split(",")):
         data.load_meta(d)
     return cfg
@@ -277,6 +289,7 @@ def default_seq_len(cfg, model):
 def run_task(cfg, model, enc, device):
     """-> (metrics, per-item results) of --task."""
     kind = cfg.task.partition(":")[0]
+    # the per-item results: choices' log-likelihoods, replies, or sandbox verdicts (the tests read them)
     if kind == "mc":
         return multiple_choice(model, enc, cfg.items, device, cfg.num_fewshot, cfg.seed, cfg.batch_size)
     if kind == "exact":
@@ -293,7 +306,7 @@ def report(cfg, rows):
         print(f"{task:<40} {shown}  ({seconds:.1f} s)")
         for family, acc in metrics.get("families", {}).items():
             print(f"  {family:<38} exact_match {acc:.4f}")
-        if cfg.out:
+        if cfg.out:   # appended: one file collects every model's scores across runs, one line each
             line = dict(model=os.path.abspath(cfg.hf or cfg.ckpt), task=task, metrics=metrics, seconds=round(seconds, 2),
                         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             with open(cfg.out, "a", encoding="utf-8") as f:
@@ -305,7 +318,7 @@ def run(argv):
     cfg = parse_flags(argv)
     device = cli.pick_device(cfg.device)
     model, enc = load(cfg.ckpt, cfg.hf, cfg.tokenizer, device, cli.pick_dtype(cfg.dtype, device))
-    rows = []
+    rows = []   # (task, metrics, seconds): printed and recorded together at the end, so a failed run writes nothing
     if cfg.task:
         t = time.perf_counter()
         metrics, items = run_task(cfg, model, enc, device)
