@@ -8,7 +8,9 @@ A completion is untrusted code written by a model, so each one runs in its own p
   - no network: a new, empty network namespace (unshare(CLONE_NEWNET): not even loopback is up),
   - a throwaway working folder, and, when we run as root, the unprivileged uid/gid of `nobody`, so
     none of the user's files is writable (most are not even readable). Places writable by anyone
-    (/tmp, /dev/shm) stay writable, as they are to every user: a mount namespace would be next.
+    (/tmp, /dev/shm) stay writable, as they are to every user: a mount namespace would be next. A
+    child that leaves the process group (os.setsid) escapes the group kill: RLIMIT_CPU still ends it
+    if it computes, but one that only sleeps stays (as nobody, with no network): a cgroup would be next.
 Without root the last two cannot be had, nor a per-uid process limit (RLIMIT_NPROC would count all
 of the user's processes, so it is left alone: the timeout's group kill ends a fork bomb): the network
 stays reachable and the completion runs with the user's own rights; eval.py says so once. Use a
