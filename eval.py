@@ -1,7 +1,7 @@
 """Score a trained MiniCPM (a train.py run) or one in the Hugging Face layout on benchmarks, offline.
 
     python eval.py --task humaneval --limit 20                  # out/tiny, greedy pass@1 on 20 problems
-    python eval.py --hf MiniCPM-2B-sft-bf16 --task humaneval    # a released model (use a GPU)
+    sudo python eval.py --hf MiniCPM-2B-sft-bf16 --task humaneval   # a released model, on a GPU; root: the sandbox's uid
     python eval.py --task humaneval --samples 20 --temperature 0.8 --top_p 0.95   # pass@1, pass@10
     python eval.py --task mc:arc_easy.jsonl --num_fewshot 5     # multiple choice, scored as lm-eval does
     python eval.py --task exact:items.jsonl                     # exact match per family
@@ -18,7 +18,8 @@ Tasks:
                 prompt and a " "; acc_norm = the same divided by the choice's length in characters
                 (lm-eval's acc_norm; acc_bytes divides by UTF-8 bytes). The prompt is the question as
                 "Question: {question}\\nAnswer:" (ARC's template) or the context as written; --num_fewshot
-                solved examples of the same file (drawn with --seed, never the item itself) come first.
+                solved examples of the same file (drawn with --seed, never the item itself) come first, in
+                lm-eval's layout (lm-eval's own sampler would pick other shots: zero-shot scores match exactly).
   exact:FILE    {"prompt": rendered text, "answer": str, "family": str} a line: greedy decoding until
                 end-of-text or --max_new_tokens, the reply stripped of surrounding whitespace, exact match.
 --data DIR[,DIR]: bits/byte of each data.py dataset's validation split, on train.py's fixed windows.
