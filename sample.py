@@ -19,17 +19,16 @@ NAME[@RANK_FILE] gives a tiktoken one instead (NAME: bpe:N, byte, gpt2, cl100k_b
 Any checkpoint kind works (train.py's, dpo.py's); the attention is always sdpa here, whatever
 implementation the run trained with (that is the running script's choice, not the model's).
 """
-import codecs, json, os, sys, time
+import codecs, sys, time
 from dataclasses import dataclass
 
 import torch
 
-import checkpoint
 import cli
 import data
-import hf
-import tokenizer
 from cli import UsageError, flag
+# the loading and the decoding loop are shared with eval.py; imported by name, so sample.generate etc. still work
+from generation import context_length, generate, load, sample_next, top_p_filter  # noqa: F401
 
 CHAT_FORMAT = "<用户>{}<AI>"   # the released chat models' turn format (BOS before it, from the tokenizer)
 BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends over T, a recomputed one T^2
@@ -54,58 +53,7 @@ class SampleConfig:
     bench: bool = flag(False, f"time {BENCH_TOKENS} greedy new tokens with and without the cache, then exit")
 
 
-# ----------------------------------------------------------------------------- sampling and loading
-
-def top_p_filter(probs, p, tol=1e-6):
-    """Keep the smallest set of most likely tokens whose total probability reaches p; renormalise."""
-    # within tol, so decimal inputs like 0.5 + 0.3 reach 0.8 despite rounding
-    if p >= 1.0:
-        return probs
-    # ties ordered by token id (a stable sort): at the boundary the lower id is kept, reproducibly
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)   # [B, V] each
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs        # mass of the more likely tokens
-    keep_sorted = mass_before < p - tol                          # the first token is always kept
-    kept = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)   # the mask back in id order
-    return kept / kept.sum(-1, keepdim=True)
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits [B, V] -> next token ids [B]: greedy, or temperature, top-k and top-p, then one draw."""
-    # bf16 logits would round away the differences between the likely tokens; float64 stays float64
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature   # before the filters: temperature changes which tokens top-p keeps
-    # exactly k tokens (ties broken by torch.topk); the rest get -inf, i.e. probability 0
-    if 0 < top_k < logits.shape[-1]:
-        values, ids = logits.topk(top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
-    probs = top_p_filter(logits.softmax(-1), top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # own generator: --seed fixes the samples
-
-
-@torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
-             use_cache=True, stop_id=None, on_token=None):
-    """Continue prompt_ids (list of ints) -> the new ids, each also passed to on_token as it is drawn."""
-    # stops after max_new_tokens, or when stop_id is drawn (stop_id is neither returned nor passed on)
-    device = next(model.parameters()).device
-    seq = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # [1, T], one sample at a time
-    # the cache is allocated once for the longest sequence, so no step reallocates it
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
-    new = []
-    while len(new) < max_new_tokens:
-        # with the cache: the whole prompt once (prefill), then only the newest token; without: everything
-        logits, _ = model(seq[:, -1:] if use_cache and new else seq, cache=cache)
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)   # [1]: from the last position
-        if token.item() == stop_id:
-            break
-        new.append(token.item())
-        if on_token:   # streamed as drawn: a slow CPU sample is readable while it runs
-            on_token(new[-1])
-        seq = torch.cat([seq, token.view(1, 1)], dim=1)
-    return new
-
+# ----------------------------------------------------------------------------- streaming text
 
 class TextStream:
     """Writes token bytes as text, holding back incomplete UTF-8 so characters are never split."""
@@ -122,24 +70,6 @@ class TextStream:
 
     def close(self):  # what is left of an incomplete character becomes U+FFFD
         self.write(self.utf8.decode(b"", final=True))
-
-
-def load(cfg, device, dtype):
-    """-> (model in eval mode, tiktoken Encoding) from --hf or --ckpt."""
-    ckpt = None if cfg.hf else checkpoint.load(cfg.ckpt)   # any kind: pretrain or dpo
-    # the model file, then the weights: either layout; sdpa attention runs on every device
-    model = hf.load_hf(cfg.hf, device, dtype) if cfg.hf else checkpoint.build_model(ckpt, device).to(dtype)
-    # the tokenizer: --tokenizer NAME[@RANK_FILE] when given, else the checkpoint's own record
-    if cfg.tokenizer:
-        spec, _, rank_file = cfg.tokenizer.partition("@")   # "bpe:4096@dir/tokenizer.tiktoken"
-        enc = data.load_tokenizer(spec, rank_file or None)
-    elif cfg.hf:   # this project's tokenizer record, else the folder's tokenizer.json (the released ones)
-        enc = tokenizer.load_folder_tokenizer(cfg.hf)
-    else:
-        enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
-    if enc.n_vocab != model.config.vocab_size:   # a wrong tokenizer would index past the embedding or print noise
-        raise UsageError(f"the tokenizer has {enc.n_vocab} tokens, the model {model.config.vocab_size}: wrong --tokenizer?")
-    return model.eval(), enc
 
 
 def prompt_ids(cfg, enc, block_size):
@@ -192,9 +122,8 @@ def run(argv):
     device = cli.pick_device(cfg.device)
     dtype = cli.pick_dtype(cfg.dtype, device)   # here the weights' dtype: no autocast when sampling
     where = f"{device}, {str(dtype).removeprefix('torch.')}"
-    model, enc = load(cfg, device, dtype)
-    # dynamic NTK scaling (the released 128k) accepts any length: block_size is where its scaling starts
-    block_size = model.config.block_size if model.config.rope_scaling != "dynamic" else 2**62
+    model, enc = load(cfg.ckpt, cfg.hf, cfg.tokenizer, device, dtype)
+    block_size = context_length(model)   # unbounded with dynamic NTK RoPE scaling
     text, ids = prompt_ids(cfg, enc, block_size)
     wanted = BENCH_TOKENS if cfg.bench else cfg.max_new_tokens
     max_new = min(wanted, block_size - len(ids))   # the model refuses sequences past block_size
