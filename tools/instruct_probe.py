@@ -1,0 +1,92 @@
+"""Does instruct.py's instruction set teach a tiny model at CPU scale? Held-out exact match, per family, as
+training goes on (§5's decay-phase mixture: pre-training text with the SFT conversations mixed in).
+
+    OMP_NUM_THREADS=1 nice -n 10 python tools/instruct_probe.py --work /tmp/probe --steps 150,300,600
+
+Builds WORK/src/ (the stdlib's .py files + the training conversations as chat-template text, repeated
+--repeat times, one document each), trains train.py's tiny model on it with --tokenizer byte in segments
+(--stop_at), and after each segment scores instruct.exact_items with greedy decoding (KV cache, stop at
+EOS, stripped exact match). --no_corpus leaves the stdlib out: the control for the knowledge family.
+"""
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import checkpoint  # noqa: E402
+import chat  # noqa: E402
+import data  # noqa: E402
+import instruct  # noqa: E402
+import sample  # noqa: E402
+
+
+def build_source(src: pathlib.Path, repeat: int, corpus: bool):
+    """WORK/src: the corpus files and one .jsonl of conversations rendered as plain text."""
+    if src.exists():
+        return
+    src.mkdir(parents=True)
+    if corpus:   # the stdlib as data.py reads it: one document per file
+        for i, text in enumerate(instruct.stdlib_texts()):
+            (src / f"{i:05d}.py").write_text(text, errors="replace")
+    # our tokenizers: no BOS, the reply ends with the EOT that data.py puts after every document
+    lines = [json.dumps({"text": chat.render_prompt(c["messages"][0]["content"]) + c["messages"][1]["content"]},
+                        ensure_ascii=False) for c in instruct.conversations("train")]
+    (src / "instruct.jsonl").write_text("".join(line + "\n" for line in lines * repeat))
+
+
+def score(ckpt_dir, split, limit):
+    """{family: accuracy} of greedy replies to the split's exact items (the first `limit`)."""
+    ckpt = checkpoint.load(str(ckpt_dir))
+    model = checkpoint.build_model(ckpt, "cpu").eval()
+    enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
+    items = instruct.exact_items(split)[:limit]
+    outputs, by_kind = [], {}
+    for item in items:
+        ids = [enc.eot_token] + enc.encode_ordinary(item["prompt"])   # chat.prompt_ids, from the prompt text
+        new = sample.generate(model, ids, 64, temperature=0, stop_id=enc.eot_token)
+        outputs.append(enc.decode(new))
+    for item, out in zip(items, outputs):   # the skill family by its two questions
+        kind = item["family"] + ("/noarg" if "no arguments" in item["prompt"] else "/arg" if item["family"] == "skill" else "")
+        ok, n = by_kind.get(kind, (0, 0))
+        by_kind[kind] = (ok + (out.strip() == item["answer"]), n + 1)
+    graded = {**instruct.grade(items, outputs), **by_kind}
+    return {k: round(ok / n, 3) for k, (ok, n) in sorted(graded.items())}, list(zip(items[:6], outputs[:6]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--work", default="/tmp/instruct_probe")
+    p.add_argument("--steps", default="150,300,600")
+    p.add_argument("--repeat", type=int, default=32)
+    p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--no_corpus", action="store_true")
+    p.add_argument("--train_limit", type=int, default=200)
+    a = p.parse_args()
+    work = pathlib.Path(a.work)
+    build_source(work / "src", a.repeat, not a.no_corpus)
+    steps = [int(s) for s in a.steps.split(",")]
+    out = work / "run"
+    base = [sys.executable, str(ROOT / "train.py"), "--tokenizer", a.tokenizer, "--max_steps", str(steps[-1]),
+            "--eval_interval", "100", "--eval_tokens", "16384", "--log_interval", "25", "--device", "cpu"]
+    for i, step in enumerate(steps):
+        t = time.time()
+        flags = (["--resume", str(out)] if i else ["--source", str(work / "src"), "--data_dir", str(work / "data"),
+                                                    "--out_dir", str(out), "--overwrite"]) + ["--stop_at", str(step)]
+        subprocess.run(base + flags, check=True, stdout=subprocess.DEVNULL)
+        train_s = time.time() - t
+        held, examples = score(out, "val", 10**9)
+        seen, _ = score(out, "train", a.train_limit)
+        print(json.dumps(dict(step=step, train_s=round(train_s), held_out=held, train_items=seen)), flush=True)
+        for item, output in examples:
+            print(f"   {item['prompt']!r} -> {output!r} (want {item['answer']!r})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
