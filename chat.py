@@ -14,6 +14,7 @@ system role: system text is put before the first user turn, separated by a blank
 Writes data/<name>/{train.bin, val.bin, train.mask, val.mask, meta.json}: the .bin files as data.py
 writes them (so data.open_tokens reads them), and one uint8 per token, 1 where the token is scored.
 """
+import collections
 import hashlib
 import json
 import os
@@ -223,19 +224,29 @@ def encode_split(conversations, enc, dtype) -> tuple[np.ndarray, np.ndarray, dic
     return cat(ids, dtype), cat(mask, np.uint8), stats
 
 
+def learn_rank_file(path, conversations, n_bpe: int) -> None:
+    """bpe:N learned on the training conversations' text (prompts and replies), written as a rank file."""
+    # training conversations only, as data.py learns on training documents: a tokenizer fitted to the
+    # validation text would flatter its loss. Usually a chat set should reuse the pretraining rank file
+    # instead (rank_file=): a model cannot change tokenizers between pre-training and SFT.
+    counts = collections.Counter()
+    for messages in conversations:
+        for user, reply in turns(messages):
+            counts.update(tokenizer.split_chunks(render_prompt(user) + reply.strip()))
+    tokenizer.write_rank_file(path, tokenizer.learn_bpe(counts, n_bpe - 1)[0])   # - 1: EOT is the N-th token
+
+
 def build(work, convos, source, spec, n_bpe, copies, log) -> dict:
     """The dataset in folder `work`: tokenizer files, .bin and .mask per split, then meta.json."""
+    # the tokenizer's files travel with the data (meta.json names them relative to the folder), so a
+    # trainer reads the exact file these ids were made with, and rank_sha256 tells it from another one
     rank_file = os.path.basename(copies[0]) if copies else None
     for path in copies:
         shutil.copyfile(path, work / os.path.basename(path))
-    if n_bpe and not copies:   # learned on the training replies and prompts only, as data.py learns on train
+    if n_bpe and not copies:
         rank_file = "tokenizer.tiktoken"
-        counts = {}
-        for key, messages, val in convos:
-            for chunk in ([] if val else tokenizer.split_chunks("".join(f"{render_prompt(u)}{r.strip()}" for u, r in turns(messages)))):
-                counts[chunk] = counts.get(chunk, 0) + 1
         log(f"learning bpe:{n_bpe} on the training conversations")
-        tokenizer.write_rank_file(work / rank_file, tokenizer.learn_bpe(counts, n_bpe - 1)[0])
+        learn_rank_file(work / rank_file, [m for _, m, val in convos if not val], n_bpe)
     enc = data.load_tokenizer(spec, str(work / rank_file) if rank_file else None)
     dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
     meta = {"source": source, "tokenizer": spec, "rank_file": rank_file, "vocab_size": enc.n_vocab,
@@ -268,7 +279,8 @@ def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer_spec))
     lines = read_source(source)   # every line checked: a bad one stops here, before any file is written
     want = {"source": source, "tokenizer": tokenizer_spec, "rank_sha256": sha256(rank_file) if rank_file else None,
-            "source_sha256": None if source == "instruct" else sha256(source)}
+            "source_sha256": None if source == "instruct" else sha256(source),
+            "python": sys.version.split()[0] if source == "instruct" else None}
     if (out / "meta.json").exists() and not force:
         meta = data.load_meta(out)
         if (meta["source"], meta["tokenizer"]) != (source, tokenizer_spec):   # never overwrite other data silently

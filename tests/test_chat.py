@@ -165,3 +165,18 @@ def test_bpe_with_a_rank_file_records_its_hash(tmp_path):
         with pytest.raises(cli.DataError):
             chat.prepare(str(path), spec, str(tmp_path / "other"), rank_file=rank, quiet=True)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_released_tokenizer_prepares_with_bos_and_eos(tmp_path):
+    (tmp_path / "release").mkdir()
+    folder = released_folder(tmp_path / "release", "new")
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"question {i}?", "response": f"answer {i}"} for i in range(120)])
+    out = chat.prepare(str(path), "tokenizer.json", str(tmp_path / "data"), rank_file=str(folder / "tokenizer.json"), quiet=True)
+    meta = data.load_meta(out)
+    assert (meta["bos_id"], meta["eot_id"], meta["rank_file"]) == (1, 2, "tokenizer.json")
+    assert (out / "tokenizer_config.json").is_file()   # BOS and EOS come from it: it travels with the data
+    ids = np.asarray(data.open_tokens(out / "train.bin"))
+    mask = np.fromfile(out / "train.mask", dtype=np.uint8)
+    # each conversation is <s> ... </s>: as many BOS as EOS, BOS unscored and EOS scored
+    assert ids[0] == 1 and (ids == 1).sum() == (ids == 2).sum() == meta["train"]["documents"]
+    assert not mask[ids == 1].any() and mask[ids == 2].all()
