@@ -115,6 +115,7 @@ def prompt_ids(user_text: str, enc) -> list[int]:
 def targets(ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """A window of ids [T + 1] and its mask -> inputs x [T], targets y [T] with -100 where unscored."""
     # position t predicts token t + 1, so the mask of the *target* decides (F.cross_entropy's ignore_index)
+    # one window or a batch of them ([..., T + 1]): the shift is on the last axis
     ids, mask = torch.as_tensor(np.asarray(ids, dtype=np.int64)), torch.as_tensor(np.asarray(mask, dtype=bool))
     return ids[..., :-1], torch.where(mask[..., 1:], ids[..., 1:], -100)
 
@@ -123,6 +124,7 @@ def targets(ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
 
 def messages_of(record) -> list:
     """One JSON line -> OpenAI-style messages, whatever its shape."""
+    # the shapes are told apart by their keys; the contents are checked afterwards by turns(), once
     if isinstance(record, dict) and "messages" in record:
         return record["messages"]
     if isinstance(record, dict) and "conversations" in record:   # ShareGPT: from/value
@@ -133,6 +135,7 @@ def messages_of(record) -> list:
         if unknown:
             raise DataError(f"unknown speaker {unknown[0]!r}: use human, gpt or system")
         return [{"role": ROLES[m["from"]], "content": m.get("value")} for m in convo]
+    # a single turn (Alpaca-like, or preference.py's prompt without its rejected side)
     if isinstance(record, dict) and "prompt" in record and "response" in record:
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     raise DataError("is not a conversation: expected 'messages', 'conversations' or 'prompt' + 'response'")
@@ -140,6 +143,8 @@ def messages_of(record) -> list:
 
 def read_jsonl(path) -> list[tuple[str, list]]:
     """A JSONL file -> [(line, messages)], every line checked before anything is written."""
+    # read whole: every line is checked before the first one is tokenized, so a typo in line 90,000
+    # costs a second, not a half-written dataset
     try:
         text = pathlib.Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -176,6 +181,8 @@ def read_source(source):
 # ----------------------------------------------------------------------------- preparing a dataset
 
 def sha256(path) -> str:
+    # recorded in meta.json: a trainer mixing this folder with a pretraining one compares the two hashes,
+    # since two bpe:4096 files learned on different text share a name and a size but not their ids
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
@@ -192,12 +199,15 @@ def check_tokenizer(spec: str, rank_file):
                       if os.path.isfile(os.path.join(folder, f))]
     if rank_file and not n_bpe:
         raise DataError(f"tokenizer {spec!r} has no rank file: drop rank_file, or use bpe:N")
-    data.load_tokenizer(spec, rank_file) if (rank_file or not n_bpe) else None   # a wrong rank file fails here
+    if rank_file or not n_bpe:   # a rank file of the wrong size, or tiktoken's offline download, fails here
+        data.load_tokenizer(spec, rank_file)
     return n_bpe, [rank_file] if rank_file else []
 
 
 def split_flags(lines) -> list[bool]:
     """data.is_val of each JSON line; a file too small for the 1% gets its lowest-hash line as validation."""
+    # the JSON line is the content key: a conversation repeated in a file falls on one side, and the
+    # split of a line does not depend on the lines around it
     flags = [data.is_val(line, None) for line in lines]
     if not any(flags) and len(set(lines)) > 1:   # as data.py's fallback: the choice is the content's, not the order's
         low = min(set(lines), key=lambda line: hashlib.sha256(line.encode()).digest())
@@ -207,6 +217,8 @@ def split_flags(lines) -> list[bool]:
 
 def encode_split(conversations, enc, dtype) -> tuple[np.ndarray, np.ndarray, dict]:
     """Conversations -> ids, mask (aligned, 1-D) and their counts."""
+    # "bytes" and "tokens" mean what they mean in data.py (all the text, every id in the .bin, which
+    # data.open_tokens checks against the file size); "scored_*" count the replies and their EOS only
     ids, mask, stats = [], [], dict(documents=0, bytes=0, tokens=0, scored_bytes=0, scored_tokens=0)
     for messages in conversations:
         i, m = encode(messages, enc)
@@ -240,7 +252,7 @@ def build(work, convos, source, spec, n_bpe, copies, log) -> dict:
     """The dataset in folder `work`: tokenizer files, .bin and .mask per split, then meta.json."""
     # the tokenizer's files travel with the data (meta.json names them relative to the folder), so a
     # trainer reads the exact file these ids were made with, and rank_sha256 tells it from another one
-    rank_file = os.path.basename(copies[0]) if copies else None
+    rank_file = os.path.basename(copies[0]) if copies else None   # tokenizer.json's configs come after it
     for path in copies:
         shutil.copyfile(path, work / os.path.basename(path))
     if n_bpe and not copies:
@@ -248,7 +260,7 @@ def build(work, convos, source, spec, n_bpe, copies, log) -> dict:
         log(f"learning bpe:{n_bpe} on the training conversations")
         learn_rank_file(work / rank_file, [m for _, m, val in convos if not val], n_bpe)
     enc = data.load_tokenizer(spec, str(work / rank_file) if rank_file else None)
-    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
+    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"   # as data.py: 2 bytes a token while the vocabulary fits
     meta = {"source": source, "tokenizer": spec, "rank_file": rank_file, "vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token, "bos_id": frame(enc)[0][0] if frame(enc)[0] else None, "dtype": dtype,
             "split_pattern": tokenizer.GPT4_SPLIT, "split": getattr(data, "SPLIT_RULE", "content-sha256"),
@@ -260,13 +272,16 @@ def build(work, convos, source, spec, n_bpe, copies, log) -> dict:
         meta["source_sha256"] = sha256(source)
     for split, val in (("train", False), ("val", True)):
         ids, mask, meta[split] = encode_split([m for _, m, v in convos if v == val], enc, dtype)
+        # raw ids and raw mask bytes, no header: np.memmap reads either back, aligned position by position
         atomic_write(str(work / f"{split}.bin"), lambda f: f.write(ids.tobytes()))
         atomic_write(str(work / f"{split}.mask"), lambda f: f.write(mask.tobytes()))
+    # meta.json last: its presence is what says the folder is complete
     atomic_write(str(work / "meta.json"), lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return meta
 
 
 def default_name(source: str, spec: str) -> str:
+    # "-chat" keeps it apart from data.py's folder of the same source and tokenizer, e.g. a .jsonl of both
     stem = source if source == "instruct" else pathlib.Path(source).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{stem}-{spec.replace(':', '')}-chat")
 
@@ -274,13 +289,14 @@ def default_name(source: str, spec: str) -> str:
 def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir: str = "data", rank_file: str = None,
             name: str = None, *, quiet: bool = False, force: bool = False) -> pathlib.Path:
     """Prepare data_dir/name/ from a .jsonl file or "instruct"; at once if it is already prepared."""
-    log = (lambda *a: None) if quiet else print
+    log = (lambda *a: None) if quiet else print   # quiet: tests, and a trainer's other ranks
     n_bpe, copies = check_tokenizer(tokenizer_spec, rank_file)
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer_spec))
     lines = read_source(source)   # every line checked: a bad one stops here, before any file is written
     want = {"source": source, "tokenizer": tokenizer_spec, "rank_sha256": sha256(rank_file) if rank_file else None,
             "source_sha256": None if source == "instruct" else sha256(source),
             "python": sys.version.split()[0] if source == "instruct" else None}
+    # prepared already from the same bytes with the same tokenizer: every run after the first starts at once
     if (out / "meta.json").exists() and not force:
         meta = data.load_meta(out)
         if (meta["source"], meta["tokenizer"]) != (source, tokenizer_spec):   # never overwrite other data silently
@@ -338,6 +354,7 @@ def get_batch(bin_path, batch_size: int, seq_len: int, *, seed: int, step: int, 
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
+    # prepare()'s arguments as flags; cli.main turns any DataError into one line on stderr and exit 2
     def run(argv):
         p = cli.parser(__doc__)
         p.add_argument("--source", default="instruct", help="a .jsonl file of conversations, or instruct (instruct.py)")

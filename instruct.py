@@ -50,6 +50,9 @@ NAME = re.compile(r"^\s*def ([a-z][a-z0-9_]{3,23})\(", re.M)   # snake_case func
 @functools.lru_cache(maxsize=1)
 def stdlib_texts() -> tuple[str, ...]:
     """The standard library's .py sources, chosen as data.py's "stdlib" corpus chooses them, in path order."""
+    # read here rather than through data.py, whose sources are being reworked: the rule is the same
+    # (every .py under the stdlib folder, installed packages left out), so the items stay what
+    # pre-training on data.py's "stdlib" corpus saw
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted((p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
@@ -59,11 +62,14 @@ def stdlib_texts() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def line_counts() -> collections.Counter:
     """Stripped non-empty lines of the corpus -> how many times each occurs."""
+    # stripped: indentation depends on where a line sits, its knowledge does not
     return collections.Counter(s for text in stdlib_texts() for line in text.split("\n") if (s := line.strip()))
 
 
 def cut_points(line: str) -> list[int]:
     """Where a line may be cut: word starts, leaving at least a third before and 3 characters after."""
+    # word starts keep the question readable ("def setUp(" + "self):", never "def se" + "tUp(self):"),
+    # and a third of the line is enough context to pin most lines down
     starts = [m.start() for m in re.finditer(r"\w+|[^\w\s]+", line)]
     return [k for k in starts if len(line) // 3 <= k <= len(line) - 3]
 
@@ -71,6 +77,7 @@ def cut_points(line: str) -> list[int]:
 def well_posed(line: str, cuts: list[int], sorted_lines, counts) -> list[int]:
     """The cuts after which this line is strictly the corpus's most common continuation of its first part."""
     # a cut whose first part goes on another way as often is a guess, not knowledge: it is left out
+    # sorted_lines is sorted, so the lines that start with a prefix are one contiguous range of it
     good = []
     for k in cuts:
         lo = bisect.bisect_left(sorted_lines, line[:k])
@@ -84,6 +91,7 @@ def well_posed(line: str, cuts: list[int], sorted_lines, counts) -> list[int]:
 @functools.lru_cache(maxsize=1)
 def knowledge_lines() -> dict[str, list[int]]:
     """Frequent lines -> their well-posed cuts (lines with none are left out)."""
+    # a few hundred lines: what occurs 20+ times in 31 MB of code is mostly idiom (setUp, imports, raise)
     freq = line_counts()
     sorted_lines = sorted(freq)
     counts = np.array([freq[s] for s in sorted_lines])   # in sorted_lines' order, for range maxima
@@ -100,6 +108,7 @@ def knowledge_lines() -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------- the two families
 
 def knowledge_item(line: str, k: int) -> dict:
+    # line and count are kept for the tests and for accuracy by frequency; the conversation uses user, answer
     prefix, answer = line[:k].rstrip(), line[k:].strip()
     return dict(user=KNOWLEDGE_ASK.format(prefix), answer=answer, family="knowledge", line=line, count=line_counts()[line])
 
@@ -107,6 +116,7 @@ def knowledge_item(line: str, k: int) -> dict:
 @functools.lru_cache(maxsize=1)
 def knowledge_split() -> tuple[list[dict], list[dict]]:
     """-> (training items, held-out items): held-out lines are chosen first, then kept out of training."""
+    # own generators, seeded: the draws do not depend on what else the process drew before
     rng = random.Random(SEED)
     lines = knowledge_lines()
     order = sorted(lines)
@@ -117,12 +127,15 @@ def knowledge_split() -> tuple[list[dict], list[dict]]:
     train_lines = [s for s in order[N_HELD_OUT:] if not any(h in s or s in h for h in held)]
     # held-out: one cut per line, the one nearest the middle; training: every well-posed cut
     held_items = [knowledge_item(s, min(lines[s], key=lambda k: abs(k - len(s) / 2))) for s in held]
+    # several cuts of one training line teach that any prefix can be asked, not one position per line
     train_items = [knowledge_item(s, k) for s in train_lines for k in lines[s]]
     rng.shuffle(train_items)
     return train_items[:N_TRAIN["knowledge"]], held_items
 
 
 def skill_item(name: str, arg: str | None) -> dict:
+    # a copy task: the answer is in the question, so only the format has to be learned, which is what
+    # SFT teaches quickly; a 4-layer model learns to copy through attention (an induction-like head)
     user = SKILL_ASK[0].format(name) if arg is None else SKILL_ASK[1].format(name, arg)
     return dict(user=user, answer=f"{name}()" if arg is None else f"{name}({arg})", family="skill")
 
@@ -131,6 +144,7 @@ def skill_item(name: str, arg: str | None) -> dict:
 def skill_split() -> tuple[list[dict], list[dict]]:
     """-> (training items, held-out items) of the function-call family, on disjoint sets of names."""
     rng = random.Random(SEED + 1)
+    # real identifiers (snake_case, as the library writes them): their pieces are familiar from pre-training
     names = sorted(set(NAME.findall("\n".join(stdlib_texts()))))
     rng.shuffle(names)
     # a held-out name must not occur anywhere in the training text: not in a knowledge item, not in
@@ -152,7 +166,7 @@ def items(split: str) -> list[dict]:
     """Both families' items of a split ("train" or "val"), in a seeded order."""
     if split not in ("train", "val"):
         raise cli.UsageError(f"split {split!r}: use train or val")
-    part = 0 if split == "train" else 1
+    part = 0 if split == "train" else 1   # "val": the held-out items, never trained on
     out = knowledge_split()[part] + skill_split()[part]
     random.Random(SEED + 2).shuffle(out)   # families interleaved: a file's first lines hold both
     return out
@@ -173,6 +187,7 @@ def grade(items_, outputs) -> dict:
     """Exact-match accuracy per family (and "all") of model replies, stripped: {family: (correct, total)}."""
     if len(items_) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(items_)} items")
+    # stripped both sides: a model that adds a space or a newline before EOS still answered correctly
     score = collections.defaultdict(lambda: [0, 0])
     for item, out in zip(items_, outputs):
         for key in (item["family"], "all"):
@@ -182,6 +197,7 @@ def grade(items_, outputs) -> dict:
 
 
 def main(argv=None):
+    # the file is what chat.py --source reads; written whole (atomic), so a rerun never sees half of it
     def run(argv):
         p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         p.add_argument("--out", required=True, help="the JSONL file to write")
