@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -60,6 +62,32 @@ def score(ckpt_dir, split, limit):
     return {k: round(ok / n, 3) for k, (ok, n) in sorted(graded.items())}, list(zip(items[:6], outputs[:6]))
 
 
+def sft(run_dir, work, steps, lr, seq_len=128, batch_size=16):
+    """SFT after the mixture (§5): the masked loss on chat.prepare's instruct folder, same tokenizer."""
+    # a plain loop, not train.py: only the replies are scored (chat.get_batch puts -100 elsewhere)
+    ckpt = checkpoint.load(str(run_dir))
+    model = checkpoint.build_model(ckpt, "cpu").train()
+    rank = checkpoint.rank_file_path(ckpt)
+    folder = chat.prepare("instruct", ckpt["tokenizer"]["spec"], str(work / "data"), rank_file=rank, quiet=True)
+    opt = torch.optim.AdamW(model.param_groups(lr, 0.0), lr=lr, betas=(0.9, 0.95))
+    base = [g["lr"] for g in opt.param_groups]
+    for step in range(steps):
+        x, y = chat.get_batch(folder / "train.bin", batch_size, seq_len, seed=1, step=step)
+        _, loss = model(x, y)
+        for g, b in zip(opt.param_groups, base):   # warmup 10 steps, then a linear decay to 10%
+            g["lr"] = b * min(1, (step + 1) / 10) * (1 - 0.9 * step / steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    out = work / "sft"
+    out.mkdir(exist_ok=True)
+    checkpoint.atomic_save({**ckpt, "model": model.state_dict(), "optimizer": None}, str(out / "ckpt.pt"))
+    if rank:
+        shutil.copyfile(rank, out / os.path.basename(rank))
+    return out, loss.item()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work", default="/tmp/instruct_probe")
@@ -68,6 +96,9 @@ def main():
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--no_corpus", action="store_true")
     p.add_argument("--train_limit", type=int, default=200)
+    p.add_argument("--sft_steps", type=int, default=0, help="then SFT this many steps on the instruct folder (masked)")
+    p.add_argument("--sft_lr", type=float, default=0.003)
+    p.add_argument("--sft_only", action="store_true", help="skip the mixture run: SFT from WORK/run as it is")
     a = p.parse_args()
     work = pathlib.Path(a.work)
     build_source(work / "src", a.repeat, not a.no_corpus)
@@ -75,7 +106,7 @@ def main():
     out = work / "run"
     base = [sys.executable, str(ROOT / "train.py"), "--tokenizer", a.tokenizer, "--max_steps", str(steps[-1]),
             "--eval_interval", "100", "--eval_tokens", "16384", "--log_interval", "25", "--device", "cpu"]
-    for i, step in enumerate(steps):
+    for i, step in enumerate([] if a.sft_only else steps):
         t = time.time()
         flags = (["--resume", str(out)] if i else ["--source", str(work / "src"), "--data_dir", str(work / "data"),
                                                     "--out_dir", str(out), "--overwrite"]) + ["--stop_at", str(step)]
@@ -84,6 +115,15 @@ def main():
         held, examples = score(out, "val", 10**9)
         seen, _ = score(out, "train", a.train_limit)
         print(json.dumps(dict(step=step, train_s=round(train_s), held_out=held, train_items=seen)), flush=True)
+        for item, output in examples:
+            print(f"   {item['prompt']!r} -> {output!r} (want {item['answer']!r})", flush=True)
+    if a.sft_steps:
+        t = time.time()
+        folder, loss = sft(out, work, a.sft_steps, a.sft_lr)
+        held, examples = score(folder, "val", 10**9)
+        seen, _ = score(folder, "train", a.train_limit)
+        print(json.dumps(dict(sft_steps=a.sft_steps, sft_s=round(time.time() - t), sft_loss=round(loss, 3),
+                              held_out=held, train_items=seen)), flush=True)
         for item, output in examples:
             print(f"   {item['prompt']!r} -> {output!r} (want {item['answer']!r})", flush=True)
 
