@@ -11,9 +11,10 @@ Two families, each graded by exact match on held-out items (greedy reply, stoppe
              Items are split into train and held-out BY LINE, and no training conversation contains a
              held-out line: a held-out completion can only have been learned in pre-training. This is what
              §5's point needs to be measurable: SFT teaches the format, knowledge comes from pre-training.
-  skill      "Write a call to the function NAME with no arguments." -> "NAME()" (or with one argument ->
-             "NAME(ARG)"). Names are function names defined in the library; held-out names never occur in
-             any training conversation: the transformation is learned from the instruction set itself.
+  skill      "Write a call to the function NAME with the argument ARG." -> "NAME(ARG)" (training also has
+             "... with no arguments." -> "NAME()"). NAME and ARG are short function names the library
+             defines; every NAME and every ARG occurs in training, but the held-out (NAME, ARG) pairs never
+             do: the transformation is learned from the instruction set itself, and applied to new pairs.
 
 Everything is seeded: the same Python version gives the same items on every machine.
 """
@@ -36,13 +37,14 @@ import cli
 SEED = 1234
 MIN_COUNT = 20                  # a line must occur this often in the corpus to be "knowledge"
 LINE_CHARS = (12, 60)           # shorter lines have nothing to complete, longer ones are too hard to recall
-N_TRAIN = {"knowledge": 2000, "skill": 2000}
+N_TRAIN = {"knowledge": 2000}   # at most: the frequent lines give ~950 items
 N_HELD_OUT = 250                # per family: enough that a 10-point difference is more than noise
+SKILL_NAMES = 40                # 40 functions x 40 arguments: 1600 calls, 250 of them held out
 KNOWLEDGE_ASK = "Complete this line of Python: {}"
 SKILL_ASK = ("Write a call to the function {} with no arguments.", "Write a call to the function {} with the argument {}.")
 # the codecs' 256-line tables ("'D'  #  0x44 -> LATIN CAPITAL LETTER D") would teach a pattern, not recall
 TABLE_LINE = re.compile(r"0x[0-9A-Fa-f]{2,4} ->")
-NAME = re.compile(r"^\s*def ([a-z][a-z0-9_]{3,23})\(", re.M)   # snake_case function names, 4-24 characters
+NAME = re.compile(r"^\s*def ([a-z]{3,8})\(", re.M)   # short lowercase function names
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -135,29 +137,38 @@ def knowledge_split() -> tuple[list[dict], list[dict]]:
 
 def skill_item(name: str, arg: str | None) -> dict:
     # a copy task: the answer is in the question, so only the format has to be learned, which is what
-    # SFT teaches quickly; a 4-layer model learns to copy through attention (an induction-like head)
+    # SFT teaches quickly
     user = SKILL_ASK[0].format(name) if arg is None else SKILL_ASK[1].format(name, arg)
     return dict(user=user, answer=f"{name}()" if arg is None else f"{name}({arg})", family="skill")
 
 
+def skill_names() -> tuple[list[str], list[str]]:
+    """-> (function names, argument names): the library's most often defined short names, 40 each."""
+    # short, common names (one or two tokens of bpe:4096): our first probe used any defined name (up
+    # to 24 characters, unseen at test time) and a 4-layer model copied none of them in 900 steps.
+    # No name is a part of another, so "f(x)" can only occur in a text as that very call.
+    counts = collections.Counter(NAME.findall("\n".join(stdlib_texts())))
+    names = []
+    for name, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(name) <= 8 and not any(name in n or n in name for n in names):
+            names.append(name)
+    return names[:2 * SKILL_NAMES:2], names[1:2 * SKILL_NAMES:2]   # alternate: both lists mix common and rare
+
+
 @functools.lru_cache(maxsize=1)
 def skill_split() -> tuple[list[dict], list[dict]]:
-    """-> (training items, held-out items) of the function-call family, on disjoint sets of names."""
-    rng = random.Random(SEED + 1)
-    # real identifiers (snake_case, as the library writes them): their pieces are familiar from pre-training
-    names = sorted(set(NAME.findall("\n".join(stdlib_texts()))))
-    rng.shuffle(names)
-    # a held-out name must not occur anywhere in the training text: not in a knowledge item, not in
-    # the questions' own words ("call", "function")
-    seen = "\n".join(f"{i['user']}\n{i['answer']}" for i in knowledge_split()[0]) + "\n".join(SKILL_ASK)
-    held = [n for n in names if n not in seen][:2 * N_HELD_OUT]   # names and arguments of the held-out items
-    train = [n for n in names if n not in held and not any(h in n for h in held)]
-    items = []
-    for pool, count in ((train, N_TRAIN["skill"]), (held, N_HELD_OUT)):
-        # half the items call with no argument, half with one; the argument is another name of the same pool
-        items.append([skill_item(pool[i % len(pool)], None if i % 2 else pool[(i + count) % len(pool)])
-                      for i in range(count)])
-    return items[0], items[1]
+    """-> (training items, held-out items): held out are (function, argument) PAIRS never trained on."""
+    # every function and every argument is met in training, each in other pairs: what is held out is
+    # the combination, so a correct held-out answer is the transformation applied, not a recalled reply
+    functions, args = skill_names()
+    pairs = [(f, a) for f in functions for a in args]
+    random.Random(SEED + 1).shuffle(pairs)
+    seen = "\n".join(f"{i['user']}\n{i['answer']}" for i in knowledge_split()[0])
+    # a held-out call written in a knowledge item ("close(self)" say) would be stated in training
+    held = [p for p in pairs if f"{p[0]}({p[1]})" not in seen][:N_HELD_OUT]
+    train = [skill_item(f, a) for f, a in pairs if (f, a) not in held] + [skill_item(f, None) for f in functions]
+    random.Random(SEED + 1).shuffle(train)
+    return train, [skill_item(f, a) for f, a in held]
 
 
 # ----------------------------------------------------------------------------- what other scripts use

@@ -33,7 +33,8 @@ def test_counts_and_shapes():
     train, val = instruct.conversations("train"), instruct.conversations("val")
     count = lambda rows, fam: sum(r["family"] == fam for r in rows)   # noqa: E731
     assert count(val, "knowledge") == count(val, "skill") == instruct.N_HELD_OUT == 250
-    assert count(train, "skill") == 2000 and 500 <= count(train, "knowledge") <= 2000 and len(train) >= 2500
+    # 40 x 40 calls less the 250 held out, and the 40 calls with no argument; ~950 cuts of frequent lines
+    assert count(train, "skill") == 40 * 40 - 250 + 40 and 500 <= count(train, "knowledge") <= 2000 and len(train) >= 2000
     assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in train + val)
     exact = instruct.exact_items("val")
     assert len(exact) == len(val) and {e["family"] for e in exact} == {"knowledge", "skill"}
@@ -43,8 +44,9 @@ def test_counts_and_shapes():
 
 def test_no_held_out_answer_in_training(train_text):
     for item in instruct.items("val"):
-        if item["family"] == "skill":   # the call, and the held-out name itself, never seen in training
-            assert item["answer"] not in train_text and item["answer"].split("(")[0] not in train_text
+        if item["family"] == "skill":   # the call never seen in training; its two names each seen, in other calls
+            name, arg = item["answer"].rstrip(")").split("(")
+            assert item["answer"] not in train_text and f"{name}(" in train_text and f"({arg})" in train_text
         else:   # the whole held-out line is in no training conversation; its completion is pre-training's
             assert item["line"] not in train_text
     held = {i["line"] for i in instruct.items("val") if i["family"] == "knowledge"}
@@ -69,11 +71,13 @@ def test_knowledge_lines_are_frequent_in_the_corpus_and_cut_in_two():
 
 
 def test_skill_answers_are_the_call_asked_for():
-    for item in instruct.items("val"):
+    for item in instruct.items("train") + instruct.items("val"):
         if item["family"] == "skill":
             words = item["user"].rstrip(".").split()   # "... function NAME with no arguments" / "... argument ARG"
             want = f"{words[6]}()" if item["user"].endswith("no arguments.") else f"{words[6]}({words[-1]})"
             assert item["answer"] == want
+    held = [i for i in instruct.items("val") if i["family"] == "skill"]
+    assert all(i["user"].endswith(f"argument {i['answer'][:-1].split('(')[1]}.") for i in held)   # all with one argument
 
 
 def test_grade_by_hand():
