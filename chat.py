@@ -40,7 +40,7 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 # ----------------------------------------------------------------------------- the template
 
 def render_prompt(user_text: str) -> str:
-    """The text a reply follows: `<用户>{user}<AI>` (contents stripped, as the release's template does)."""
+    """The text a reply follows: `<用户>{user}<AI>`, the question stripped (the reply starts right after <AI>)."""
     return f"{USER}{user_text.strip()}{AI}"
 
 

@@ -103,6 +103,7 @@ BAD = {   # what each malformed line is, and a word its message must hold
 
 
 def write_jsonl(path, records, extra=()):
+    # extra: raw text lines, for what json.dumps could never write (a truncated line)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "".join(extra))
     return path
 
@@ -119,6 +120,7 @@ def test_a_malformed_line_is_one_error_naming_it_and_nothing_is_written(case, tm
 
 
 def test_prepared_folder_reads_back(tmp_path):
+    # 150 lines so that the 1% validation split gets lines of its own by hashing, not by the fallback
     records = [{"prompt": f"question {i}?", "response": f"answer {i} 中"} for i in range(150)] + GOOD
     path = write_jsonl(tmp_path / "convos.jsonl", records)
     folder = chat.prepare(str(path), "byte", str(tmp_path / "data"), quiet=True)
@@ -148,6 +150,7 @@ def test_prepared_folder_reads_back(tmp_path):
 
 
 def test_bpe_with_a_rank_file_records_its_hash(tmp_path):
+    # a rank file learned elsewhere (as the pretraining dataset's would be): copied in, never relearned
     text = "".join(f"question {i}? answer {i}.\n" for i in range(200))
     vocab, _ = tokenizer.learn_bpe(dict.fromkeys(tokenizer.split_chunks(text), 1), 299)
     rank_file = tmp_path / "tokenizer.tiktoken"

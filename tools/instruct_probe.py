@@ -31,7 +31,7 @@ import sample  # noqa: E402
 
 def build_source(src: pathlib.Path, repeat: int, corpus: bool):
     """WORK/src: the corpus files and one .jsonl of conversations rendered as plain text."""
-    if src.exists():
+    if src.exists():   # a rerun (another --steps) trains on the same text: the dataset is reused
         return
     src.mkdir(parents=True)
     if corpus:   # the stdlib as data.py reads it: one document per file
@@ -45,6 +45,7 @@ def build_source(src: pathlib.Path, repeat: int, corpus: bool):
 
 def score(ckpt_dir, split, limit):
     """{family: accuracy} of greedy replies to the split's exact items (the first `limit`)."""
+    # the run's own tokenizer record: the rank file beside the checkpoint, as sample.py reads it
     ckpt = checkpoint.load(str(ckpt_dir))
     model = checkpoint.build_model(ckpt, "cpu").eval()
     enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
@@ -52,6 +53,7 @@ def score(ckpt_dir, split, limit):
     outputs, by_kind = [], {}
     for item in items:
         ids = [enc.eot_token] + enc.encode_ordinary(item["prompt"])   # chat.prompt_ids, from the prompt text
+        # greedy and stopped at EOS, as an eval script would; 64 tokens is past every answer's length
         new = sample.generate(model, ids, 64, temperature=0, stop_id=enc.eot_token)
         outputs.append(enc.decode(new))
     for item, out in zip(items, outputs):   # the skill family by its two questions
@@ -69,6 +71,7 @@ def sft(run_dir, work, steps, lr, seq_len=128, batch_size=16):
     model = checkpoint.build_model(ckpt, "cpu").train()
     rank = checkpoint.rank_file_path(ckpt)
     folder = chat.prepare("instruct", ckpt["tokenizer"]["spec"], str(work / "data"), rank_file=rank, quiet=True)
+    # the model's muP groups (§3.1), no weight decay: a few hundred steps on a small set
     opt = torch.optim.AdamW(model.param_groups(lr, 0.0), lr=lr, betas=(0.9, 0.95))
     base = [g["lr"] for g in opt.param_groups]
     for step in range(steps):
@@ -82,6 +85,7 @@ def sft(run_dir, work, steps, lr, seq_len=128, batch_size=16):
         opt.step()
     out = work / "sft"
     out.mkdir(exist_ok=True)
+    # saved as the run was (kind, config, tokenizer record), so score() and sample.py read it alike
     checkpoint.atomic_save({**ckpt, "model": model.state_dict(), "optimizer": None}, str(out / "ckpt.pt"))
     if rank:
         shutil.copyfile(rank, out / os.path.basename(rank))
@@ -106,12 +110,14 @@ def main():
     out = work / "run"
     base = [sys.executable, str(ROOT / "train.py"), "--tokenizer", a.tokenizer, "--max_steps", str(steps[-1]),
             "--eval_interval", "100", "--eval_tokens", "16384", "--log_interval", "25", "--device", "cpu"]
+    # segments of one run (--stop_at, then --resume): the schedule is max_steps', whatever the stop
     for i, step in enumerate([] if a.sft_only else steps):
         t = time.time()
         flags = (["--resume", str(out)] if i else ["--source", str(work / "src"), "--data_dir", str(work / "data"),
                                                     "--out_dir", str(out), "--overwrite"]) + ["--stop_at", str(step)]
         subprocess.run(base + flags, check=True, stdout=subprocess.DEVNULL)
         train_s = time.time() - t
+        # held out: what the report is about; training items: whether the format was learned at all
         held, examples = score(out, "val", 10**9)
         seen, _ = score(out, "train", a.train_limit)
         print(json.dumps(dict(step=step, train_s=round(train_s), held_out=held, train_items=seen)), flush=True)
