@@ -6,7 +6,8 @@ training goes on (§5's decay-phase mixture: pre-training text with the SFT conv
 Builds WORK/src/ (the stdlib's .py files + the training conversations as chat-template text, repeated
 --repeat times, one document each), trains train.py's tiny model on it with --tokenizer byte in segments
 (--stop_at), and after each segment scores instruct.exact_items with greedy decoding (KV cache, stop at
-EOS, stripped exact match). --no_corpus leaves the stdlib out: the control for the knowledge family.
+EOS, stripped exact match). --drop_held_out removes the held-out knowledge lines from the corpus: the
+control for the knowledge family (--no_corpus leaves the stdlib out altogether).
 """
 import argparse
 import json
@@ -29,14 +30,18 @@ import instruct  # noqa: E402
 import sample  # noqa: E402
 
 
-def build_source(src: pathlib.Path, repeat: int, corpus: bool):
+def build_source(src: pathlib.Path, repeat: int, corpus: bool, drop_held_out: bool = False):
     """WORK/src: the corpus files and one .jsonl of conversations rendered as plain text."""
     if src.exists():   # a rerun (another --steps) trains on the same text: the dataset is reused
         return
     src.mkdir(parents=True)
+    # the control run drops every line that is a held-out knowledge answer's line: what is left of
+    # that family's accuracy is syntax the model can guess, not recall from pre-training
+    held = {i["line"] for i in instruct.items("val") if i["family"] == "knowledge"} if drop_held_out else set()
     if corpus:   # the stdlib as data.py reads it: one document per file
         for i, text in enumerate(instruct.stdlib_texts()):
-            (src / f"{i:05d}.py").write_text(text, errors="replace")
+            kept = "\n".join(line for line in text.split("\n") if line.strip() not in held)
+            (src / f"{i:05d}.py").write_text(kept, errors="replace")
     # our tokenizers: no BOS, the reply ends with the EOT that data.py puts after every document
     lines = [json.dumps({"text": chat.render_prompt(c["messages"][0]["content"]) + c["messages"][1]["content"]},
                         ensure_ascii=False) for c in instruct.conversations("train")]
@@ -99,13 +104,14 @@ def main():
     p.add_argument("--repeat", type=int, default=32)
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--no_corpus", action="store_true")
+    p.add_argument("--drop_held_out", action="store_true", help="the control: the corpus without the held-out lines")
     p.add_argument("--train_limit", type=int, default=200)
     p.add_argument("--sft_steps", type=int, default=0, help="then SFT this many steps on the instruct folder (masked)")
     p.add_argument("--sft_lr", type=float, default=0.003)
     p.add_argument("--sft_only", action="store_true", help="skip the mixture run: SFT from WORK/run as it is")
     a = p.parse_args()
     work = pathlib.Path(a.work)
-    build_source(work / "src", a.repeat, not a.no_corpus)
+    build_source(work / "src", a.repeat, not a.no_corpus, a.drop_held_out)
     steps = [int(s) for s in a.steps.split(",")]
     out = work / "run"
     base = [sys.executable, str(ROOT / "train.py"), "--tokenizer", a.tokenizer, "--max_steps", str(steps[-1]),
