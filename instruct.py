@@ -16,6 +16,10 @@ Two families, each graded by exact match on held-out items (greedy reply, stoppe
              defines; every NAME and every ARG occurs in training, but the held-out (NAME, ARG) pairs never
              do: the transformation is learned from the instruction set itself, and applied to new pairs.
 
+Measured with tools/instruct_probe.py (tiny model, bpe:4096, 600 steps of stdlib + conversations, then 300
+SFT steps): skill 100% held out; knowledge 9%, and 10% when the held-out lines are removed from the corpus:
+at that scale the knowledge family is at its floor of guessable syntax ("(self):"), not recall.
+
 Everything is seeded: the same Python version gives the same items on every machine.
 """
 import argparse
