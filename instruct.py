@@ -18,7 +18,8 @@ Two families, each graded by exact match on held-out items (greedy reply, stoppe
 
 Measured with tools/instruct_probe.py (tiny model, bpe:4096, 600 steps of stdlib + conversations, then 300
 SFT steps): skill 100% held out; knowledge 9%, and 10% when the held-out lines are removed from the corpus:
-at that scale the knowledge family is at its floor of guessable syntax ("(self):"), not recall.
+at that scale the knowledge family is at its floor of guessable syntax ("(self):"), not recall; its
+"knowledge/novel" score (answers no training item shares) was 0 in both runs.
 
 Everything is seeded: the same Python version gives the same items on every machine.
 """
@@ -183,6 +184,11 @@ def items(split: str) -> list[dict]:
         raise cli.UsageError(f"split {split!r}: use train or val")
     part = 0 if split == "train" else 1   # "val": the held-out items, never trained on
     out = knowledge_split()[part] + skill_split()[part]
+    if part:
+        # a held-out answer that also answers a training item ("(self):") can be right without recall; the
+        # probe found every correct held-out answer among those. "novel" marks the others: recall only
+        trained = {i["answer"] for i in knowledge_split()[0] + skill_split()[0]}
+        out = [{**i, "novel": i["answer"] not in trained} if i["family"] == "knowledge" else i for i in out]
     random.Random(SEED + 2).shuffle(out)   # families interleaved: a file's first lines hold both
     return out
 
@@ -195,17 +201,19 @@ def conversations(split: str = "train") -> list[dict]:
 
 def exact_items(split: str = "val") -> list[dict]:
     """[{"prompt": the chat-template text a reply follows, "answer", "family"}], for exact-match scoring."""
-    return [dict(prompt=chat.render_prompt(i["user"]), answer=i["answer"], family=i["family"]) for i in items(split)]
+    return [dict(prompt=chat.render_prompt(i["user"]), answer=i["answer"], family=i["family"],
+                 **({"novel": i["novel"]} if "novel" in i else {})) for i in items(split)]
 
 
 def grade(items_, outputs) -> dict:
-    """Exact-match accuracy per family (and "all") of model replies, stripped: {family: (correct, total)}."""
+    """Exact-match accuracy per family, "all", and "knowledge/novel" (held-out answers that answer no
+    training item: recall from pre-training only) of model replies, stripped: {key: (correct, total)}."""
     if len(items_) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(items_)} items")
     # stripped both sides: a model that adds a space or a newline before EOS still answered correctly
     score = collections.defaultdict(lambda: [0, 0])
     for item, out in zip(items_, outputs):
-        for key in (item["family"], "all"):
+        for key in (item["family"], "all") + ((f"{item['family']}/novel",) if item.get("novel") else ()):
             score[key][0] += out.strip() == item["answer"].strip()
             score[key][1] += 1
     return {k: tuple(v) for k, v in score.items()}

@@ -49,6 +49,9 @@ def test_no_held_out_answer_in_training(train_text):
             assert item["answer"] not in train_text and f"{name}(" in train_text and f"({arg})" in train_text
         else:   # the whole held-out line is in no training conversation; its completion is pre-training's
             assert item["line"] not in train_text
+    novel = [i for i in instruct.items("val") if i.get("novel")]
+    trained_answers = {i["answer"] for i in instruct.items("train")}
+    assert 150 <= len(novel) < 250 and not {i["answer"] for i in novel} & trained_answers
     held = {i["line"] for i in instruct.items("val") if i["family"] == "knowledge"}
     assert not held & {i["line"] for i in instruct.items("train") if i["family"] == "knowledge"}
 
@@ -82,9 +85,10 @@ def test_skill_answers_are_the_call_asked_for():
 
 def test_grade_by_hand():
     items = [dict(family="skill", answer="f()"), dict(family="skill", answer="g(x)"),
-             dict(family="knowledge", answer="self):"), dict(family="knowledge", answer="PIPE,")]
-    outputs = ["  f()\n", "g(y)", "self):", "PIPE"]   # stripped exact match: right, wrong, right, wrong
-    assert instruct.grade(items, outputs) == {"skill": (1, 2), "knowledge": (1, 2), "all": (2, 4)}
+             dict(family="knowledge", answer="self):", novel=False), dict(family="knowledge", answer="PIPE,", novel=True),
+             dict(family="knowledge", answer="win32\":", novel=True)]
+    outputs = ["  f()\n", "g(y)", "self):", "PIPE", 'win32":']   # stripped exact match: right, wrong, right, wrong, right
+    assert instruct.grade(items, outputs) == {"skill": (1, 2), "knowledge": (2, 3), "all": (3, 5), "knowledge/novel": (1, 2)}
     with pytest.raises(ValueError):
         instruct.grade(items, outputs[:3])
 
