@@ -107,9 +107,14 @@ def encode(messages, enc) -> tuple[list[int], list[int]]:
 
 def prompt_ids(user_text: str, enc) -> list[int]:
     """What generation starts from: BOS (ours: the end-of-text token) + `<用户>{user}<AI>`."""
+    return framed_ids(render_prompt(user_text), enc)
+
+
+def framed_ids(rendered: str, enc) -> list[int]:
+    """An already rendered prompt (`<用户>...<AI>`) as training saw it: after BOS, or our end-of-text."""
     # our models saw every conversation after an end-of-text token, so that is their "BOS" here
     bos, eos = frame(enc)
-    return (bos or [eos]) + encode_text(enc, render_prompt(user_text))
+    return (bos or [eos]) + encode_text(enc, rendered)
 
 
 def targets(ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,11 +173,18 @@ def read_jsonl(path) -> list[tuple[str, list]]:
     return out
 
 
+def instruct_val():
+    import instruct   # here, not at the top: instruct.py imports this module
+    return instruct.conversations("val")
+
+
 def read_source(source):
     """-> [(key line, messages)] of a .jsonl file, or of the embedded instruction set ("instruct")."""
     if source == "instruct":
         import instruct   # here, not at the top: instruct.py imports this module
-        return [(json.dumps(c, ensure_ascii=False), c["messages"]) for c in instruct.conversations("train")]
+        # the training conversations, then the 500 held-out ones (the items eval.py --task instruct scores)
+        return [(json.dumps(c, ensure_ascii=False), c["messages"]) for split in ("train", "val")
+                for c in instruct.conversations(split)]
     if not os.path.isfile(source):
         raise DataError(f"source {source!r} is not instruct or an existing .jsonl file")
     return read_jsonl(source)
@@ -268,6 +280,7 @@ def build(work, convos, source, spec, n_bpe, copies, log) -> dict:
             "rank_sha256": sha256(work / rank_file) if rank_file else None}
     if source == "instruct":
         meta["python"] = sys.version.split()[0]   # the instruction set is made from this Python's library
+        meta["val_split"] = "held-out"            # instruct.py's held-out items, not a 1% draw
     else:
         meta["source_sha256"] = sha256(source)
     for split, val in (("train", False), ("val", True)):
@@ -295,7 +308,8 @@ def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir
     lines = read_source(source)   # every line checked: a bad one stops here, before any file is written
     want = {"source": source, "tokenizer": tokenizer_spec, "rank_sha256": sha256(rank_file) if rank_file else None,
             "source_sha256": None if source == "instruct" else sha256(source),
-            "python": sys.version.split()[0] if source == "instruct" else None}
+            "python": sys.version.split()[0] if source == "instruct" else None,
+            "val_split": "held-out" if source == "instruct" else None}   # folders made before it are made again
     # prepared already from the same bytes with the same tokenizer: every run after the first starts at once
     if (out / "meta.json").exists() and not force:
         meta = data.load_meta(out)
@@ -304,7 +318,11 @@ def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir
                             f"{tokenizer_spec}: pass another name, or force=True (--force) to overwrite it")
         if all(meta.get(k) == v for k, v in want.items() if v is not None):
             return out
-    convos = [(key, messages, val) for (key, messages), val in zip(lines, split_flags([k for k, _ in lines]))]
+    # the instruction set's validation split is its held-out items (no 1% draw): the bits/byte of the
+    # replies train.py reports and eval.py's exact match are then measured on the same questions
+    flags = ([i >= len(lines) - len(instruct_val()) for i in range(len(lines))] if source == "instruct"
+             else split_flags([k for k, _ in lines]))
+    convos = [(key, messages, val) for (key, messages), val in zip(lines, flags)]
     # built beside `out` and swapped in whole, as data.prepare does: a failure leaves the old folder as it was
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)

@@ -50,7 +50,8 @@ from torch.distributed.tensor import DTensor
 from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig
 
-KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}   # kind -> the script that writes (and resumes) it
+# kind -> the script that writes (and resumes) it; sft is train.py --sft (conversations, masked loss)
+KINDS = {"pretrain": "train.py", "sft": "train.py", "dpo": "dpo.py"}
 # Keys older checkpoints saved in model_config that are runtime choices, not architecture.
 RUNTIME_KEYS = ("attn_impl",)
 
@@ -182,9 +183,14 @@ def check_kind(ckpt, kind):
     """ckpt, when its kind is the one the caller can resume (any kind when kind is None)."""
     path = ckpt["path"]
     # resuming a DPO run with train.py (or the reverse) would misread its optimizer and config
-    if kind and ckpt["kind"] != kind:
-        raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {KINDS[ckpt['kind']]}, not a {kind} "
-                         f"one: resume it with {KINDS[ckpt['kind']]}, or start a new run from its weights "
+    kinds = (kind,) if isinstance(kind, str) else kind or ()   # kind: one kind, or those one script resumes
+    if kinds and ckpt["kind"] not in kinds:
+        writer = KINDS.get(ckpt["kind"])
+        if writer is None:   # a kind no script of this version writes: say so, not a KeyError
+            raise UsageError(f"{path} has checkpoint kind {ckpt['kind']!r}, which this version does not know: "
+                             f"start a new run from its weights with --init_from")
+        raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {writer}, not a {' or '.join(kinds)} "
+                         f"one: resume it with {writer}, or start a new run from its weights "
                          f"with --init_from {os.path.dirname(path)}")
     return ckpt
 

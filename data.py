@@ -394,12 +394,17 @@ def eval_windows(bin_path, seq_len: int, n_tokens: int = 0) -> torch.Tensor:
     # the whole split cut into consecutive windows (n_tokens 0), or ceil(n_tokens / seq_len) windows
     # spread evenly over it, so a sample of the split still sees every part of it
     ids = open_tokens(bin_path)
-    most = (len(ids) - 1) // seq_len
-    if most < 1:
+    if len(ids) < seq_len + 1:
         raise DataError(f"{bin_path} holds {len(ids)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-    n = most if n_tokens <= 0 else min(most, -(-n_tokens // seq_len))   # -(-a // b): ceil in integers
-    starts = np.arange(n) * seq_len if n == most else np.linspace(0, len(ids) - seq_len - 1, n).round().astype(np.int64)
+    starts = eval_starts(len(ids), seq_len, n_tokens)
     return torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+
+
+def eval_starts(n_ids: int, seq_len: int, n_tokens: int = 0) -> np.ndarray:
+    """Where eval_windows' windows start in a split of n_ids tokens (mixture.py reads masks at the same places)."""
+    most = (n_ids - 1) // seq_len
+    n = most if n_tokens <= 0 else min(most, -(-n_tokens // seq_len))   # -(-a // b): ceil in integers
+    return np.arange(n) * seq_len if n == most else np.linspace(0, n_ids - seq_len - 1, n).round().astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- command line

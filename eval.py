@@ -5,6 +5,7 @@
     python eval.py --task humaneval --samples 20 --temperature 0.8 --top_p 0.95   # pass@1, pass@10
     python eval.py --task mc:arc_easy.jsonl --num_fewshot 5     # multiple choice, scored as lm-eval does
     python eval.py --task exact:items.jsonl                     # exact match per family
+    python eval.py --ckpt out/sft --task instruct               # the embedded instruction set's held-out items
     python eval.py --data data/stdlib-bpe4096                   # validation bits/byte, as train.py measures
 
 Tasks:
@@ -20,6 +21,9 @@ Tasks:
                 "Question: {question}\\nAnswer:" (ARC's template) or the context as written; --num_fewshot
                 solved examples of the same file (drawn with --seed, never the item itself) come first, in
                 lm-eval's layout (lm-eval's own sampler would pick other shots: zero-shot scores match exactly).
+  instruct      instruct.py's 500 held-out items (knowledge: complete a frequent line of the standard
+                library; skill: write a call NAME(ARG)), as exact:FILE; knowledge/novel counts the items
+                whose answer no training item gives (recall from pre-training, not copying).
   exact:FILE    {"prompt": rendered text, "answer": str, "family": str} a line: greedy decoding until
                 end-of-text or --max_new_tokens, the reply stripped of surrounding whitespace, exact match.
 --data DIR[,DIR]: bits/byte of each data.py dataset's validation split, on train.py's fixed windows.
@@ -32,10 +36,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import chat
 import checkpoint
 import cli
 import data
 import humaneval
+import instruct
+import mixture
 from cli import UsageError, flag
 from generation import context_length, generate, load
 
@@ -49,7 +56,7 @@ class EvalConfig:
     ckpt: str = flag("out/tiny", "train.py checkpoint: ckpt.pt, a sharded one, or the run folder holding it")
     hf: str = flag("", "evaluate this Hugging Face layout folder instead of --ckpt (export.py's or a release)")
     tokenizer: str = flag("", "NAME[@RANK_FILE] instead of the model's own tokenizer")
-    task: str = flag("", "humaneval, mc:FILE.jsonl or exact:FILE.jsonl ('': only --data)")
+    task: str = flag("", "humaneval, instruct, mc:FILE.jsonl or exact:FILE.jsonl ('': only --data)")
     data: str = flag("", "DATASET_DIR[,DIR2]: validation bits/byte of data.py datasets")
     limit: int = flag(0, "score only the first N items (0: all)")
     samples: int = flag(1, "humaneval: completions per problem (pass@k for k up to this)")
@@ -182,31 +189,38 @@ def bits_per_byte(model, dataset_dir, seq_len, eval_tokens, batch_size, device):
     if meta["vocab_size"] != model.config.vocab_size:   # another tokenizer's ids would be meaningless
         raise UsageError(f"{dataset_dir} was tokenized with {meta['tokenizer']} ({meta['vocab_size']} tokens), "
                          f"the model has {model.config.vocab_size}: prepare it with the model's tokenizer")
-    windows = data.eval_windows(os.path.join(dataset_dir, "val.bin"), seq_len, eval_tokens)   # [n, seq_len + 1]
+    # train.py's validation windows (mixture.eval_windows): a chat folder's targets outside the replies are -100
+    comp = mixture.Component(dataset_dir, 1.0, dataset_dir, meta, bool(meta.get("chat")))
+    x, y = mixture.eval_windows(comp, seq_len, eval_tokens)   # [n, seq_len] each
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="bits/byte", file=sys.stderr, leave=False):
-        chunk = windows[start:start + batch_size].to(device)
-        loss = model(chunk[:, :-1], chunk[:, 1:])[1].double().item()   # mean nats/token of this chunk
-        total, count = total + loss * chunk[:, 1:].numel(), count + chunk[:, 1:].numel()
-    # nats/token / ln 2 / (bytes per token): comparable across tokenizers (§4.5)
-    nats = total / count
-    return dict(val_loss=nats, val_bpb=nats / math.log(2) / (meta["val"]["bytes"] / meta["val"]["tokens"]),
-                tokens=count)
+    for start in tqdm(range(0, len(x), batch_size), desc="bits/byte", file=sys.stderr, leave=False):
+        xs, ys = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        n = int((ys != -100).sum())
+        if n:   # mean nats per scored token of this chunk, weighted by its count
+            total, count = total + model(xs, ys)[1].double().item() * n, count + n
+    # nats/token / ln 2 / (bytes per token of the scored text): comparable across tokenizers (§4.5)
+    nats = total / max(count, 1)
+    return dict(val_loss=nats, val_bpb=nats / math.log(2) / mixture.bytes_per_token(comp), tokens=count)
 
 
 def exact_match(model, enc, items, device, max_new_tokens=64):
     """items: {"prompt", "answer", "family"} -> accuracy overall and per family, greedy with the KV cache."""
     most, right, seen, replies = context_length(model), {}, {}, []
     for item in tqdm(items, desc="exact match", file=sys.stderr, leave=False):
-        ids = encode(enc, item["prompt"])[-(most - 1):]   # the prompt's end, if it is longer than the context
+        # a chat-template prompt is framed as SFT framed it (BOS, or our end-of-text, before <用户>)
+        framed = item["prompt"].startswith(chat.USER)
+        ids = (chat.framed_ids(item["prompt"], enc) if framed else encode(enc, item["prompt"]))[-(most - 1):]
         new = generate(model, ids, min(max_new_tokens, most - len(ids)), temperature=0, stop_id=enc.eot_token)
         reply = text_of(enc, new).strip()
         family = item.get("family", "all")
-        seen[family] = seen.get(family, 0) + 1
-        right[family] = right.get(family, 0) + (reply == str(item["answer"]).strip())
+        # instruct.py's novel items (an answer no training item gives) also count apart: recall, not copying
+        for key in (family, f"{family}/novel") if item.get("novel") else (family,):
+            seen[key] = seen.get(key, 0) + 1
+            right[key] = right.get(key, 0) + (reply == str(item["answer"]).strip())
         replies.append(reply)
     per_family = {f: right[f] / seen[f] for f in sorted(seen)}
-    return dict(exact_match=sum(right.values()) / max(1, len(items)), families=per_family, n=len(items),
+    correct = sum(v for k, v in right.items() if "/" not in k)
+    return dict(exact_match=correct / max(1, len(items)), families=per_family, n=len(items),
                 replies=replies)
 
 
@@ -249,9 +263,9 @@ def parse_flags(argv):
     """The flags, every range and file checked before the model is loaded."""
     cfg = cli.dataclass_flags(EvalConfig, __doc__, argv)
     kind, _, path = cfg.task.partition(":")
-    cli.check([(not cfg.task and not cfg.data, "give --task (humaneval, mc:FILE, exact:FILE) or --data DIR"),
-               (cfg.task and not (cfg.task == "humaneval" or (kind in ("mc", "exact") and path)),
-                f"--task {cfg.task!r} is not humaneval, mc:FILE.jsonl or exact:FILE.jsonl"),
+    cli.check([(not cfg.task and not cfg.data, "give --task (humaneval, instruct, mc:FILE, exact:FILE) or --data DIR"),
+               (cfg.task and not (cfg.task in ("humaneval", "instruct") or (kind in ("mc", "exact") and path)),
+                f"--task {cfg.task!r} is not humaneval, instruct, mc:FILE.jsonl or exact:FILE.jsonl"),
                (min(cfg.samples, cfg.max_new_tokens, cfg.workers, cfg.batch_size, cfg.memory_mb) < 1,
                 "--samples, --max_new_tokens, --workers, --batch_size and --memory_mb must be >= 1"),
                (min(cfg.limit, cfg.num_fewshot, cfg.seq_len, cfg.eval_tokens, cfg.temperature) < 0,
@@ -270,6 +284,9 @@ def parse_flags(argv):
         items = read_jsonl(path, "--task exact:")
         if not all(isinstance(i, dict) and isinstance(i.get("prompt"), str) and "answer" in i for i in items):
             raise UsageError(f"{path}: every line needs a string \"prompt\" and an \"answer\"")
+        cfg.items = items[:cfg.limit] if cfg.limit else items
+    elif cfg.task == "instruct":   # the embedded instruction set's held-out items (instruct.py), both families
+        items = instruct.exact_items("val")
         cfg.items = items[:cfg.limit] if cfg.limit else items
     elif cfg.task == "humaneval":
         humaneval.load_problems(1)   # the package is there: said before minutes of loading and generating
@@ -293,7 +310,7 @@ def run_task(cfg, model, enc, device):
     # the per-item results: choices' log-likelihoods, replies, or sandbox verdicts (the tests read them)
     if kind == "mc":
         return multiple_choice(model, enc, cfg.items, device, cfg.num_fewshot, cfg.seed, cfg.batch_size)
-    if kind == "exact":
+    if kind in ("exact", "instruct"):
         metrics = exact_match(model, enc, cfg.items, device, cfg.max_new_tokens)
         return metrics, metrics.pop("replies")
     return run_humaneval(model, enc, cfg, device)

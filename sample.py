@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+import chat
 import cli
 import data
 from cli import UsageError, flag
 # the loading and the decoding loop are shared with eval.py; imported by name, so sample.generate etc. still work
 from generation import context_length, generate, load, sample_next, top_p_filter  # noqa: F401
 
-CHAT_FORMAT = "<用户>{}<AI>"   # the released chat models' turn format (BOS before it, from the tokenizer)
 BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends over T, a recomputed one T^2
 
 
@@ -80,12 +80,13 @@ def prompt_ids(cfg, enc, block_size):
             text = open(text[1:], encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the prompt file {text[1:]} ({type(e).__name__})") from None
-    if cfg.chat:   # MiniCPM-2B-sft/dpo's template: one user turn, the reply follows <AI>
-        text = CHAT_FORMAT.format(text.strip())
     # end-of-text may be written in the prompt (to separate documents); training data uses the same token.
     # A released tokenizer prepends BOS itself, as the release does; an empty prompt is BOS alone there
     bos = getattr(enc, "bos_token", None)   # our tiktoken encodings have none
     ids = enc.encode(text, allowed_special={data.EOT}) if text else [enc.eot_token if bos is None else bos]
+    if cfg.chat:   # MiniCPM-2B-sft/dpo's template: one user turn, the reply follows <AI>, framed as SFT saw it
+        text = chat.render_prompt(text)
+        ids = chat.framed_ids(text, enc)
     if len(ids) >= block_size:   # at least one new token must fit: positions beyond block_size were never trained
         raise UsageError(f"the prompt is {len(ids)} tokens, too long for the model's context (block_size {block_size})")
     return text, ids

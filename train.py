@@ -22,6 +22,7 @@ import cli
 import data
 import loop
 import metrics
+import mixture
 import moe
 import parallel
 import plan
@@ -39,6 +40,9 @@ class TrainConfig(loop.LoopConfig):
     source: str = flag("stdlib", "corpus: stdlib, shakespeare, or a local file/folder/glob")
     tokenizer: str = flag("bpe:4096", "tokenizer: bpe:N, byte, gpt2, cl100k_base, o200k_base")
     data_dir: str = flag("data", "where prepared datasets live")
+    data: str = flag("", "a mixture NAME:WEIGHT,... of sources and conversations (instruct, chat .jsonl), each "
+                         "sequence drawn by weight (mixture.py; '': --source alone)")
+    decay_data: str = flag("", "the mixture from the WSD decay's start on (§5 two-stage pre-training; '': --data)")
     # tokens per optimizer step = batch_size * seq_len * grad_accum * number of processes
     batch_size: int = flag(16, "sequences per micro-batch per process")
     seq_len: int = flag(256, "tokens per sequence (at most the model's block_size)")
@@ -49,6 +53,8 @@ class TrainConfig(loop.LoopConfig):
     untie_head: bool = flag(False, "with --init_from: a head of its own, starting as a copy of the embedding (§7.2)")
     upcycle_from: str = flag("", "start from a dense checkpoint upcycled to MoE (moe.py; set --n_experts)")
     upcycle_fresh_adam: bool = flag(False, "with --upcycle_from: restart Adam (default: experts get the dense MLP's moments)")
+    sft: bool = flag(False, "supervised fine-tuning from --init_from on the conversations of --data: loss on the "
+                            "replies only, checkpoint kind sft, lr by default the source's at its end (§6.3)")
     # the machine: runtime choices, never part of a checkpoint's architecture
     compile: bool = flag(False, "torch.compile the model")
     fsdp: bool = flag(False, "shard weights, grads and Adam state over the processes (FSDP2); sharded checkpoints")
@@ -94,9 +100,19 @@ def check_flags(cfg):
         (cfg.attn not in ATTN_IMPLS, f"--attn must be one of {', '.join(ATTN_IMPLS)}"),
         (sum(map(bool, (cfg.resume, cfg.init_from, cfg.upcycle_from))) > 1,
          "give at most one of --resume, --init_from, --upcycle_from"),
-        ((cfg.decay_only or cfg.untie_head) and not cfg.init_from, "--decay_only and --untie_head go with --init_from"),
+        ((cfg.decay_only or cfg.untie_head or cfg.sft) and not cfg.init_from,
+         "--decay_only, --untie_head and --sft go with --init_from"),
+        (cfg.sft and not cfg.data, "--sft trains on conversations: give --data (e.g. instruct, or a chat .jsonl)"),
+        (bool(cfg.decay_data) and not cfg.data, "--decay_data goes with --data (the stable phase's mixture)"),
+        (bool(cfg.decay_data) and cfg.schedule != "wsd", "--decay_data switches at the WSD decay: use --schedule wsd"),
+        (cfg.upcycle_fresh_adam and not cfg.upcycle_from, "--upcycle_fresh_adam goes with --upcycle_from"),
+        (cfg.dry_run_gpus != 1 and not cfg.dry_run, "--dry_run_gpus goes with --dry_run"),
+        (cfg.bench and cfg.dry_run, "give --bench or --dry_run, not both"),
+        (cfg.peak_tflops < 0, f"--peak_tflops must be >= 0 (got {cfg.peak_tflops})"),
         (cfg.fsdp and (cfg.dtype == "float16" or cfg.upcycle_from), "--fsdp takes --dtype bfloat16 or float32, "
          "and no --upcycle_from (upcycle without it, then --resume with --fsdp)")])
+    for flag, spec in (("--data", cfg.data), ("--decay_data", cfg.decay_data)):
+        if spec: mixture.parse(spec, flag)   # weights and names, before any dataset is prepared
 
 
 def resolve(cfg, overrides, explicit):
@@ -104,7 +120,7 @@ def resolve(cfg, overrides, explicit):
     check_flags(cfg)   # a new config is returned, the given one untouched
     resumed = source = None
     if cfg.resume:   # the saved flags, changing only RESUME_MAY_CHANGE: a resume must continue the same run
-        resumed = checkpoint.load(cfg.resume, kind="pretrain", weights=False)   # weights: loop.restore
+        resumed = checkpoint.load(cfg.resume, kind=("pretrain", "sft"), weights=False)   # weights: loop.restore
         differ = [f"--{k}: checkpoint has {resumed['model_config'].get(k)!r}, given {v!r}"
                   for k, v in overrides.items() if resumed["model_config"].get(k) != v]
         cfg = loop.resume_config(TrainConfig, resumed["config"], explicit, RESUME_MAY_CHANGE, resumed["path"], differ)
@@ -115,10 +131,23 @@ def resolve(cfg, overrides, explicit):
         if source["path"].endswith("config.json") and "tokenizer" not in explicit:   # a released folder: its tokenizer
             cfg = dataclasses.replace(cfg, tokenizer=os.path.dirname(source["path"]))
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or os.path.join("out", cfg.preset))
+    if cfg.sft and source:   # (a resume keeps its saved lr) §6.3: "learning rate aligned with the one at the end of annealing", then WSD's exp decay again
+        cfg = dataclasses.replace(cfg, lr=explicit.get("lr", source_final_lr(source)),
+                                  warmup_steps=explicit.get("warmup_steps", 0))   # no warmup: the weights are trained
     if cfg.decay_only:   # §4.3: a decay branched from a stable checkpoint, as a run of its own
         D = cfg.decay_steps if cfg.decay_steps > 0 else cfg.max_steps   # no warmup: the weights are already trained
         cfg = dataclasses.replace(cfg, warmup_steps=0, decay_start=0, decay_steps=D, max_steps=D)
     return cfg, resumed, source
+
+
+def source_final_lr(source):
+    """The lr the source run's schedule gives at its last step: SFT's default peak (§6.3)."""
+    # the source's own flags through the same schedule code: its decay's end, e.g. 2% of its peak
+    saved = {k: v for k, v in source.get("config", {}).items() if k in {f.name for f in fields(TrainConfig)}}
+    if not saved:   # a checkpoint without a run's flags (made by hand, or by another tool): the muP lr
+        return MUP_BASE_LR
+    src = TrainConfig(**saved)
+    return loop.schedule(src, src.max_steps)(source["step"])
 
 
 def model_config(cfg, overrides, resumed, source, meta):
@@ -145,14 +174,28 @@ def model_config(cfg, overrides, resumed, source, meta):
 
 # ----------------------------------------------------------------------------- building the run
 
-def build_data(cfg, ddp):
-    """The dataset folder and its meta.json, prepared on first use by rank 0 only."""
+def build_data(cfg, ddp, ckpt):
+    """-> (the dataset folder, its meta.json, the mixtures or None), prepared on first use by rank 0 only."""
     if cfg.dry_run and not os.path.exists(os.path.join(cfg.data_dir, data.default_name(cfg.source, cfg.tokenizer), "meta.json")):
-        return None, None   # a plan needs no data: the preset's vocabulary stands in
-    if ddp.rank == 0: data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir)   # one writer: 8 would race
+        return None, None, None   # a plan needs no data: the preset's vocabulary stands in
+    if ddp.rank == 0: prepare_data(cfg, ckpt)   # one writer: 8 would race
     parallel.barrier(ddp)   # the other ranks wait, then only read what rank 0 wrote
-    folder = data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=True)
-    return folder, data.load_meta(folder)
+    folder, mixtures = prepare_data(cfg, ckpt, quiet=True)
+    return folder, data.load_meta(folder), mixtures
+
+
+def prepare_data(cfg, ckpt, quiet=False):
+    """-> (the run's dataset folder: its tokenizer and headline validation, the mixtures or None)."""
+    if not cfg.data:
+        return data.prepare(cfg.source, cfg.tokenizer, cfg.data_dir, quiet=quiet), None
+    # conversations are tokenized as the model's own data was: the checkpoint's tokenizer when there is one
+    tok = ckpt and (ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
+    # §5: the stable phase's mixture, and the decay's (the same one unless --decay_data)
+    stable = mixture.prepare(mixture.parse(cfg.data), cfg, tok, quiet=quiet)
+    decay = stable if not cfg.decay_data else mixture.prepare(
+        mixture.parse(cfg.decay_data, "--decay_data"), cfg, mixture.spec_of(stable[0].folder, stable[0].meta), quiet=quiet)
+    mixture.check_tokenizers(stable + decay)
+    return stable[0].folder, dict(stable=stable, decay=decay)
 
 
 def build_model(cfg, mcfg, overrides, resumed, source, device):
@@ -180,18 +223,31 @@ class Pretrain(loop.Run):
     data_offset: int = 0          # steps of data a source run already read (a branched decay reads on)
     folder: str = ""              # the prepared dataset
     meta: dict = None             # its meta.json: vocabulary, bytes per token, rank file
-    val_windows: torch.Tensor = None   # the fixed validation set [n, seq_len + 1]
+    mixtures: dict = None         # {"stable": [Component], "decay": [Component]} (mixture.py), or None: --source
+    evals: list = None            # per validation set: (name, x [n, T], y [n, T] with -100 unscored, bytes/token)
     peak: float = None            # the hardware's peak FLOP/s when known: MFU is logged
+
+    def batch(self, micro):
+        """This micro-batch's inputs and targets [B, T]: from --source, or from the mixture in force."""
+        cfg = self.cfg
+        # Windows are keyed by the global micro-batch index: any split of the global batch over
+        # processes and accumulation steps reads the same data, and each rank reads its own part.
+        where = dict(seed=cfg.seed, step=self.data_offset + self.step, micro_step=self.dist.rank * cfg.grad_accum + micro)
+        if self.mixtures is None:
+            return data.get_batch(os.path.join(self.folder, "train.bin"), cfg.batch_size, cfg.seq_len, **where)
+        # §5: the decay's own mixture from its first step on (a branched decay: from step 0)
+        start = getattr(self.lr_at, "keywords", {}).get("decay_start")
+        phase = "decay" if start is not None and self.step >= start else "stable"
+        return mixture.get_batch(self.mixtures[phase], cfg.batch_size, cfg.seq_len, **where)
 
     def micro_loss(self, micro):
         """Next-token loss on one micro-batch of random windows: [B, T] -> mean over B * T tokens."""
-        cfg, device = self.cfg, self.dist.device
-        # Windows are keyed by the global micro-batch index: any split of the global batch over
-        # processes and accumulation steps reads the same data, and each rank reads its own part.
-        x, y = data.get_batch(os.path.join(self.folder, "train.bin"), cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                              step=self.data_offset + self.step, micro_step=self.dist.rank * cfg.grad_accum + micro)
+        device = self.dist.device
+        x, y = self.batch(micro)
         with self.autocast:
-            _, loss = self.model(x.to(device), y.to(device))
+            logits, loss = self.model(x.to(device), y.to(device))
+        if self.mixtures and not (y != -100).any():   # conversations whose windows hold no reply: nothing to
+            loss = logits.sum() * 0.0                 # score (the mean over 0 tokens would be NaN), no update
         scalars = dict(train_loss=loss)   # the language-model loss: what the paper's curves show
         if self.raw.moe_stats:   # §7.3: the balancing loss joins the objective, weighted aux_loss_coef (0.01)
             scalars["aux_loss"] = self.raw.moe_stats["aux_loss"]
@@ -200,30 +256,41 @@ class Pretrain(loop.Run):
 
     @torch.no_grad()
     def evaluate(self):
-        """-> val loss in nats/token and bits/byte over the fixed validation windows, split across ranks."""
-        model, windows, device, world = self.raw, self.val_windows, self.dist.device, self.dist.world
+        """-> val loss in nats/token and bits/byte of each validation set, split across ranks."""
+        # the first set is the headline (val_loss, val_bpb); a mixture's others get their name as suffix
+        row = {}
+        for i, (name, x, y, bytes_per_token) in enumerate(self.evals):
+            loss = self.val_loss(x, y)   # bits/byte = nats/token / ln 2 / bytes per token: any tokenizer (§4.5)
+            suffix = "" if i == 0 else f"/{name}"
+            row.update({f"val_loss{suffix}": loss, f"val_bpb{suffix}": loss / math.log(2) / bytes_per_token})
+        return row
+
+    def val_loss(self, x, y):
+        """Mean loss over the scored targets of the fixed windows x, y [n, T]."""
+        model, device, world = self.raw, self.dist.device, self.dist.world
         # windows per forward: on a CPU at least 16K tokens (small forwards cost per call: 64 windows of 256
         # ran 2.4x faster than 4 x 16); on a GPU the training micro-batch, whose logits are known to fit
         B = self.cfg.batch_size if device.startswith("cuda") else max(self.cfg.batch_size, 16384 // self.cfg.seq_len)
         model.eval()
-        total = torch.zeros(2, device=device)     # sum of token losses, number of tokens
+        total = torch.zeros(2, device=device)     # sum of token losses, number of scored tokens
         # every rank runs as many forwards (each all-gathers under FSDP): a rank past the end reruns a window, weight 0
-        end = -(-len(windows) // (world * B)) * world * B
+        end = -(-len(x) // (world * B)) * world * B
         for i in range(self.dist.rank * B, end, world * B):
-            chunk, weight = (windows[i:i + B], 1.0) if i < len(windows) else (windows[:1], 0.0)
-            chunk = chunk.to(device)               # [b, seq_len + 1]: inputs and targets shifted by one
+            sl, weight = (slice(i, i + B), 1.0) if i < len(x) else (slice(0, 1), 0.0)
+            xs, ys = x[sl].to(device), y[sl].to(device)          # [b, T]
+            n = int((ys != -100).sum())   # every rank runs every forward (FSDP gathers in them), scored or not
             with self.autocast:
-                loss = model(chunk[:, :-1], chunk[:, 1:])[1].float()   # the LM loss (an MoE's aux is apart)
-            n = chunk[:, 1:].numel()
+                loss = model(xs, ys)[1].float() if n else torch.zeros((), device=device)   # the LM loss (MoE aux apart)
             total += weight * torch.stack([loss * n, torch.tensor(float(n), device=device)])
         parallel.total(total, self.dist)   # summed, then divided: ranks may hold different numbers of windows
         model.train()
-        val = (total[0] / total[1]).item()   # bits/byte = nats/token / ln 2 / bytes per token: any tokenizer (§4.5)
-        return dict(val_loss=val, val_bpb=val / math.log(2) / (self.meta["val"]["bytes"] / self.meta["val"]["tokens"]))
+        return (total[0] / total[1]).item()
 
     def eval_line(self, row):
         # nats/token to compare with the training loss, bits/byte to compare across tokenizers
-        return f"step {row['step']}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte"
+        line = f"step {row['step']}: val loss {row['val_loss']:.4f} nats/token, {row['val_bpb']:.4f} bits/byte"
+        # a mixture's other components: bits/byte only (their tokens are the same, their texts are not)
+        return line + "".join(f", {k[8:]} {v:.4f}" for k, v in row.items() if k.startswith("val_bpb/"))
 
     def log_extra(self, row):
         extra = {}
@@ -234,8 +301,11 @@ class Pretrain(loop.Run):
         return extra
 
     def checkpoint_state(self):
-        # the data position: a branched decay (--init_from) reads on from here instead of re-reading
-        return dict(data_offset=self.data_offset)
+        # the data position: a branched decay (--init_from) reads on from here instead of re-reading;
+        # the mixtures as resolved (folders and normalised weights), a record of what was trained on
+        mixes = {phase: [dict(name=c.name, weight=c.weight, folder=c.folder) for c in comps]
+                 for phase, comps in (self.mixtures or {}).items()}
+        return dict(data_offset=self.data_offset, mixtures=mixes)
 
     def start_folder(self, resumed):
         """The output folder, written only now that configuration, checkpoint and data are known good."""
@@ -255,10 +325,27 @@ class Pretrain(loop.Run):
         metrics.plot(self.log.rows(), os.path.join(self.cfg.out_dir, "loss.png"), x="tokens",
                      title=f"{self.cfg.preset}: {self.lr_at.describe}",
                      panels=[("loss (nats/token)", [("train_loss", "train loss"), ("val_loss", "validation loss")]),
+                             ("validation bits/byte", [(f"val_bpb{s}", name) for name, s in self.eval_names()]),
                              ("learning rate", [("lr", "lr (peak; matrices get lr / m)")])])
 
+    def eval_names(self):
+        # (name, metrics suffix) per validation set: the first is the headline, with no suffix
+        return [(name, "" if i == 0 else f"/{name}") for i, (name, *_) in enumerate(self.evals)]
 
-def build_run(cfg, mcfg, *, overrides, resumed, source, ddp, lr_at, dtype, folder, meta):
+
+def validation_sets(cfg, folder, meta, mixtures):
+    """[(name, x, y, bytes/token)]: the fixed validation windows of --source, or of every mixture component."""
+    # eval_tokens worth of seq_len windows spread evenly over each val.bin (all of it when 0): the same
+    # at every evaluation and for every run on the same data
+    if mixtures is None:
+        w = data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens)   # [n, T + 1]
+        return [(cfg.source, w[:, :-1], w[:, 1:], meta["val"]["bytes"] / meta["val"]["tokens"])]
+    comps = {c.name: c for c in mixtures["stable"] + mixtures["decay"]}   # each once, the stable mixture's first
+    return [(name, *mixture.eval_windows(c, cfg.seq_len, cfg.eval_tokens), mixture.bytes_per_token(c))
+            for name, c in comps.items()]
+
+
+def build_run(cfg, mcfg, *, overrides, resumed, source, ddp, lr_at, dtype, folder, meta, mixtures):
     """Everything the loop needs: the model (sharded or DDP-wrapped), optimizer, data, position."""
     model, offset, dense = build_model(cfg, mcfg, overrides, resumed, source, ddp.device)
     if cfg.fsdp and ddp.world > 1:   # before the optimizer, which must hold the sharded parameters
@@ -272,10 +359,10 @@ def build_run(cfg, mcfg, *, overrides, resumed, source, ddp, lr_at, dtype, folde
     autocast, scaler = loop.autocast(ddp.device, dtype)
     # the fixed validation set: eval_tokens worth of seq_len windows spread evenly over val.bin (all
     # of it when 0), the same at every evaluation and for every run on the same data
-    run = Pretrain(cfg=cfg, kind="pretrain", dist=ddp, model=wrapped, raw=model, optimizer=optimizer, lr_at=lr_at,
+    run = Pretrain(cfg=cfg, kind="sft" if cfg.sft else "pretrain", dist=ddp, model=wrapped, raw=model, optimizer=optimizer, lr_at=lr_at,
                    total=cfg.max_steps, autocast=autocast, scaler=scaler, tokenizer=checkpoint.tokenizer_record(meta),
                    sharded=cfg.fsdp, data_offset=offset, folder=str(folder), meta=meta,
-                   val_windows=data.eval_windows(os.path.join(folder, "val.bin"), cfg.seq_len, cfg.eval_tokens),
+                   mixtures=mixtures, evals=validation_sets(cfg, folder, meta, mixtures),
                    peak=plan.known_peak(ddp.device, cfg.peak_tflops))
     if resumed:   # exactly where the saved run stopped, at the same global batch
         loop.restore(run, resumed)
@@ -322,14 +409,14 @@ def run(argv, results=None):
         lr_at = loop.schedule(cfg, cfg.max_steps)
         if not (cfg.dry_run or cfg.bench):   # refused before any file is touched, data preparation included
             checkpoint.check_run_folder(cfg.out_dir, resumed and resumed["path"], cfg.overwrite)
-        folder, meta = build_data(cfg, ddp)
+        folder, meta, mixtures = build_data(cfg, ddp, resumed or source)
         mcfg = model_config(cfg, overrides, resumed, source, meta)
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
             with torch.device("meta"): model = MiniCPM(mcfg)
             return print(describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, mcfg, overrides=overrides, resumed=resumed, source=source, ddp=ddp, lr_at=lr_at,
-                          dtype=dtype, folder=folder, meta=meta)
+                          dtype=dtype, folder=folder, meta=meta, mixtures=mixtures)
         if ddp.rank == 0: print(describe(state.raw, cfg, ddp.world, dtype, lr_at.describe))
         if cfg.bench:
             figures = measure(state, dtype)

@@ -279,10 +279,10 @@ def test_cli_humaneval_on_a_checkpoint(ckpt_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--task", "gsm8k"], "eval.py: --task 'gsm8k' is not humaneval, mc:FILE.jsonl or exact:FILE.jsonl"),
+    (["--task", "gsm8k"], "eval.py: --task 'gsm8k' is not humaneval, instruct, mc:FILE.jsonl or exact:FILE.jsonl"),
     (["--task", "humaneval", "--samples", "5"], "eval.py: --samples > 1 needs --temperature > 0 (greedy repeats itself)"),
     (["--task", "mc:/nowhere.jsonl"], "eval.py: cannot read --task mc: file /nowhere.jsonl (FileNotFoundError): one JSON object a line"),
-    ([], "eval.py: give --task (humaneval, mc:FILE, exact:FILE) or --data DIR"),
+    ([], "eval.py: give --task (humaneval, instruct, mc:FILE, exact:FILE) or --data DIR"),
     (["--task", "humaneval", "--out", "/nowhere/r.jsonl"], "eval.py: --out /nowhere/r.jsonl: give a file in an existing folder"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
