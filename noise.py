@@ -2,14 +2,14 @@
 
 McCandlish et al. 2018, "An Empirical Model of Large-Batch Training": with G the true gradient and
 Σ the per-example covariance, a batch of B examples has E|G_B|^2 = |G|^2 + tr(Σ)/B. Two batch sizes
-B_small < B_big, whose gradients every step computes anyway, give both unknowns (their Appendix A):
+B_small < B_big, whose gradients every step computes anyway, give both unknowns (their Appendix A.1):
 
     |G|^2  ≈ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     tr(Σ)  ≈ (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)
-    B_simple = tr(Σ) / |G|^2      (their Eq. 2.8: the critical batch size, to a constant of order 1)
+    B_simple = tr(Σ) / |G|^2      (their simple noise scale: ~ the critical batch size, §2)
 
 Each estimate is unbiased but noisy (one step's |G|^2 can come out negative), and the ratio of two
-noisy numbers is biased: Appendix A smooths numerator and denominator separately, with an
+noisy numbers is biased: Appendix A.1 smooths numerator and denominator separately, with an
 exponential moving average each, and divides the averages. So do we (EMA_DECAY below).
 
 Batches are counted in tokens (sequences x seq_len): then tr(Σ) is per token and B_simple comes out
@@ -37,7 +37,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 # Per optimizer step: a memory of ~1 / (1 - 0.95) = 20 steps. Long enough that the ratio is not one
-# step's noise, short enough to follow B_simple as it grows while the loss falls (their Figure 7).
+# step's noise, short enough to follow B_simple as it grows while the loss falls (their §3).
 EMA_DECAY = 0.95
 
 

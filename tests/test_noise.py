@@ -95,6 +95,18 @@ def test_one_batch_size_is_refused_before_anything_is_written(corpus, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_is_checked_against_its_saved_grad_accum(corpus, tmp_path):
+    # the flag may be switched on at a resume (a measurement, not the run); two batch sizes are then
+    # the saved run's --grad_accum's to give, not the command line's default of 1
+    assert train.main(flags(corpus, tmp_path / "two", "--max_steps", 4, "--stop_at", 2, "--grad_accum", 2)) == 0
+    assert train.main(["--resume", str(tmp_path / "two"), "--noise_scale"]) == 0
+    assert [("noise_trsigma" in r) for r in metrics(tmp_path / "two")] == [False, False, True, True]
+    assert train.main(flags(corpus, tmp_path / "one", "--max_steps", 4, "--stop_at", 2)) == 0
+    out = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "one"), "--noise_scale"],
+                         cwd=os.path.dirname(train.__file__), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--noise_scale needs two batch sizes" in out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ddp_accum", [1, 2])
 def test_ddp_per_rank_against_all_reduced_equals_micro_batches(corpus, tmp_path, ddp_accum):
