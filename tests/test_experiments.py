@@ -131,25 +131,26 @@ def test_cosine_horizon_quick(repo_root, tmp_path):
     setup = cosine_horizon.SCALES["quick"]
     S, W = setup["S"], setup["warmup"]
     grid = list(csv.DictReader(open(out / "cosine_horizon_grid.csv")))
-    periods = sorted(round(f * S) for f in setup["periods"])
+    arms = sorted((round(f * S), kind) for f, kind in setup["arms"])   # (T, kind): loop 20, flat 20, 40, 80
     # the whole lr grid for the first seed; one lr per arm (its best) for the second
-    assert sorted((int(g["T"]), float(g["lr_peak"])) for g in grid if g["seed"] == "1337") == \
-        sorted((T, lr) for T in periods for lr in setup["lrs"])
-    assert sorted(int(g["T"]) for g in grid if g["seed"] == "1338") == periods
+    assert sorted((int(g["T"]), g["kind"], float(g["lr_peak"])) for g in grid if g["seed"] == "1337") == \
+        sorted((T, kind, lr) for T, kind in arms for lr in setup["lrs"])
+    assert sorted((int(g["T"]), g["kind"]) for g in grid if g["seed"] == "1338") == arms
     runs = by_run(out / "cosine_horizon.csv")
     for g in grid:
-        rows, T, lr_max = runs[g["run"]], int(g["T"]), float(g["lr_peak"])
+        rows, T, lr_max, loops = runs[g["run"]], int(g["T"]), float(g["lr_peak"]), g["kind"] == "loop"
         assert max(rows) == S and rows[S]["val_loss"] and int(g["tokens"]) == S * setup["batch"] * setup["seq"]
-        assert g["schedule"] == ("cosine_loop" if T < S else "cosine")
+        assert g["schedule"] == ("cosine_loop" if loops else "cosine")
         # the lr of step s - 1, against the cosine by hand: floor 0.1 + 0.45 (1 + cos(pi s / T)) of the peak,
-        # after the warmup; past T it keeps following the cosine (the loop) rather than staying at the floor
+        # after the warmup; past T the loop keeps following the cosine, the others stay at the floor
         for s, r in rows.items():
             if s > W:
-                x = s - 1 if T < S else min(s - 1, T)
+                x = s - 1 if loops else min(s - 1, T)
                 assert float(r["lr"]) == pytest.approx(lr_max * (0.1 + 0.45 * (1 + math.cos(math.pi * x / T))), rel=1e-9)
     # CosineLoop(T = S/2): at its floor (10%) at step T, back near the peak at the end of the budget
-    loop, lr_max = runs[f"T{periods[0]}_lr{setup['lrs'][0]:g}_s1337"], setup["lrs"][0]
-    assert float(loop[periods[0] + 1]["lr"]) == pytest.approx(0.1 * lr_max) and float(loop[S]["lr"]) > 0.9 * lr_max
+    loop, lr_max = runs[f"loopT20_lr{setup['lrs'][0]:g}_s1337"], setup["lrs"][0]
+    assert float(loop[21]["lr"]) == pytest.approx(0.1 * lr_max) and float(loop[S]["lr"]) > 0.9 * lr_max
+    assert float(runs[f"flatT20_lr{setup['lrs'][0]:g}_s1337"][S]["lr"]) == pytest.approx(0.1 * lr_max)
     assert "| Cosine(T = 40) = 1 S |" in stdout and "| CosineLoop(T = 20) = 0.5 S |" in stdout
 
 
