@@ -8,7 +8,7 @@ backwards of the model plus the AdamW update, in one process, interleaved round 
 neighbour's burst on a shared machine hits both alike. Timing two whole runs instead (train.py
 --bench with and without) measured +-15% noise on our shared 2-core machine, far above the figure.
 
-Run:   python tools/noise_cost.py [--preset tiny] [--batch_size 16] [--seq_len 256] [--grad_accum 2]
+Run:   python tools/noise_cost.py [--preset tiny] [--batch_size 16] [--seq_len 256] [--grad_accum 2] [--device cuda]
 """
 import argparse
 import pathlib
@@ -24,6 +24,11 @@ import noise  # noqa: E402  (importable once the root is on the path)
 from minicpm import MiniCPM, get_config  # noqa: E402
 
 
+def sync(device):
+    if device.startswith("cuda"):   # kernels run asynchronously: the clock must wait for them
+        torch.cuda.synchronize()
+
+
 def step_seconds(model, opt, batches):
     """One optimizer step as loop.step takes it: each micro-batch's loss / G backpropagated, AdamW."""
     t0 = time.perf_counter()
@@ -31,6 +36,7 @@ def step_seconds(model, opt, batches):
         (model(x[:, :-1], x[:, 1:])[1] / len(batches)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    sync(str(batches[0].device))
     return time.perf_counter() - t0
 
 
@@ -40,6 +46,7 @@ def noise_seconds(model, ema, b):
     small = noise.squared_norm([p.grad for p in model.parameters() if p.grad is not None])
     big = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) ** 2   # stands in: loop.step has it
     ema.update(small, big, b, 2 * b)
+    sync(str(small.device))
     return time.perf_counter() - t0   # the stand-in's norm counted too: an upper bound
 
 
@@ -50,13 +57,14 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model = MiniCPM(get_config(args.preset))
+    model = MiniCPM(get_config(args.preset)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema, steps, extras = noise.NoiseScale(), [], []
     for i in range(args.rounds):
-        batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1))
+        batches = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1), device=args.device)
                    for _ in range(args.grad_accum)]
         steps.append(step_seconds(model, opt, batches))
         extras.append(noise_seconds(model, ema, args.batch_size * args.seq_len))   # on the step's gradients
