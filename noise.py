@@ -13,7 +13,8 @@ noisy numbers is biased: Appendix A.1 smooths numerator and denominator separate
 exponential moving average each, and divides the averages. So do we (EMA_DECAY below).
 
 Batches are counted in tokens (sequences x seq_len): then tr(Σ) is per token and B_simple comes out
-in tokens, the unit of --batch_size x --seq_len x --grad_accum x processes and of the paper's Figure 1.
+in tokens, the unit of --batch_size x --seq_len x --grad_accum x processes and of MiniCPM's batch-size
+law (Figures 1-2, §3.2).
 
 What "small" and "big" are (loop.step reads both, no extra forward or backward):
     one process, --grad_accum G >= 2   small: micro-batch 0 (its .grad right after its backward)
@@ -27,7 +28,8 @@ What "small" and "big" are (loop.step reads both, no extra forward or backward):
                                               own whole gradient), so N micro-batches
                                        big:   all N x G
 Only rank 0 logs: its estimate uses its own small batch, so a DDP run of 2 processes logs exactly what one
-process with --grad_accum 2 logs on the same data (tests/test_noise.py). Each micro-batch's backward
+process with --grad_accum 2 logs on the same data (tests/test_noise.py). The other ranks' small batches
+would be N - 1 more samples per step; the EMA averages over ~20 steps instead, with no communication. Each micro-batch's backward
 sees the loss divided by G (loop.step), so micro-batch 0's .grad is its own gradient / G: scaled back here.
 """
 import math
