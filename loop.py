@@ -27,6 +27,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import metrics
+import noise
 import parallel
 import wsd
 from cli import UsageError, flag
@@ -98,7 +99,8 @@ def check_loop_flags(cfg):
             (not (0 <= cfg.final_lr_frac <= 1 or cfg.final_lr_frac == -1), f"--final_lr_frac must be in [0, 1], or -1 "
              f"for the default (got {cfg.final_lr_frac})"),
             # numpy's and torch's generators take seeds in [0, 2^63): outside it the run would fail mid-way
-            (not 0 <= cfg.seed < 2**63, f"--seed must be in [0, 2^63) (got {cfg.seed})")] + schedule_contradictions(cfg)
+            (not 0 <= cfg.seed < 2**63, f"--seed must be in [0, 2^63) (got {cfg.seed})")] + schedule_contradictions(cfg) + \
+        ([] if cfg.resume else noise.refusals(cfg))   # a resume's own grad_accum is known later: resume_config
 
 
 def schedule_contradictions(cfg):
@@ -133,7 +135,9 @@ def resume_config(cls, saved, explicit, may_change, resumed_path, differ=()):
     one_off = {k: getattr(cls, k) for k in ONE_OFF | (may_change & {"bench", "dry_run"})}
     # the resumed folder itself unless --out_dir names another (a decay branched into a copy, §4.3)
     changes = {k: v for k, v in explicit.items() if k in may_change}
-    return dataclasses.replace(old, **{**one_off, "out_dir": os.path.dirname(resumed_path), **changes})
+    new = dataclasses.replace(old, **{**one_off, "out_dir": os.path.dirname(resumed_path), **changes})
+    cli.check(noise.refusals(new))   # --noise_scale given to a resume: against the saved --grad_accum
+    return new
 
 
 def schedule(cfg, max_steps):
@@ -184,6 +188,7 @@ class Run:
     saved_step: int = -1              # the step of the newest checkpoint this process wrote
     sharded: bool = False             # FSDP: sharded checkpoints (checkpoint.save_sharded)
     plot_name: str = "loss.png"
+    noise: Any = None                 # noise.Tracker under --noise_scale (train.py), made at the first step
     log: Any = field(default=None)    # metrics.MetricsLog, made in __post_init__
 
     def __post_init__(self):
@@ -272,12 +277,16 @@ def step(run, lr):
     G, device = run.cfg.grad_accum, run.dist.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]                 # muP: matrices get lr / m (Table 7)
+    if run.noise is None and getattr(run.cfg, "noise_scale", False):   # a trainer opts in with the flag
+        run.noise = noise.Tracker(run)   # before the first backward: it may hook into DDP
     sums, n_tokens = {}, 0
     for micro in range(G):
         # DDP all-reduces the gradients on the last micro-batch only (parallel.accumulate)
         with parallel.accumulate(run.model, sync=micro == G - 1):
             objective, scalars, n = run.micro_loss(micro)
         run.scaler.scale(objective / G).backward()           # the mean over micro-batches
+        if micro == 0 and run.noise:   # the small batch's gradient: micro-batch 0's, still on its own
+            run.noise.after_first(n)
         for name, value in {"objective": objective, **scalars}.items():
             sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float() / G
         n_tokens += n
@@ -292,6 +301,8 @@ def step(run, lr):
     run.scaler.unscale_(run.optimizer)   # clip the true gradient, not the fp16-scaled one
     # the norm is returned (and logged) even with clipping off: its spikes foretell a diverging run
     grad_norm = parallel.clip_grad_norm(run.raw, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
+    if run.noise:   # the big batch's: the whole step's norm, before clipping (noise.py)
+        run.noise.after_step(grad_norm, n_tokens)
     run.scaler.step(run.optimizer)   # a plain optimizer.step() unless fp16, where inf/NaN steps are skipped
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -385,7 +396,7 @@ def log_row(run, lr, scalars, grad_norm, tokens_per_s):
     row = dict(step=run.step, tokens=run.tokens, lr=lr)
     if run.step % run.cfg.log_interval == 0 or run.step == run.total:   # .item() syncs, so not every step
         row.update({k: v.item() for k, v in scalars.items()}, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
-        row.update(run.log_extra(row))
+        row.update(run.log_extra(row), **(run.noise.row() if run.noise else {}))
     return row
 
 

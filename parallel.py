@@ -75,6 +75,22 @@ def accumulate(model, sync):
     return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
 
 
+def local_grad_hook(model):
+    """DDP: -> a 0-dim tensor that each backward adds this rank's |gradient|^2 to, before the all-reduce."""
+    # noise.py's small batch when every micro-batch syncs: DDP averages inside the backward, so the
+    # rank's own gradient exists only in the buckets on their way out; read there, then DDP's own
+    # averaging (allreduce_hook: what DDP does without a hook) sends them on unchanged
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    total = torch.zeros((), device=next(model.parameters()).device)
+
+    def hook(state, bucket):   # bucket.buffer(): this rank's gradients of some parameters, flattened
+        total.add_(bucket.buffer().float().pow(2).sum())
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, hook)
+    return total
+
+
 def clip_grad_norm(model, max_norm):
     """Clip the global gradient norm; -> the norm before clipping, a plain tensor."""
     # with FSDP each rank holds a slice of each gradient: the norm is a DTensor, made whole here

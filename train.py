@@ -64,12 +64,14 @@ class TrainConfig(loop.LoopConfig):
     dry_run_gpus: int = flag(1, "with --dry_run: plan for this many processes")
     bench: bool = flag(False, "measure tokens/s and the fraction of peak (GPU) or matmul (CPU) throughput, then exit")
     peak_tflops: float = flag(0.0, "the hardware's peak TFLOP/s for MFU, for a GPU not in plan.py's table (0: the table)")
+    noise_scale: bool = flag(False, "log the gradient noise scale (noise.py): the batch size in tokens past which "
+                                    "a bigger batch stops paying; needs --grad_accum >= 2 or several processes")
 
 
 # A resume may also change the number of processes (--fsdp or not; grad_accum keeps the global batch),
 # how the step is computed (compile, attention, checkpointing) and what it measures.
 RESUME_MAY_CHANGE = loop.RESUME_MAY_CHANGE | {"compile", "attn", "grad_ckpt", "fsdp", "peak_tflops", "grad_accum",
-                                              "dry_run", "dry_run_gpus", "bench", "eval_tokens"}
+                                              "dry_run", "dry_run_gpus", "bench", "eval_tokens", "noise_scale"}
 # Model flags override the preset's fields (--n_layer 8); the vocabulary is always the data's.
 MODEL_FLAGS = [f for f in fields(MiniCPMConfig) if f.name != "vocab_size"]
 

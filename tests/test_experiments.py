@@ -19,6 +19,7 @@ import wsd
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import batch_size  # noqa: E402
 import common  # noqa: E402
+import cosine_horizon  # noqa: E402
 import long_context  # noqa: E402
 import moe_upcycling  # noqa: E402
 import mup_transfer  # noqa: E402
@@ -121,6 +122,36 @@ def test_wsd_vs_cosine_quick(repo_root, tmp_path):
         if 0 in rows:   # same init (the seed), same validation windows: the same loss at step 0
             assert rows[0]["val_loss"] == runs[f"wsd_lr{lrs[0]:g}_s{seed}"][0]["val_loss"]
     assert "best lr: WSD" in stdout and "| WSD exp 10% (lr" in stdout and "any-time envelope, seed 1338" in stdout
+
+
+def test_cosine_horizon_quick(repo_root, tmp_path):
+    # Figure 4: every arm trains exactly S steps; T < S loops (CosineLoop), T > S stops mid-decay
+    out, stdout = run_script(repo_root, tmp_path, "cosine_horizon.py")
+    assert open(out / "cosine_horizon.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    setup = cosine_horizon.SCALES["quick"]
+    S, W = setup["S"], setup["warmup"]
+    grid = list(csv.DictReader(open(out / "cosine_horizon_grid.csv")))
+    arms = sorted((round(f * S), kind) for f, kind in setup["arms"])   # (T, kind): loop 20, flat 20, 40, 80
+    # the whole lr grid for the first seed; one lr per arm (its best) for the second
+    assert sorted((int(g["T"]), g["kind"], float(g["lr_peak"])) for g in grid if g["seed"] == "1337") == \
+        sorted((T, kind, lr) for T, kind in arms for lr in setup["lrs"])
+    assert sorted((int(g["T"]), g["kind"]) for g in grid if g["seed"] == "1338") == arms
+    runs = by_run(out / "cosine_horizon.csv")
+    for g in grid:
+        rows, T, lr_max, loops = runs[g["run"]], int(g["T"]), float(g["lr_peak"]), g["kind"] == "loop"
+        assert max(rows) == S and rows[S]["val_loss"] and int(g["tokens"]) == S * setup["batch"] * setup["seq"]
+        assert g["schedule"] == ("cosine_loop" if loops else "cosine")
+        # the lr of step s - 1, against the cosine by hand: floor 0.1 + 0.45 (1 + cos(pi s / T)) of the peak,
+        # after the warmup; past T the loop keeps following the cosine, the others stay at the floor
+        for s, r in rows.items():
+            if s > W:
+                x = s - 1 if loops else min(s - 1, T)
+                assert float(r["lr"]) == pytest.approx(lr_max * (0.1 + 0.45 * (1 + math.cos(math.pi * x / T))), rel=1e-9)
+    # CosineLoop(T = S/2): at its floor (10%) at step T, back near the peak at the end of the budget
+    loop, lr_max = runs[f"loopT20_lr{setup['lrs'][0]:g}_s1337"], setup["lrs"][0]
+    assert float(loop[21]["lr"]) == pytest.approx(0.1 * lr_max) and float(loop[S]["lr"]) > 0.9 * lr_max
+    assert float(runs[f"flatT20_lr{setup['lrs'][0]:g}_s1337"][S]["lr"]) == pytest.approx(0.1 * lr_max)
+    assert "| Cosine(T = 40) = 1 S |" in stdout and "| CosineLoop(T = 20) = 0.5 S |" in stdout
 
 
 def test_envelope_fit_recovers_a_power_law():
@@ -250,7 +281,8 @@ def test_scaling_law_from_never_unpickles_code(repo_root, tmp_path):
 # that train one seed, so their default runs stay the published ones)
 EXPERIMENTS = [(wsd_vs_cosine, "wsd_vs_cosine_runs", 2), (scaling_law, "scaling_law_runs", 1),
                (mup_transfer, "mup_transfer_runs", 2), (batch_size, "batch_size_runs", 1),
-               (moe_upcycling, "runs/moe_upcycling", 2), (long_context, "runs/long_context", 2)]
+               (moe_upcycling, "runs/moe_upcycling", 2), (long_context, "runs/long_context", 2),
+               (cosine_horizon, "cosine_horizon_runs", 2)]
 DATA_SCRIPTS = [e for e in EXPERIMENTS if e[0] is not long_context]   # long_context makes its own corpus
 
 
