@@ -420,6 +420,11 @@ def start_run_folder(out_dir, rank_file=None, record=None):
         with open(rank_file, "rb") as f:
             ranks = f.read()
         atomic_write(os.path.join(out_dir, record["rank_file"]), lambda f: f.write(ranks))
+        # a release's BOS/EOS rules live beside its tokenizer.json: without them a sample would lose its BOS
+        for extra in ("tokenizer_config.json", "special_tokens_map.json") if record["rank_file"] == "tokenizer.json" else ():
+            src = os.path.join(os.path.dirname(rank_file), extra)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, extra))
 
 
 # ----------------------------------------------------------------------------- tokenizer record

@@ -224,6 +224,24 @@ def test_init_from_a_released_folder_starts_at_its_loss(tmp_path):
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
     assert first["val_loss"] == pytest.approx(want, rel=1e-5)
     assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    # and its BOS/EOS rules beside it: the run folder samples with the release's BOS
+    assert (out / "tokenizer_config.json").read_bytes() == (folder / "tokenizer_config.json").read_bytes()
+
+
+def test_a_release_decays_on_a_mixture_with_its_own_tokenizer(tmp_path):
+    # §5 on released weights: text and conversations both tokenized with the folder's tokenizer.json
+    folder = release(tmp_path / "MiniCPM-like")
+    (tmp_path / "docs.jsonl").write_bytes(jsonl_bytes(corpus_docs(120)))
+    convos = [{"prompt": f"word {i}", "response": f"answer {i}"} for i in range(200)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convos))
+    out = tmp_path / "run"
+    args = ["--init_from", str(folder), "--decay_only", "--data", f"{tmp_path / 'docs.jsonl'}:0.5,{tmp_path / 'chat.jsonl'}:0.5",
+            "--data_dir", str(tmp_path / "d"), "--out_dir", str(out), "--batch_size", "4", "--seq_len", "32",
+            "--max_steps", "2", "--eval_tokens", "0", "--dtype", "float32", "--device", "cpu"]
+    assert train.main(args) == 0
+    chat_meta = json.loads(next((tmp_path / "d").glob("chat-*/meta.json")).read_text())
+    assert chat_meta["bos_id"] is not None   # the release's BOS before each conversation
+    assert f"val_bpb/{tmp_path / 'chat.jsonl'}" in metrics(out)[-1]
 
 
 def one_line_exit_2(argv, capsys):
