@@ -324,20 +324,7 @@ def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir
              else split_flags([k for k, _ in lines]))
     convos = [(key, messages, val) for (key, messages), val in zip(lines, flags)]
     # built beside `out` and swapped in whole, as data.prepare does: a failure leaves the old folder as it was
-    work = out.with_name(out.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        meta = build(work, convos, source, tokenizer_spec, n_bpe, copies, log)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+    meta = data.build_folder(out, lambda work: build(work, convos, source, tokenizer_spec, n_bpe, copies, log))
     log(f"prepared {out}: {meta['train']['documents']:,} + {meta['val']['documents']:,} conversations, "
         f"{meta['train']['tokens']:,} + {meta['val']['tokens']:,} tokens, "
         f"{meta['train']['scored_tokens'] / max(1, meta['train']['tokens']):.0%} of them scored")

@@ -250,14 +250,23 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
     _, files = list_files(source, data_dir, log)
     forced_val = fallback_val_key(files, text_field)
     jobs = lambda: pieces(files, max(1, int(chunk_mb * 1e6)), text_field)  # noqa: E731  a new pass each call
-    # Built in a folder beside `out` and swapped in only when complete: a failure (or Ctrl-C) leaves
-    # the old dataset whole and no partial one; the work folder of a killed run is cleared next time.
+    tok = dict(spec=spec, given_file=given_file, n_bpe=n_bpe, arg=tokenizer, text_field=text_field, forced_val=forced_val)
+    meta, stats, seconds = build_folder(out, lambda work: _build(work, jobs, files, source, tok, workers, bpe_sample_mb, log, quiet))
+    n_bytes, n_tokens = (stats["train"][k] + stats["val"][k] for k in ("bytes", "tokens"))
+    log(f"prepared {out}: {stats['train']['documents'] + stats['val']['documents']:,} documents, {n_bytes / 1e6:.1f} MB, "
+        f"{n_tokens:,} tokens, {stats['train']['bytes'] / max(stats['train']['tokens'], 1):.2f} bytes/token (train), "
+        f"tokenized at {n_bytes / 1e6 / seconds:.1f} MB/s, {time.time() - started:.1f} s in all")
+    return out
+
+
+def build_folder(out: pathlib.Path, build):
+    """build(work folder) beside out, then swapped in whole: -> what build returns."""
+    # a failure (or Ctrl-C) leaves the old dataset whole, no partial one; a killed run's is cleared next time
     work = out.with_name(out.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        tok = dict(spec=spec, given_file=given_file, n_bpe=n_bpe, arg=tokenizer, text_field=text_field, forced_val=forced_val)
-        meta, stats, seconds = _build(work, jobs, files, source, tok, workers, bpe_sample_mb, log, quiet)
+        result = build(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -267,11 +276,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
         os.replace(out, old)
     os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
-    n_bytes, n_tokens = (stats["train"][k] + stats["val"][k] for k in ("bytes", "tokens"))
-    log(f"prepared {out}: {stats['train']['documents'] + stats['val']['documents']:,} documents, {n_bytes / 1e6:.1f} MB, "
-        f"{n_tokens:,} tokens, {stats['train']['bytes'] / max(stats['train']['tokens'], 1):.2f} bytes/token (train), "
-        f"tokenized at {n_bytes / 1e6 / seconds:.1f} MB/s, {time.time() - started:.1f} s in all")
-    return out
+    return result
 
 
 def tokenizer_files(out, tok, jobs, workers, bpe_sample_mb, log, quiet) -> str | None:
