@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 import common
-from common import eval_flags, pyplot, read_metrics, run_parallel
+from common import pyplot, read_metrics, run_parallel
 import noise  # noqa: E402  (after common, which puts the repo root on the path)
 
 PAPER_A, PAPER_B = 1.21e9, 6.24    # §3.2, Figure 2: bs (tokens) = 1.21e9 / L^6.24, L = C4 loss in nats/token
@@ -47,12 +47,11 @@ PAPER_BYTES_PER_TOKEN = 4.0
 # batch of the estimator, a quarter of the step (noise.py). lr_ref: lr 0.01 at 2,048 tokens (§3.2's lr).
 FULL = dict(sizes=dict(XS=(2, 32), S=(2, 64), M=(3, 128)), direct=("XS", "S"), head_dim=16, seq_len=64,
             batches=(8, 16, 32, 64, 128), noise_batches=(16, 64), tokens=1_200_000, grad_accum=4,
-            lr_ref=(0.01, 2048), lr_mults=(0.5, 1.0, 2.0), warmup_frac=0.02, smooth_frac=0.04, levels=10,
-            eval_tokens=65536)
+            lr_ref=(0.01, 2048), lr_mults=(0.5, 1.0, 2.0), warmup_frac=0.02, smooth_frac=0.04, levels=10)
 QUICK = dict(FULL, sizes=dict(XS=(1, 16), S=(1, 32), M=(1, 48)), seq_len=32, batches=(2, 4, 8), noise_batches=(4,),
-             tokens=4_800, grad_accum=2, lr_ref=(0.01, 128), lr_mults=(0.5, 2.0), levels=5, eval_tokens=2048)
+             tokens=4_800, grad_accum=2, lr_ref=(0.01, 128), lr_mults=(0.5, 2.0), levels=5)
 GPU = dict(FULL, sizes=dict(XS=(4, 256), S=(8, 512), M=(12, 768)), head_dim=64, seq_len=256,
-           batches=(8, 16, 32, 64, 128, 256), noise_batches=(32, 128), tokens=40_000_000, eval_tokens=1_048_576)
+           batches=(8, 16, 32, 64, 128, 256), noise_batches=(32, 128), tokens=40_000_000)
 # smooth_frac: the moving average spans 4% of the budget, wide enough to average out the per-step
 # noise of the small batches, narrow enough to keep the curves' shape; levels: loss levels per size
 SCALES = dict(cpu=FULL, gpu=GPU)
@@ -88,10 +87,10 @@ def run_argv(setup, args, size, batch, lr, seed):
             "--n_layer", n_layer, "--n_embd", width, "--n_head", heads, "--n_kv_head", heads,
             "--ffn_dim", width * 5 // 2, "--block_size", setup["seq_len"], "--seq_len", setup["seq_len"],
             "--batch_size", batch // G, "--grad_accum", G, "--noise_scale", "--lr", lr, "--schedule", "cosine",
-            # every step's training loss and B_simple are logged: the levels are read from them, not from
-            # evals; the one evaluation at the end is a final validation loss for the table
-            "--max_steps", steps, "--warmup_steps", warmup, "--log_interval", 1, "--eval_interval", steps,
-            "--ckpt_interval", 10**9, "--seed", seed, *eval_flags(setup["eval_tokens"])]
+            # every step's training loss and B_simple are logged: everything is read from them (every window
+            # is unseen data), so no evaluation (each one also redraws loss.png: ~1 s, most of a --quick run)
+            "--max_steps", steps, "--warmup_steps", warmup, "--log_interval", 1, "--eval_interval", 0,
+            "--ckpt_interval", 10**9, "--seed", seed]
 
 
 def train_and_load(args, setup, runs_dir, keys, train):
@@ -290,7 +289,8 @@ def noise_analysis(runs, best, setup, optima):
             hi = min(e[len(e) // 10][0] for e in ends if e)
             lv = list(np.geomspace(hi, min(e[-1][0] for e in ends if e), setup["levels"]))
         levels[n] = list(zip(lv, per_level(points[n], lv)))
-        ok = [(L / math.log(2), B) for L, B in levels[n] if math.isfinite(B)]
+        # a median <= 0 (tr(Σ)'s estimate swamped by its noise: noise.py) has no logarithm: not fitted
+        ok = [(L / math.log(2), B) for L, B in levels[n] if B > 0]
         fits[n] = fit_law(ok) if len(ok) >= 2 else None
         for o in (o for o in optima if o["size"] == n):   # B_simple at each direct level, beside its optimum
             o["b_simple"] = dict(levels[n])[o["level"]]
@@ -361,11 +361,10 @@ def write_csvs(table, optima, runs, best, setup, out):
     window = setup["smooth_frac"] * setup["tokens"]
     with open(out / "batch_size_lr.csv", "w", newline="") as f:   # the sweep: final smoothed training loss
         w = csv.writer(f)
-        w.writerow(["size", "batch_tokens", "lr", "seed", "final_train_loss_nats", "final_val_bpb", "best_lr"])
+        w.writerow(["size", "batch_tokens", "lr", "seed", "final_train_loss_nats", "final_train_bpb", "best_lr"])
         for (n, b, lr, s), rows in sorted(runs.items()):
-            val = [r["val_bpb"] for r in rows or [] if "val_bpb" in r]
-            w.writerow([n, b * setup["seq_len"], lr, s, repr(final_loss(rows, window)), repr(val[-1] if val else math.nan),
-                        n not in setup["direct"] or best[n, b] == lr])
+            end = final_loss(rows, window)   # inf: the run failed (diverged)
+            w.writerow([n, b * setup["seq_len"], lr, s, repr(end), bpb(end), n not in setup["direct"] or best[n, b] == lr])
 
 
 def verdicts(optima, levels, fits, setup):
@@ -384,8 +383,8 @@ def verdicts(optima, levels, fits, setup):
                      f"{o['seed_hi'] / o['seed_lo']:.1f}x" for o in optima if o["seed_lo"] > 0))
     # McCandlish: B_simple ~ B_crit, the batch past which tokens to a loss grow; the fewest-tokens batch
     # sits at or below it (with the lr tuned, tokens only grow with the batch), so a ratio >= 1 is expected
-    ratios = [o["b_simple"] / o["bs"] for o in optima if not o["edge"] and math.isfinite(o["b_simple"])]
-    crit = [o["b_simple"] / o["b_crit"] for o in optima if math.isfinite(o["b_simple"] + o["b_crit"])]
+    ratios = [o["b_simple"] / o["bs"] for o in optima if not o["edge"] and o["b_simple"] > 0]
+    crit = [o["b_simple"] / o["b_crit"] for o in optima if o["b_simple"] > 0 and o["b_crit"] > 0]
     med = lambda r: f"median {np.median(r):.2f} (range {min(r):.2f}-{max(r):.2f}, {len(r)} levels)" if r else "none"
     agree = bool(ratios) and 0.5 <= np.median(ratios) <= 2
     lines.append(f"VERDICT the two instruments agree on the optimum (within 2x): {'yes' if agree else 'no'}: B_simple / "
@@ -405,12 +404,12 @@ def verdicts(optima, levels, fits, setup):
 
 
 def summary(runs, best, optima, setup, seeds):
-    # the lr each batch took and its seeds' final validation loss, then the optimum per level by both instruments
-    seq, lines = setup["seq_len"], []
-    for n in setup["direct"]:   # the lr each batch took, and the final validation loss of each seed
-        lines.append(f"{n}: " + "; ".join(f"batch {b * seq} lr {best[n, b]:g} val bpb " + " / ".join(
-            f"{[r['val_bpb'] for r in runs[n, b, best[n, b], s] if 'val_bpb' in r][-1]:.3f}" if runs[n, b, best[n, b], s] else "failed"
-            for s in seeds) for b in setup["batches"]))
+    # the lr each batch took and its seeds' final loss (the training loss over the last 4% of tokens, in
+    # bits/byte: unseen data, as good as a validation loss on 48k tokens), then the optimum per level by both instruments
+    seq, lines, window = setup["seq_len"], [], setup["smooth_frac"] * setup["tokens"]
+    for n in setup["direct"]:
+        lines.append(f"{n} final bpb: " + "; ".join(f"batch {b * seq} lr {best[n, b]:g}: " + " / ".join(
+            f"{final_loss(runs[n, b, best[n, b], s], window) / math.log(2):.3f}" for s in seeds) for b in setup["batches"]))
     lines += ["", "| size | level (bpb) | direct optimum (seeds' range) | B_crit | B_simple |", "|---|---|---|---|---|"]
     lines += [f"| {o['size']} | {o['level'] / math.log(2):.3f} | {o['bs']:.0f}{' (edge)' if o['edge'] else ''} "
               f"({o['seed_lo']:.0f}-{o['seed_hi']:.0f}) | {o['b_crit']:.0f} | {o['b_simple']:.0f} |" for o in optima]
