@@ -15,7 +15,7 @@ sizes, binned at the same loss levels, and fitted with B = a / L^b (L in bits/by
 critical batch is also read off the direct runs: tokens(B) = E_min + S_min B (their Eq. 2.11), so
 B_crit = E_min / S_min, from the batches at and above the optimum. Tokens are bytes (byte tokenizer).
 
-    python experiments/batch_size.py              # 3 sizes, 52 runs of 1.2M tokens: ~12-14 min on 2 cores (estimated)
+    python experiments/batch_size.py              # 3 sizes, 52 runs of 1.2M tokens: ~13 min on 2 cores (estimated)
     python experiments/batch_size.py --quick      # tiny sizes and budget: under a minute (the smoke test)
     python experiments/batch_size.py --scale gpu  # widths 256-768, 40M tokens per run (one GPU; not run)
 Writes to --out (default experiments/out): batch_size.png, batch_size.csv (size, batch, lr, level,
@@ -50,7 +50,8 @@ FULL = dict(sizes=dict(XS=(2, 32), S=(2, 64), M=(3, 128)), direct=("XS", "S"), h
             lr_ref=(0.01, 2048), lr_mults=(0.5, 1.0, 2.0), warmup_frac=0.02, smooth_frac=0.04, levels=10)
 QUICK = dict(FULL, sizes=dict(XS=(1, 16), S=(1, 32), M=(1, 48)), seq_len=32, batches=(2, 4, 8), noise_batches=(4,),
              tokens=4_800, grad_accum=2, lr_ref=(0.01, 128), lr_mults=(0.5, 2.0), levels=5)
-GPU = dict(FULL, sizes=dict(XS=(4, 256), S=(8, 512), M=(12, 768)), head_dim=64, seq_len=256,
+# GPU (not run): batches of 2K-64K tokens, the lr grid centred on 0.01 at 16K tokens
+GPU = dict(FULL, sizes=dict(XS=(4, 256), S=(8, 512), M=(12, 768)), head_dim=64, seq_len=256, lr_ref=(0.01, 16384),
            batches=(8, 16, 32, 64, 128, 256), noise_batches=(32, 128), tokens=40_000_000)
 # smooth_frac: the moving average spans 4% of the budget, wide enough to average out the per-step
 # noise of the small batches, narrow enough to keep the curves' shape; levels: loss levels per size
