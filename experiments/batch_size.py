@@ -12,7 +12,7 @@ Gradient noise scale (McCandlish et al. 2018): every run logs B_simple = tr(Σ)/
 (train.py --noise_scale, noise.py, from --grad_accum's micro-batches), the batch past which a bigger
 batch stops paying. Read against the training loss (smoothed with the estimator's own EMA) for 3 model
 sizes, binned at the same loss levels, and fitted with B = a / L^b (L in bits/byte). McCandlish's
-critical batch is also read off the direct runs: tokens(B) = E_min + S_min B (their Eq. 2.11), so
+critical batch is also read off the direct runs: tokens(B) = E_min + S_min B (their (S/S_min - 1)(E/E_min - 1) = 1), so
 B_crit = E_min / S_min, from the batches at and above the optimum. Tokens are bytes (byte tokenizer).
 
     python experiments/batch_size.py              # 3 sizes, 52 runs of 1.2M tokens: ~13 min on 2 cores (estimated)
@@ -43,8 +43,8 @@ PAPER_BYTES_PER_TOKEN = 4.0
 # CPU default: three sizes (2 layers at d 32 and d 64; 3 layers at d 128; head dim 16), 1.2M tokens a
 # run. XS and S carry the direct measurement (5 batches of 8-128 windows of 64 tokens: 512-8,192 tokens,
 # the range where an earlier single-seed grid of 512-16K found its optima; 16K was clearly worse);
-# M, ~4x slower per token, only logs B_simple at two batches. grad_accum 4: micro-batch 0 is the small
-# batch of the estimator, a quarter of the step (noise.py). lr_ref: lr 0.01 at 2,048 tokens (§3.2's lr).
+# M, ~4x slower per token, only logs B_simple at two batches. grad_accum 4 (2 for the smallest batch):
+# micro-batch 0 is the estimator's small batch (noise.py). lr_ref: lr 0.01 (§3.2's) at 2,048 tokens.
 FULL = dict(sizes=dict(XS=(2, 32), S=(2, 64), M=(3, 128)), direct=("XS", "S"), head_dim=16, seq_len=64,
             batches=(8, 16, 32, 64, 128), noise_batches=(16, 64), tokens=1_200_000, grad_accum=4,
             lr_ref=(0.01, 2048), lr_mults=(0.5, 1.0, 2.0), warmup_frac=0.02, smooth_frac=0.04, levels=10)
@@ -208,7 +208,7 @@ def paper_law_bytes(bpb):
 
 
 def critical_batch(batches, tokens):
-    """McCandlish's B_crit = E_min / S_min from tokens(B) = E_min + S_min B (their Eq. 2.11); nan if none."""
+    """McCandlish's B_crit = E_min / S_min from tokens(B) = E_min + S_min B; nan if none."""
     # steps S = tokens / B, so (S/S_min - 1)(E/E_min - 1) = 1 is a straight line in (B, tokens). Only the
     # batches at and above the fewest-tokens one: below it the model (which assumes a tuned lr) fails
     i = int(np.argmin(tokens))
@@ -374,7 +374,7 @@ def verdicts(optima, levels, fits, setup):
     bs = [f[1] for f in fits.values() if f]
     yes = bool(bs) and len(bs) == len(fits) and min(bs) > 0   # every size's exponent positive
     lines = ["B_simple per size: " + "; ".join(f"{n} {fmt(f)}" for n, f in fits.items()),
-             f"VERDICT B_simple grows as the loss falls (McCandlish; §3.2 b = 6.24): {'yes' if yes else 'no'}, "
+             f"VERDICT B_simple grows as the loss falls (McCandlish et al.; the paper: b = 6.24): {'yes' if yes else 'no'}, "
              f"b = {', '.join(f'{b:.2f}' for b in bs)} ({'near' if yes and all(3 < b < 12 for b in bs) else 'not near'} 6.24)"]
     # an edge optimum is only a bound: fitted, it would bias b; the seeds' spread says how far to trust the rest
     inner = [(o["level"] / math.log(2), o["bs"]) for o in optima if not o["edge"]]
