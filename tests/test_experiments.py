@@ -280,7 +280,7 @@ def test_scaling_law_from_never_unpickles_code(repo_root, tmp_path):
 # every experiment, the folder its runs go to under --out, and its default seed count (1: the designs
 # that train one seed, so their default runs stay the published ones)
 EXPERIMENTS = [(wsd_vs_cosine, "wsd_vs_cosine_runs", 2), (scaling_law, "scaling_law_runs", 1),
-               (mup_transfer, "mup_transfer_runs", 2), (batch_size, "batch_size_runs", 1),
+               (mup_transfer, "mup_transfer_runs", 2), (batch_size, "batch_size_runs", 3),
                (moe_upcycling, "runs/moe_upcycling", 2), (long_context, "runs/long_context", 2),
                (cosine_horizon, "cosine_horizon_runs", 2)]
 DATA_SCRIPTS = [e for e in EXPERIMENTS if e[0] is not long_context]   # long_context makes its own corpus

@@ -2,6 +2,7 @@
 experiments/batch_size.py (Figures 1-2). Their analysis functions against hand values, then each
 script's --quick run on a small corpus."""
 import csv
+import json
 import math
 import os
 import subprocess
@@ -152,11 +153,54 @@ def test_mup_transfer_quick(repo_root, tmp_path):
 
 def test_batch_size_quick(repo_root, tmp_path):
     out, stdout = run_quick("batch_size.py", repo_root, tmp_path)
+    setup = batch_size.QUICK
     assert open(out / "batch_size.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    table = list(csv.DictReader(open(out / "batch_size.csv")))
-    optima = list(csv.DictReader(open(out / "batch_size_optimum.csv")))
-    assert len(optima) == 2 * 6 and len(table) == 2 * 6 * 5          # sizes x levels (x batches)
-    for r in optima:   # the optimum needs the fewest tokens of the batches at that level
+    read = lambda name: list(csv.DictReader(open(out / name)))
+    table, optima, noise, lrs = (read(f"batch_size{s}.csv") for s in ("", "_optimum", "_noise", "_lr"))
+    direct, batches, levels = setup["direct"], setup["batches"], setup["levels"]
+    assert len(optima) == len(direct) * levels and len(table) == len(direct) * levels * len(batches)
+    assert list(optima[0]) == ["size", "level_nats", "level_bpb", "optimal_batch_tokens", "tokens", "on_edge",
+                               "seed_optimum_min", "seed_optimum_max", "b_crit_tokens", "b_simple_tokens"]
+    # the lr sweep: every lr multiple at the first seed; the lowest final loss is the best, and only it is
+    # rerun with seeds 1338 and 1339; the direct table reads the best lr's runs
+    for size in direct:
+        for b in batches:
+            bt = str(b * setup["seq_len"])
+            first = [r for r in lrs if (r["size"], r["batch_tokens"], r["seed"]) == (size, bt, "1337")]
+            assert len(first) == len(setup["lr_mults"])
+            best = min(first, key=lambda r: float(r["final_train_loss_nats"]))["lr"]
+            assert sorted(r["seed"] for r in lrs if (r["size"], r["batch_tokens"], r["lr"]) == (size, bt, best)) == ["1337", "1338", "1339"]
+            assert {r["lr"] for r in table if (r["size"], r["batch_tokens"]) == (size, bt)} == {best}
+    for r in optima:   # the optimum needs the fewest tokens of the batches at that level (the seeds' mean curve)
         reach = [float(t["tokens_to_reach"]) for t in table if (t["size"], t["level_nats"]) == (r["size"], r["level_nats"])]
         assert float(r["tokens"]) == min(reach)
-    assert "final val bpb" in stdout and stdout.count("the whole run's best batch") == 2
+        assert float(r["seed_optimum_min"]) <= float(r["seed_optimum_max"])
+    assert any(math.isfinite(float(r["b_simple_tokens"])) and float(r["b_simple_tokens"]) > 0 for r in optima)
+    # B_simple from every size, M included (its runs only log it), each next to its smoothed loss
+    assert {r["size"] for r in noise} == set(setup["sizes"])
+    assert all(float(r["loss_ema_bpb"]) == pytest.approx(float(r["loss_ema_nats"]) / math.log(2)) for r in noise)
+    # each run trained with --noise_scale over 2 micro-batches: its steps logged B_simple, the step's tokens the batch's
+    bt = batches[0] * setup["seq_len"]
+    lr = next(r["lr"] for r in lrs if (r["size"], r["batch_tokens"]) == ("S", str(bt)))
+    rows = [json.loads(line) for line in open(out / "batch_size_runs" / f"S_bs{bt}_lr{float(lr):g}_s1337" / "metrics.jsonl")]
+    last = [r for r in rows if "train_loss" in r][-1]
+    assert any(r.get("noise_scale_tokens") for r in rows) and last["tokens"] == last["step"] * bt
+    assert stdout.count("VERDICT") == 4 and "B_simple per size" in stdout
+
+
+def test_noise_points_per_level_and_critical_batch():
+    # the loss under a bias-corrected EMA (decay 0.5): 4, then (0.25 x 4 + 0.5 x 2) / 0.75 = 8/3; a step
+    # with no estimate (None) still moves the average
+    rows = [{"step": 0, "val_loss": 9.0}, {"train_loss": 4.0, "noise_scale_tokens": 100.0},
+            {"train_loss": 2.0, "noise_scale_tokens": 50.0}, {"train_loss": 2.0, "noise_scale_tokens": None}]
+    assert batch_size.noise_points(rows, decay=0.5) == [(4.0, 100.0), (pytest.approx(8 / 3), 50.0)]
+    # levels 1, 2, 4: bins meet at sqrt(2) and sqrt(8); five points near 1 and 2, four near 4 (too few)
+    pts = [(1.0, b) for b in (10, 11, 12, 13, 14)] + [(2.1, b) for b in (1, 2, 3, 4, 100)] + [(4.0, 7)] * 4
+    med = batch_size.per_level(pts, [4.0, 1.0, 2.0])
+    assert math.isnan(med[0]) and med[1:] == [12.0, 3.0]
+    # tokens(B) = E_min + S_min B with E_min 1e5, S_min 50: B_crit 2,000; the smallest batch worse than
+    # the line (an lr too high for it) is left out, as it sits below the fewest-tokens batch
+    batches = [256, 512, 1024, 2048, 4096]
+    tokens = [3e5] + [1e5 + 50 * b for b in batches[1:]]
+    assert batch_size.critical_batch(batches, tokens) == pytest.approx(2000)
+    assert math.isnan(batch_size.critical_batch(batches, [5e5, 4e5, 3e5, 2e5, 1e5]))   # the largest is best
