@@ -75,6 +75,7 @@ def parse_args(argv=None):
 
 def check_lists(args, setup):
     """--weights and --sft_lrs parsed, or UsageError: before anything is deleted."""
+    # w in (0, 1): w = 0 is A-1 itself, and w = 1 would drop the pre-training text from the decay
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else list(setup["weights"])
         lrs = args.sft_lrs.split(",") if args.sft_lrs else list(setup["sft_lrs"])
@@ -118,14 +119,18 @@ def arm_jobs(args, setup, runs, seed, weights, sft_lrs):
     for w in [0.0] + weights:   # w = 0: A-1, the decay on pre-training data alone
         name = "pt" if w == 0 else f"mix{w:g}"
         decay = runs / f"decay_{name}_s{seed}"
+        # A-2: each sequence drawn from the instruction set with probability w (mixture.py); its replies
+        # are the only scored tokens of those sequences, as in SFT
         mix = [] if w == 0 else ["--data", f"{args.source}:{1 - w:g},instruct:{w:g}"]
-        job = [(base + ["--init_from", runs / f"trunk_s{seed}", "--decay_only", "--decay_steps", D,
+        # the decay from the trunk's lr (its peak) to 2% of it, reading on where the trunk stopped in the data
+        job = [(base + ["--init_from", runs / f"trunk_s{seed}", "--decay_only", "--decay_steps", D, "--lr", setup["lr"],
                         "--out_dir", decay, "--eval_interval", D, *mix],
                 decay, dict(arm="A-1" if w == 0 else "A-2", stage="decay", w=w, sft_steps=0, sft_lr="", seed=seed))]
         for lr in sft_lrs:
             for steps in (S, 2 * S) if w == 0 else (S,):   # 2S from A-1's decay: B-2
                 out = runs / f"sft_{name}_{steps}_lr{lr}_s{seed}"
                 arm = "B-2" if steps == 2 * S else "A-1" if w == 0 else "A-2"
+                # no --lr for 'final': train.py's own default is the paper's rule, so what is tested is the rule
                 job.append((base + ["--init_from", decay, "--sft", "--data", "instruct", "--max_steps", steps,
                                     "--out_dir", out, "--eval_interval", steps, *([] if lr == "final" else ["--lr", lr])],
                             out, dict(arm=arm, stage="sft", w=w, sft_steps=steps, sft_lr=lr, seed=seed)))
@@ -209,6 +214,9 @@ def table(rows):
 
 def verdicts(rows, weights, sft_lrs, S, fam="skill"):
     """One line per claim and SFT lr: reproduced (every seed agrees), partly, or not."""
+    # the skill family by default: at CPU scale the knowledge family stays at its floor in every arm
+    # (instruct.py's probe), so it cannot separate them; its numbers are in the table and the CSV.
+    # Seeds are paired: A-1 and A-2 of one seed branch from the same trunk, so they are compared per seed
     key, out = f"exact {fam}", []
     for lr in sft_lrs:
         a1 = [r[key] for r in pick(rows, arm="A-1", stage="sft", sft_lr=lr)]
@@ -236,6 +244,7 @@ def verdicts(rows, weights, sft_lrs, S, fam="skill"):
 # ----------------------------------------------------------------------------- outputs
 
 def write_csv(rows, path):
+    # one row per scored checkpoint; the per-step curves stay in each run's metrics.jsonl
     keys = list(rows[0])
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -413,3 +413,14 @@ def test_bad_out_is_one_line_and_writes_nothing(module, runs, _, where, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {out}" in err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, message", [(["--weights", "0.3,x"], "--weights"), (["--weights", "1.5"], "--weights"),
+                                           (["--sft_lrs", "final,-1"], "--sft_lrs"), (["--sft_steps", "0"], "--sft_steps")])
+def test_two_stage_bad_arms_are_one_line_and_delete_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = old_runs(out, "runs/two_stage")
+    assert two_stage.main(["--quick", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("two_stage.py: ")
+    assert snapshot(out) == before
