@@ -212,6 +212,15 @@ def table(rows):
     return "\n".join(lines)
 
 
+def undecided(values):
+    """'' or why these scores cannot decide a claim: all at 0% (too hard) or all at 100% (too easy)."""
+    # the issue's rule: then the task or the scale must change until the arms can differ, and the
+    # verdict must say so rather than read a tie at the floor as "not reproduced"
+    if all(v == 0 for v in values):
+        return "cannot tell: every arm at 0% (too hard at this scale)"
+    return "cannot tell: every arm at 100% (too easy: shorten S)" if all(v == 1 for v in values) else ""
+
+
 def verdicts(rows, weights, sft_lrs, S, fam="skill"):
     """One line per claim and SFT lr: reproduced (every seed agrees), partly, or not."""
     # the skill family by default: at CPU scale the knowledge family stays at its floor in every arm
@@ -224,12 +233,13 @@ def verdicts(rows, weights, sft_lrs, S, fam="skill"):
         a2 = {w: [r[key] for r in pick(rows, arm="A-2", stage="sft", sft_lr=lr, w=w)] for w in weights}
         # claim 1: every seed's A-2 above its A-1 (paired: same trunk), at every w / some w / none
         wins = [w for w in weights if all(x > y for x, y in zip(a2[w], a1))]
-        v1 = "reproduced" if len(wins) == len(weights) else "partly" if wins else "not reproduced"
+        v1 = undecided(a1 + sum(a2.values(), [])) or (
+            "reproduced" if len(wins) == len(weights) else "partly" if wins else "not reproduced")
         out.append(f"[SFT lr {lr}] decay-stage mixing beats a pre-training-only decay after {S} SFT steps ({fam}): {v1}; "
                    f"A-1 {spread(a1)}, " + ", ".join(f"A-2 w={w:g} {spread(a2[w])}" for w in weights))
         # claim 2: the best A-2 (mean over seeds) still above B-2 (2S of SFT) in every seed
         best = max(weights, key=lambda w: sum(a2[w]))
-        v2 = "reproduced" if all(x > y for x, y in zip(a2[best], b2)) else "not reproduced"
+        v2 = undecided(b2 + a2[best]) or ("reproduced" if all(x > y for x, y in zip(a2[best], b2)) else "not reproduced")
         out.append(f"[SFT lr {lr}] doubling SFT does not close the gap: {v2}; B-2 ({2 * S} steps) {spread(b2)} "
                    f"vs A-2 w={best:g} ({S} steps) {spread(a2[best])}")
     # claim 3: what the mixture costs the pre-training text, decay against decay (before any SFT)
@@ -280,6 +290,8 @@ def plot(rows, weights, sft_lrs, seeds, path):
         bax.plot(r["w"], r["bpb replies"], marks[seeds.index(r["seed"])], color="C1", ms=7)
     bax.set(xlabel="instruction-set weight in the decay (0: A-1)", ylabel="validation bits/byte",
             title="after the decay: text (blue), replies (orange)")
+    fig.suptitle("two-stage pre-training (Table 1, §5); markers: " + ", ".join(
+        f"{m} seed {s}" for m, s in zip(marks, seeds)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
