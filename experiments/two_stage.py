@@ -14,7 +14,7 @@ pre-training validation split and on the instruction set's held-out replies (eva
 
     python experiments/two_stage.py                   # cpu scale, ~13 min on 2 cores (estimate: see README)
     python experiments/two_stage.py --quick           # a 1-layer model, under a minute (the smoke test)
-    python experiments/two_stage.py --scale gpu --device cuda   # 6.3M non-embedding parameters (untested)
+    python experiments/two_stage.py --scale gpu --device cuda   # 5.5M non-embedding parameters (untested)
 
 Writes to --out (default experiments/out): two_stage.png, two_stage.csv (one row per scored run) and
 runs/two_stage/<run>/ (each run's train.py folder and log).
@@ -44,8 +44,8 @@ SCALES = {
     "cpu": dict(model=dict(n_layer=3, n_embd=96, n_head=6, n_kv_head=3, ffn_dim=256), batch=16, seq=128, lr=0.01,
                 trunk=2000, warmup=20, decay=240, S=60, weights=(0.1, 0.3, 0.5), sft_lrs=("final", "0.003"),
                 eval_interval=250, eval_tokens=32768, limit=0),
-    # untested (no GPU was available): 8 layers of width 256, 6.3M non-embedding, 8,192 tokens a step;
-    # the trunk's 16,000 steps = 131M tokens = 21 N
+    # untested (no GPU was available): 8 layers of width 256, 5.5M non-embedding, 8,192 tokens a step;
+    # the trunk's 16,000 steps = 131M tokens = 24 N
     "gpu": dict(model=dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=2, ffn_dim=640), batch=32, seq=256, lr=0.01,
                 trunk=16000, warmup=160, decay=1600, S=400, weights=(0.1, 0.3, 0.5), sft_lrs=("final", "0.003"),
                 eval_interval=2000, eval_tokens=262144, limit=0),
