@@ -91,6 +91,7 @@ def check_flags(cfg):
         (min(cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.dry_run_gpus) < 1,
          "--batch_size, --seq_len, --max_steps and --dry_run_gpus must be >= 1"),
         (cfg.eval_tokens < 0, "--eval_tokens must be >= 0"),
+        (cfg.peak_tflops < 0, f"--peak_tflops must be > 0, or 0 for plan.py's table (got {cfg.peak_tflops})"),
         (cfg.attn not in ATTN_IMPLS, f"--attn must be one of {', '.join(ATTN_IMPLS)}"),
         (sum(map(bool, (cfg.resume, cfg.init_from, cfg.upcycle_from))) > 1,
          "give at most one of --resume, --init_from, --upcycle_from"),
@@ -138,9 +139,24 @@ def model_config(cfg, overrides, resumed, source, meta):
                          "pass the --source/--tokenizer it was trained with")
     if meta and source:   # the same size is not enough: a released folder's tokenizer.json must be the data's
         data.check_tokenizer(meta, source.get("tokenizer"), os.path.dirname(source["path"]))
-    mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})   # no meta: a dry run without data
+    try:   # no meta: a dry run without data
+        mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})
+    except ValueError as e:   # its fields are the model flags' names: say where the bad value came from
+        where = resumed["path"] if resumed else f"{source['path'] if source else '--preset ' + cfg.preset} and the model flags"
+        raise UsageError(f"{e} (from {where})") from None
     cli.check([(cfg.seq_len > mcfg.block_size, f"--seq_len {cfg.seq_len} is longer than the model's block_size {mcfg.block_size}")])
     return mcfg
+
+
+def check_memory(cfg, mcfg, device):
+    """A micro-batch whose logits alone cannot fit the device: refused before the run folder is written."""
+    # a lower bound: three fp32 [B, T, V] tensors live at once in the backward (the loss's log-softmax,
+    # its gradient, the logits' gradient) and the int64 windows of the batch (data.get_batch makes the
+    # index and the ids, [B, T + 1] each); weights, activations and Adam come on top (plan.py)
+    B, T, V = cfg.batch_size, cfg.seq_len, mcfg.vocab_size
+    cli.check_memory(3 * B * T * V * 4 + 2 * B * (T + 1) * 8, device, f"--batch_size {B} x --seq_len {T}: the "
+                     f"logits alone (3 x {B} x {T} x vocab {V} x 4 bytes)", "lower --batch_size (and raise "
+                     "--grad_accum to keep the tokens per step)")
 
 
 # ----------------------------------------------------------------------------- building the run
@@ -327,6 +343,7 @@ def run(argv, results=None):
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
             with torch.device("meta"): model = MiniCPM(mcfg)
             return print(describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
+        check_memory(cfg, mcfg, ddp.device)   # the plan above is for other machines; a run is on this one
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, mcfg, overrides=overrides, resumed=resumed, source=source, ddp=ddp, lr_at=lr_at,
                           dtype=dtype, folder=folder, meta=meta)
