@@ -64,6 +64,7 @@ def check_out(cfg):
         raise UsageError(f"--out {cfg.out} is a file: give a folder")
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UsageError(f"--out {cfg.out} is not empty: choose another folder, or --overwrite to replace its files")
+    cli.check_writable(cfg.out, "--out")   # /proc, a read-only disk: before the checkpoint is read
 
 
 def check_not_input(out, ckpt, flag="--out"):
@@ -261,6 +262,7 @@ def write_gguf(model, enc, pre, path, dtype, gguf):
 def export_gguf(cfg):
     """--gguf: every check (flags, model, tokenizer, package) before the file is opened."""
     check_gguf_out(cfg)
+    cli.check_writable(os.path.dirname(os.path.abspath(cfg.gguf)), f"--gguf {cfg.gguf}: its folder")
     if os.path.isfile(cfg.gguf):   # a file to replace: never the checkpoint itself
         check_not_input(cfg.gguf, cfg.ckpt, "--gguf")
     ckpt = checkpoint.load(cfg.ckpt)

@@ -149,14 +149,16 @@ def model_config(cfg, overrides, resumed, source, meta):
 
 
 def check_memory(cfg, mcfg, device):
-    """A micro-batch whose logits alone cannot fit the device: refused before the run folder is written."""
-    # a lower bound: three fp32 [B, T, V] tensors live at once in the backward (the loss's log-softmax,
-    # its gradient, the logits' gradient) and the int64 windows of the batch (data.get_batch makes the
-    # index and the ids, [B, T + 1] each); weights, activations and Adam come on top (plan.py)
-    B, T, V = cfg.batch_size, cfg.seq_len, mcfg.vocab_size
-    cli.check_memory(3 * B * T * V * 4 + 2 * B * (T + 1) * 8, device, f"--batch_size {B} x --seq_len {T}: the "
-                     f"logits alone (3 x {B} x {T} x vocab {V} x 4 bytes)", "lower --batch_size (and raise "
-                     "--grad_accum to keep the tokens per step)")
+    """A model and micro-batch that cannot fit the device: refused before the run folder is written."""
+    # a lower bound: 16 bytes a parameter (fp32 weight, grad, Adam's m and v), three fp32 [B, T, V]
+    # tensors at once in the backward (the loss's log-softmax, its gradient, the logits' gradient) and
+    # the int64 windows of the batch (data.get_batch: the index and the ids); activations come on top
+    B, T, V, d, kv = cfg.batch_size, cfg.seq_len, mcfg.vocab_size, mcfg.n_embd, mcfg.n_kv_head * mcfg.head_dim
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * mcfg.ffn_dim * max(1, mcfg.n_experts)   # q, o, k, v; gate, up, down
+    params = mcfg.n_layer * per_layer + V * d * (1 if mcfg.tie_word_embeddings else 2)
+    cli.check_memory(16 * params + 3 * B * T * V * 4 + 2 * B * (T + 1) * 8, device, f"{params:,} parameters with AdamW "
+                     f"(16 bytes each) and, for --batch_size {B} x --seq_len {T}, the logits (3 x {B} x {T} x vocab {V} x "
+                     "4 bytes)", "lower --batch_size (raise --grad_accum to keep the tokens per step) or the model's size")
 
 
 # ----------------------------------------------------------------------------- building the run

@@ -46,6 +46,15 @@ def prior(corpus, tmp_path_factory):
     return dict(root=root, run=run, common=common)
 
 
+class Payload:
+    """Unpickled, it would run os.mkdir(path): the marker that code ran."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
 def odd_files(root, run):
     """Edited checkpoints, broken copies of a real Hugging Face export, and malformed task/chat/data files."""
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -61,9 +70,13 @@ def odd_files(root, run):
         shutil.copytree(root / "hfgood", root / name)
         if text:
             (root / name / "config.json").write_text(text)
+    (root / "evil").mkdir()   # security: a pickle whose loading would make the folder `pwned`
+    torch.save({"model": Payload(str(root / "pwned")), "model_config": {}, "step": 0}, root / "evil" / "ckpt.pt")
+    os.unlink(root / "hfnoweights" / "model.safetensors")
+    shutil.copytree(root / "hfnoweights", root / "hfevil")
+    shutil.copyfile(root / "evil" / "ckpt.pt", root / "hfevil" / "pytorch_model.bin")
     st = root / "hfst" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])                       # cut short, as an interrupted download is
-    os.unlink(root / "hfnoweights" / "model.safetensors")
     files = {"mc_bad.jsonl": '{"question": "q", "choices": ["a"], "answer": 0}\n{oops\n', "mc_num.jsonl": "5\n",
              "mc_shape.jsonl": '{"question": "q", "choices": ["a", "b"], "answer": 7}\n', "mc_one.jsonl": MC,
              "exact_bad.jsonl": '{"prompt": 3, "answer": "x"}\n', "exact.jsonl": '{"prompt": "a", "answer": "b"}\n',
@@ -296,7 +309,8 @@ def test_corrupt_metrics_line_on_resume_names_the_file_and_line(prior, capsys, t
 
 # ----------------------------------------------------------------------------- the second battery (issue 31)
 # Each case: (class, flags, what the one line must name[, exit code]). The class says what the case
-# guards against: S security, T a traceback (a value that passed the parser and broke the code), D
+# guards against: S security (a file that would run code when loaded; tests/test_security.py has the
+# sharded .metadata and every other loader path), T a traceback (a value that passed the parser and broke the code), D
 # damage to files the user already had, N silent nonsense (exit 0 on a meaningless request), R a
 # resource request that cannot fit. {root}/{run}/{tmp}/{corpus} are filled in per case.
 BASES = {  # entry point -> (main, the flags every case starts from)
@@ -308,7 +322,10 @@ BASES = {  # entry point -> (main, the flags every case starts from)
     "dpo": (dpo.main, ["--init_from", "{run}", "--out_dir", "{tmp}/dpo", "--max_len", "32"])}
 CASES = {
     "train": [
-        ("R", ["--batch_size", "100000000"], "--batch_size 100000000"), ("R", ["--batch_size", "10000000", "--seq_len", "64"], "GiB"),
+        ("S", ["--init_from", "{root}/evil"], "cannot read checkpoint"), ("S", ["--resume", "{root}/evil"], "cannot read checkpoint"),
+        ("S", ["--upcycle_from", "{root}/evil"], "cannot read checkpoint"), ("S", ["--init_from", "{root}/hfevil"], "pytorch_model.bin"),
+        ("R", ["--batch_size", "100000000"], "--batch_size 100000000"), ("R", ["--batch_size", "10000000", "--seq_len", "64"], "GiB"), ("R", ["--n_embd", "100000000"], "parameters"),
+        ("R", ["--n_layer", "10000000"], "parameters"), ("R", ["--ffn_dim", "1000000000"], "parameters"),
         ("T", ["--init_from", "{root}/extra"], "'bogus_key'"), ("T", ["--upcycle_from", "{root}/extra"], "'bogus_key'"),
         ("T", ["--resume", "{root}/kind"], "'sft2'"), ("T", ["--init_from", "{root}/hflist"], "hflist/config.json"),
         ("T", ["--init_from", "{root}/hfheads"], "num_attention_heads=0"), ("T", ["--init_from", "{root}/hfneg"], "num_hidden_layers=-2"),
@@ -323,8 +340,9 @@ CASES = {
         ("N", ["--rope_scaling", "linear", "--rope_factor", "0.5"], "rope_factor"), ("N", ["--n_experts", "4", "--top_k", "5"], "top_k"),
         ("N", ["--cosine_period", "5"], "--cosine_period"), ("N", ["--schedule", "cosine", "--decay_steps", "5"], "--decay_steps"),
         ("N", ["--fsdp", "--dtype", "float16"], "--fsdp"), ("T", ["--source", "{root}/src_badjson"], "x.jsonl:2"),
-        ("D", ["--out_dir", "{root}/garbage.pt"], "garbage.pt"), ("N", ["--eval_tokens", "1e3"], "--eval_tokens")],
+        ("D", ["--out_dir", "{root}/garbage.pt"], "garbage.pt"), ("D", ["--out_dir", "/proc/run"], "--out_dir /proc/run"), ("N", ["--eval_tokens", "1e3"], "--eval_tokens")],
     "sample": [
+        ("S", ["--ckpt", "{root}/evil"], "cannot read checkpoint"), ("S", ["--hf", "{root}/hfevil"], "pytorch_model.bin"),
         ("N", ["--temperature", "nan"], "--temperature nan"), ("N", ["--temperature", "inf"], "--temperature inf"),
         ("N", ["--top_p", "nan"], "--top_p nan"), ("N", ["--num_samples", "-3"], "--num_samples"),
         ("R", ["--ckpt", "{root}/dyn", "--max_new_tokens", "999999999999"], "--max_new_tokens"),
@@ -336,6 +354,8 @@ CASES = {
         ("T", ["--tokenizer", "bpe:257@{root}/ranks_bad.tiktoken"], "ranks_bad.tiktoken"),
         ("T", ["--prompt", "@{root}/binary.jsonl"], "binary.jsonl"), ("T", ["--hf", "{root}/garbage.pt"], "garbage.pt")],
     "export": [
+        ("S", ["--ckpt", "{root}/evil", "--out", "{tmp}/e"], "cannot read checkpoint"),
+        ("S", ["--ckpt", "{root}/evil", "--gguf", "{tmp}/m.gguf"], "cannot read checkpoint"),
         ("D", ["--out", "{run}", "--overwrite"], "--out"), ("D", ["--out", "{root}", "--overwrite"], "holds the checkpoint"),
         ("D", ["--gguf", "{run}/ckpt.pt", "--overwrite"], "--gguf"), ("D", ["--out", "{run}/metrics.jsonl"], "is a file"),
         ("D", ["--ckpt", "{root}/hfgood", "--out", "{root}/hfgood", "--overwrite"], "hfgood"),
@@ -346,7 +366,8 @@ CASES = {
         ("T", ["--ckpt", "{root}/extra", "--out", "{tmp}/e"], "'bogus_key'"),
         ("T", ["--ckpt", "{root}/hfheads", "--out", "{tmp}/e"], "num_attention_heads=0"),
         ("N", ["--gguf", "{tmp}/m.gguf", "--out", "{tmp}/e"], "drop --out"), ("N", ["--gguf", "{tmp}"], "is a folder"),
-        ("D", ["--gguf", "{run}/metrics.jsonl"], "exists"), ("N", ["--gguf", "{tmp}/m.gguf", "--gguf_dtype", "q4"], "--gguf_dtype"),
+        ("D", ["--gguf", "{run}/metrics.jsonl"], "exists"), ("D", ["--out", "/proc/e"], "--out /proc/e"),
+        ("D", ["--gguf", "/proc/m.gguf"], "--gguf /proc/m.gguf"), ("N", ["--gguf", "{tmp}/m.gguf", "--gguf_dtype", "q4"], "--gguf_dtype"),
         ("N", ["--gguf", "{tmp}/m.gguf", "--dtype", "bfloat16"], "--gguf_dtype"),
         ("T", ["--gguf", "{tmp}/m.gguf", "--ckpt", "{root}/hflist"], "hflist/config.json"),
         ("T", ["--gguf", "{tmp}/m.gguf", "--ckpt", "{root}/extra"], "'bogus_key'")],
@@ -363,6 +384,7 @@ CASES = {
         ("D", ["--task", "mc:{root}/mc_one.jsonl", "--out", "/nonexistent/r.jsonl"], "--out /nonexistent/r.jsonl"),
         ("T", ["--task", "mc:{root}/mc_one.jsonl", "--ckpt", "/nonexistent/run"], "no checkpoint at"),
         ("T", ["--task", "mc:{root}/mc_one.jsonl", "--ckpt", "{root}/extra"], "'bogus_key'"),
+        ("S", ["--task", "mc:{root}/mc_one.jsonl", "--ckpt", "{root}/evil"], "cannot read checkpoint"),
         ("T", ["--task", "mc:{root}/mc_one.jsonl", "--hf", "{root}/hfheads"], "num_attention_heads=0"),
         ("N", ["--task", "exact:{root}/exact.jsonl", "--samples", "2"], "--samples"),
         ("N", ["--task", "exact:{root}/exact.jsonl", "--temperature", "nan"], "--temperature nan"),
@@ -391,10 +413,12 @@ CASES = {
         # an operating-system error (exit 1), naming the path, before anything is written
         ("D", ["--data_dir", "{root}/garbage.pt"], "garbage.pt", 1), ("D", ["--data_dir", "/proc/d"], "/proc/d", 1)],
     "dpo": [
+        ("S", ["--init_from", "{root}/evil"], "cannot read checkpoint"), ("S", ["--resume", "{root}/evil"], "cannot read checkpoint"),
         ("N", ["--beta", "nan"], "--beta nan"), ("N", ["--label_smoothing", "nan"], "--label_smoothing nan"),
         ("N", ["--val_frac", "inf"], "--val_frac inf"), ("T", ["--init_from", "{root}/extra"], "'bogus_key'"),
         ("T", ["--init_from", "{root}/hfheads"], "num_attention_heads=0"), ("T", ["--resume", "{root}/kind"], "'sft2'"),
-        ("T", ["--resume", "{run}"], "written by train.py"), ("N", ["--hf", "{root}/hfgood"], "not both")],
+        ("T", ["--resume", "{run}"], "written by train.py"), ("D", ["--out_dir", "/proc/dpo"], "--out_dir /proc/dpo"),
+        ("D", ["--out_dir", "{root}/garbage.pt"], "garbage.pt"), ("D", ["--out_dir", "{run}"], "--init_from and --out_dir"), ("N", ["--hf", "{root}/hfgood"], "not both")],
 }
 BATTERY = [(entry, *case, 2)[:5] for entry, cases in CASES.items() for case in cases]   # exit 2 unless given
 
@@ -409,12 +433,14 @@ def test_battery(prior, corpus, capsys, tmp_path, entry, cls, flags, needle, cod
     before, inside = snapshot(prior["run"]), sorted(os.listdir(tmp_path))
     check_one_line(capsys, main(argv), code, needle.format(**where))
     assert snapshot(prior["run"]) == before and sorted(os.listdir(tmp_path)) == inside
+    assert not (prior["root"] / "pwned").exists()   # no checkpoint ran code (S cases; checked after every case)
 
 
 # Under torchrun every rank meets the same bad input; rank 0 alone prints it (cli.say), once. What
 # follows is torchrun's own and out of our hands: its agent SIGTERMs the other ranks, logs "failed
 # (exitcode: 2) local_rank: 0", then raises ChildFailedError, whose traceback and "train.py FAILED"
 # summary (rank 0's exitcode 2 as the root cause) end stderr; torchrun itself exits 1 (torch 2.13).
+@pytest.mark.slow   # two torchrun launches: ~12 s on an idle 2-core machine, 30 s+ when it is shared
 @pytest.mark.parametrize("flags,needle", [(["--batch_size", "0"], "--batch_size"), (["--resume", "/nonexistent/run"], "no checkpoint at")])
 def test_torchrun_bad_flag_is_said_once(flags, needle):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", "--device", "cpu", *flags]
