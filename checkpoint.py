@@ -47,8 +47,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-import cli
-from cli import UsageError
+from cli import UsageError, check_writable
 from minicpm import MiniCPM, MiniCPMConfig
 
 KINDS = {"pretrain": "train.py", "dpo": "dpo.py"}   # kind -> the script that writes (and resumes) it
@@ -141,7 +140,7 @@ def load(path, kind=None, device="cpu", weights=True):
     if sharded_folder(path):   # weights=False: the run's state only (an FSDP resume reads its slices later)
         with reading(sharded_folder(path)):   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
             ckpt = load_sharded(sharded_folder(path), weights)
-        return check_kind(ckpt, kind)
+        return check_kind(check_model_config(ckpt), kind)
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(ckpt_path(path)):
         return load_hf_folder(path, kind)   # a released (Hugging Face) folder: its weights as a step-0 checkpoint
     path = ckpt_path(path)
@@ -157,7 +156,7 @@ def load(path, kind=None, device="cpu", weights=True):
     for key in RUNTIME_KEYS if isinstance(ckpt["model_config"], dict) else ():   # old checkpoints saved these: ignored
         ckpt["model_config"].pop(key, None)
     ckpt["path"] = path
-    return check_kind(ckpt, kind)
+    return check_kind(check_model_config(ckpt), kind)
 
 
 def load_hf_folder(folder, kind=None):
@@ -180,30 +179,30 @@ def load_hf_folder(folder, kind=None):
 
 
 def check_kind(ckpt, kind):
-    """ckpt, when its kind is the one the caller can resume (any kind when kind is None), and its
-    model_config has only fields this version's MiniCPMConfig knows."""
+    """ckpt, when its kind is the one the caller can resume (any kind when kind is None)."""
     path = ckpt["path"]
-    check_model_config(ckpt["model_config"], path)
-    # a kind no script of this version writes (a newer version's, or an edited file): nothing can resume it
-    if kind and ckpt["kind"] not in KINDS:
-        raise UsageError(f"{path} is a checkpoint of kind {ckpt['kind']!r}, which no script of this version writes "
-                         f"(known: {', '.join(KINDS)}): start a new run from its weights with --init_from {os.path.dirname(path)}")
     # resuming a DPO run with train.py (or the reverse) would misread its optimizer and config
-    if kind and ckpt["kind"] != kind:
-        raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {KINDS[ckpt['kind']]}, not a {kind} "
-                         f"one: resume it with {KINDS[ckpt['kind']]}, or start a new run from its weights "
+    kinds = (kind,) if isinstance(kind, str) else kind or ()   # kind: one kind, or those one script resumes
+    if kinds and ckpt["kind"] not in kinds:
+        writer = KINDS.get(ckpt["kind"])
+        if writer is None:   # a kind no script of this version writes: say so, not a KeyError
+            raise UsageError(f"{path} has checkpoint kind {ckpt['kind']!r}, which this version does not know: "
+                             f"start a new run from its weights with --init_from")
+        raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {writer}, not a {' or '.join(kinds)} "
+                         f"one: resume it with {writer}, or start a new run from its weights "
                          f"with --init_from {os.path.dirname(path)}")
     return ckpt
 
 
-def check_model_config(config, path):
-    """A saved model_config is a dict of MiniCPMConfig's fields: an unknown key is named, not a TypeError."""
+def check_model_config(ckpt):
+    """ckpt, when its model_config has only MiniCPMConfig's fields: an unknown key is named, not a TypeError."""
     # a newer version's field, or a hand-edited file: MiniCPMConfig(**config) would fail deep in a script
-    known = {f.name for f in fields(MiniCPMConfig)}
-    unknown = sorted(set(config) - known) if isinstance(config, dict) else ["(not a dict)"]
+    config = ckpt["model_config"]
+    unknown = sorted(set(config) - {f.name for f in fields(MiniCPMConfig)}) if isinstance(config, dict) else ["(not a dict)"]
     if unknown:
-        raise UsageError(f"{path}: its model_config has the key {unknown[0]!r}, which this version's MiniCPMConfig "
-                         "does not know: use the version of this project that wrote it, or remove the key")
+        raise UsageError(f"{ckpt['path']}: its model_config has the key {unknown[0]!r}, unknown to this version's "
+                         "MiniCPMConfig: use the version of this project that wrote it, or remove the key")
+    return ckpt
 
 
 def build_model(ckpt, device="cpu", **runtime):
@@ -413,7 +412,7 @@ def check_run_folder(out_dir, resumed_path=None, overwrite=False):
     """A new run never replaces an existing one by accident (--overwrite says it is meant)."""
     # continuing a run in its own folder is fine; continuing it into another folder must not land on
     # a third run either (it starts that folder's history from the resumed run's, cutting the third's)
-    cli.check_writable(out_dir, "--out_dir")   # a file, /proc, a read-only disk: said now, not after the data is read
+    check_writable(out_dir, "--out_dir")   # a file, /proc, a read-only disk: said now, not after the data is read
     same = resumed_path and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resumed_path))
     # either file marks a run: a crash before the first checkpoint still leaves metrics worth keeping
     taken = [n for n in ("ckpt.pt", "sharded", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]

@@ -116,6 +116,16 @@ def check_writable(path, flag):
         raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror}): give a writable folder") from None
 
 
+def check_dataset(source, name):
+    """data.py's and chat.py's --source and --name: an empty source, or a name that leaves --data_dir."""
+    # pathlib reads "" as the current folder; "../x" or "/abs" would write (with --force: replace) a
+    # folder outside data_dir
+    if not source:
+        raise DataError("--source is empty: give stdlib, shakespeare, or a file, folder or glob")
+    if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
+        raise DataError(f"--name {name!r} must be a plain folder name inside --data_dir (no '/', not '..')")
+
+
 # ----------------------------------------------------------------------------- device and dtype
 
 def pick_device(name):

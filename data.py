@@ -173,15 +173,6 @@ def run_jobs(fn, jobs, workers: int, init_args):
             yield pending.popleft().get()
 
 
-def check_name(source: str, name: str | None):
-    """An empty --source (pathlib reads it as ".", the current folder) and a --name that leaves --data_dir are refused."""
-    # "../x" or "/abs" would write (and with --force replace) a folder outside data_dir
-    if not source:
-        raise DataError("--source is empty: give stdlib, shakespeare, or a file, folder or glob")
-    if name is not None and (not name or name in (".", "..") or os.sep in name or "/" in name):
-        raise DataError(f"--name {name!r} must be a plain folder name inside --data_dir (no '/', not '..')")
-
-
 def default_name(source: str, tokenizer: str) -> str:
     path = pathlib.Path(source)
     while glob.has_magic(str(path)) and path != path.parent:  # a glob is named after its folder
@@ -241,7 +232,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
             text_field: str = "text", chunk_mb: float = 16.0) -> pathlib.Path:
     """Prepare data_dir/name/ and return it; at once if it is already prepared from this source and tokenizer."""
     started = time.time()
-    check_name(source, name)
+    cli.check_dataset(source, name)   # an empty --source, a --name outside data_dir
     log = (lambda *a: None) if quiet else print   # quiet: train.py's other ranks, and tests
     spec, given_file, n_bpe = tokenizer_source(tokenizer)
     if given_file:   # kept as an absolute path: train.py --init_from names the same folder in its own way

@@ -139,26 +139,9 @@ def model_config(cfg, overrides, resumed, source, meta):
                          "pass the --source/--tokenizer it was trained with")
     if meta and source:   # the same size is not enough: a released folder's tokenizer.json must be the data's
         data.check_tokenizer(meta, source.get("tokenizer"), os.path.dirname(source["path"]))
-    try:   # no meta: a dry run without data
-        mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})
-    except ValueError as e:   # its fields are the model flags' names: say where the bad value came from
-        where = resumed["path"] if resumed else f"{source['path'] if source else '--preset ' + cfg.preset} and the model flags"
-        raise UsageError(f"{e} (from {where})") from None
+    mcfg = MiniCPMConfig(**{**kw, **({"vocab_size": meta["vocab_size"]} if meta else {})})   # no meta: a dry run without data
     cli.check([(cfg.seq_len > mcfg.block_size, f"--seq_len {cfg.seq_len} is longer than the model's block_size {mcfg.block_size}")])
     return mcfg
-
-
-def check_memory(cfg, mcfg, device):
-    """A model and micro-batch that cannot fit the device: refused before the run folder is written."""
-    # a lower bound: 16 bytes a parameter (fp32 weight, grad, Adam's m and v), three fp32 [B, T, V]
-    # tensors at once in the backward (the loss's log-softmax, its gradient, the logits' gradient) and
-    # the int64 windows of the batch (data.get_batch: the index and the ids); activations come on top
-    B, T, V, d, kv = cfg.batch_size, cfg.seq_len, mcfg.vocab_size, mcfg.n_embd, mcfg.n_kv_head * mcfg.head_dim
-    per_layer = d * (2 * d + 2 * kv) + 3 * d * mcfg.ffn_dim * max(1, mcfg.n_experts)   # q, o, k, v; gate, up, down
-    params = mcfg.n_layer * per_layer + V * d * (1 if mcfg.tie_word_embeddings else 2)
-    cli.check_memory(16 * params + 3 * B * T * V * 4 + 2 * B * (T + 1) * 8, device, f"{params:,} parameters with AdamW "
-                     f"(16 bytes each) and, for --batch_size {B} x --seq_len {T}, the logits (3 x {B} x {T} x vocab {V} x "
-                     "4 bytes)", "lower --batch_size (raise --grad_accum to keep the tokens per step) or the model's size")
 
 
 # ----------------------------------------------------------------------------- building the run
@@ -345,7 +328,7 @@ def run(argv, results=None):
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
             with torch.device("meta"): model = MiniCPM(mcfg)
             return print(describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
-        check_memory(cfg, mcfg, ddp.device)   # the plan above is for other machines; a run is on this one
+        plan.check_fits(mcfg, cfg.batch_size, cfg.seq_len, ddp.device)   # a dry run plans for other machines
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, mcfg, overrides=overrides, resumed=resumed, source=source, ddp=ddp, lr_at=lr_at,
                           dtype=dtype, folder=folder, meta=meta)

@@ -120,7 +120,7 @@ TRAIN = [  # (flags, what the one line must contain)
     (["--n_kv_head", "3"], "n_kv_head=3 does not divide"), (["--seq_len", "100000"], "longer than the model's block_size"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"), (["--init_from", "/nonexistent/run"], "no checkpoint at"),
     (["--upcycle_from", "/nonexistent/run"], "no checkpoint at"),
-    (["--resume", "RUN", "--init_from", "RUN"], "at most one of"), (["--decay_only"], "--decay_only and --untie_head go with --init_from"), (["--untie_head"], "--untie_head go with --init_from"),
+    (["--resume", "RUN", "--init_from", "RUN"], "at most one of"), (["--decay_only"], "go with --init_from"), (["--untie_head"], "go with --init_from"),
     (["--decay_half_life", "10", "--final_lr_frac", "0.1"], "half-life"),
     (["--decay_half_life", "10", "--decay_shape", "linear"], "half-life"), (["--final_lr_frac", "2"], "--final_lr_frac"),
     (["--warmup_steps", "100", "--decay_start", "50", "--max_steps", "200"], "decay_start"),
