@@ -328,7 +328,7 @@ def run(argv, results=None):
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
             with torch.device("meta"): model = MiniCPM(mcfg)
             return print(describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
-        plan.check_fits(mcfg, cfg.batch_size, cfg.seq_len, ddp.device)   # a dry run plans for other machines
+        plan.check_fits(mcfg, cfg.batch_size, cfg.seq_len, ddp.device, ddp.world if cfg.fsdp else 1)   # not a dry run's
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, mcfg, overrides=overrides, resumed=resumed, source=source, ddp=ddp, lr_at=lr_at,
                           dtype=dtype, folder=folder, meta=meta)
