@@ -303,6 +303,7 @@ def prepare(source: str = "instruct", tokenizer_spec: str = "bpe:4096", data_dir
             name: str = None, *, quiet: bool = False, force: bool = False) -> pathlib.Path:
     """Prepare data_dir/name/ from a .jsonl file or "instruct"; at once if it is already prepared."""
     log = (lambda *a: None) if quiet else print   # quiet: tests, and a trainer's other ranks
+    cli.check_dataset(source, name)   # a --name that leaves data_dir is refused, as data.py refuses it
     n_bpe, copies = check_tokenizer(tokenizer_spec, rank_file)
     out = pathlib.Path(data_dir) / (name or default_name(source, tokenizer_spec))
     lines = read_source(source)   # every line checked: a bad one stops here, before any file is written

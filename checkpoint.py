@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from cli import UsageError
+from cli import UsageError, check_writable
 from minicpm import MiniCPM, MiniCPMConfig
 
 # kind -> the script that writes (and resumes) it; sft is train.py --sft (conversations, masked loss)
@@ -141,7 +141,7 @@ def load(path, kind=None, device="cpu", weights=True):
     if sharded_folder(path):   # weights=False: the run's state only (an FSDP resume reads its slices later)
         with reading(sharded_folder(path)):   # a step folder deleted or truncated by hand: one line, as for ckpt.pt
             ckpt = load_sharded(sharded_folder(path), weights)
-        return check_kind(ckpt, kind)
+        return check_kind(check_model_config(ckpt), kind)
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.exists(ckpt_path(path)):
         return load_hf_folder(path, kind)   # a released (Hugging Face) folder: its weights as a step-0 checkpoint
     path = ckpt_path(path)
@@ -154,10 +154,10 @@ def load(path, kind=None, device="cpu", weights=True):
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, or not written by this project") from None
     ckpt.setdefault("kind", "pretrain")                     # written before kinds existed
     ckpt.setdefault("config", ckpt.pop("train_config", {}))
-    for key in RUNTIME_KEYS:                                # old checkpoints saved these: ignore them
+    for key in RUNTIME_KEYS if isinstance(ckpt["model_config"], dict) else ():   # old checkpoints saved these: ignored
         ckpt["model_config"].pop(key, None)
     ckpt["path"] = path
-    return check_kind(ckpt, kind)
+    return check_kind(check_model_config(ckpt), kind)
 
 
 def load_hf_folder(folder, kind=None):
@@ -192,6 +192,17 @@ def check_kind(ckpt, kind):
         raise UsageError(f"{path} is a {ckpt['kind']} checkpoint written by {writer}, not a {' or '.join(kinds)} "
                          f"one: resume it with {writer}, or start a new run from its weights "
                          f"with --init_from {os.path.dirname(path)}")
+    return ckpt
+
+
+def check_model_config(ckpt):
+    """ckpt, when its model_config has only MiniCPMConfig's fields: an unknown key is named, not a TypeError."""
+    # a newer version's field, or a hand-edited file: MiniCPMConfig(**config) would fail deep in a script
+    config = ckpt["model_config"]
+    unknown = sorted(set(config) - {f.name for f in fields(MiniCPMConfig)}) if isinstance(config, dict) else ["(not a dict)"]
+    if unknown:
+        raise UsageError(f"{ckpt['path']}: its model_config has the key {unknown[0]!r}, unknown to this version's "
+                         "MiniCPMConfig: use the version of this project that wrote it, or remove the key")
     return ckpt
 
 
@@ -402,6 +413,7 @@ def check_run_folder(out_dir, resumed_path=None, overwrite=False):
     """A new run never replaces an existing one by accident (--overwrite says it is meant)."""
     # continuing a run in its own folder is fine; continuing it into another folder must not land on
     # a third run either (it starts that folder's history from the resumed run's, cutting the third's)
+    check_writable(out_dir, "--out_dir")   # a file, /proc, a read-only disk: said now, not after the data is read
     same = resumed_path and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resumed_path))
     # either file marks a run: a crash before the first checkpoint still leaves metrics worth keeping
     taken = [n for n in ("ckpt.pt", "sharded", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, n))]

@@ -12,6 +12,8 @@ import math
 import os
 import signal
 import sys
+import tempfile
+import time
 from dataclasses import field, fields
 
 import torch
@@ -99,6 +101,31 @@ def check(problems):
         raise UsageError("; ".join(bad))
 
 
+def check_writable(path, flag):
+    """UsageError unless `path` (a folder, made later if missing) could be made and written in."""
+    # probed by making and removing an empty folder in the nearest existing one: permission bits cannot
+    # tell (root passes them all, and /proc says rwx to no avail); nothing is left behind
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file: give a folder (it is made if missing)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror}): give a writable folder") from None
+
+
+def check_dataset(source, name):
+    """data.py's and chat.py's --source and --name: an empty source, or a name that leaves --data_dir."""
+    # pathlib reads "" as the current folder; "../x" or "/abs" would write (with --force: replace) a
+    # folder outside data_dir
+    if not source:
+        raise DataError("--source is empty: give stdlib, shakespeare, or a file, folder or glob")
+    if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
+        raise DataError(f"--name {name!r} must be a plain folder name inside --data_dir (no '/', not '..')")
+
+
 # ----------------------------------------------------------------------------- device and dtype
 
 def pick_device(name):
@@ -136,6 +163,26 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
+def memory_bytes(device):
+    """All the memory of a device in bytes: a GPU's own, else the machine's RAM (MPS shares it); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # no sysconf (Windows): nothing to compare with
+        return None
+
+
+def check_memory(need, device, what, fix):
+    """UsageError when `what` needs more bytes than the device has at all: a request that cannot run."""
+    # the whole memory, not what is free now: only a request that could never fit is refused, and the
+    # figure is said before a run folder is written (torch or numpy would fail later, in a traceback)
+    have = memory_bytes(device)
+    if have and need > have:
+        raise UsageError(f"{what} would take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+                         f"memory of {device}: {fix}")
+
+
 # ----------------------------------------------------------------------------- stopping and exiting
 
 class StopSignals:
@@ -162,6 +209,10 @@ class StopSignals:
         return 128 + self.signal if self.signal else 0
 
 
+# seconds a quiet rank (not 0) waits before exiting on bad input: ample for rank 0 to print and exit
+QUIET_RANK_WAIT_S = 10
+
+
 def main(script, run, argv):
     """run(argv) -> exit code, with every expected failure one line on stderr."""
     try:
@@ -170,6 +221,8 @@ def main(script, run, argv):
     # user input; any other exception is a bug and keeps its traceback
     except (UsageError, ValueError) as e:
         say(f"{script}: {e}")
+        if os.environ.get("RANK", "0") != "0":   # under torchrun: rank 0 must be the first to fail, or its
+            time.sleep(QUIET_RANK_WAIT_S)        # agent could SIGTERM it before it prints; it ends us first
         return 2
     # an operating-system error (disk full, permission, missing folder) names its path and exits 1
     except OSError as e:   # names the file; the last good checkpoint was never touched (atomic writes)

@@ -232,6 +232,7 @@ def prepare(source: str = "stdlib", tokenizer: str = "bpe:4096", data_dir: str =
             text_field: str = "text", chunk_mb: float = 16.0) -> pathlib.Path:
     """Prepare data_dir/name/ and return it; at once if it is already prepared from this source and tokenizer."""
     started = time.time()
+    cli.check_dataset(source, name)   # an empty --source, a --name outside data_dir
     log = (lambda *a: None) if quiet else print   # quiet: train.py's other ranks, and tests
     spec, given_file, n_bpe = tokenizer_source(tokenizer)
     if given_file:   # kept as an absolute path: train.py --init_from names the same folder in its own way

@@ -317,6 +317,11 @@ def build_run(cfg, resumed, source, device, dtype):
     cli.check([(cfg.max_len + 1 > policy.config.block_size, f"--max_len {cfg.max_len} does not fit the model's "
                 f"block_size {policy.config.block_size}: use at most {policy.config.block_size - 1}")])
     train_pairs, val_pairs, folder = load_pairs(cfg, source, enc)
+    # the logits of chosen and rejected, [2B, max_len, V] fp32, three times at once in the backward (as
+    # train.py counts them): a batch never holds more pairs than there are, so a huge --batch_size is fine
+    B, V = min(cfg.batch_size, max(len(train_pairs), len(val_pairs))), policy.config.vocab_size
+    cli.check_memory(3 * 2 * B * cfg.max_len * V * 4, device, f"--batch_size {B} x --max_len {cfg.max_len}: the logits "
+                     f"alone (3 x 2 x {B} x {cfg.max_len} x vocab {V} x 4 bytes)", "lower --batch_size or --max_len")
     cfg = dataclasses.replace(cfg, dataset=folder or cfg.dataset)   # saved, so a resume reads the same pairs
     digest = hashlib.sha256(json.dumps([[p[k] for k in ("prompt", "chosen", "rejected")] for p in train_pairs + val_pairs]).encode())
     # an epoch is len(train_pairs) / (batch_size x grad_accum) optimizer steps

@@ -44,7 +44,7 @@ import humaneval
 import instruct
 import mixture
 from cli import UsageError, flag
-from generation import context_length, generate, load
+from generation import check_cache, context_length, generate, load
 
 TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"   # lm-eval's defaults for multiple_choice tasks
 
@@ -89,6 +89,8 @@ def read_jsonl(path, what):
 
 def mc_doc(doc, path):
     """A multiple-choice line -> (prompt text, choices, gold index), for either common shape."""
+    if not isinstance(doc, dict):   # a number or a list is valid JSON, but not an item
+        raise UsageError(f"{path}: a line holds a JSON {type(doc).__name__}: expected an object with question/choices/answer")
     if "question" in doc and "choices" in doc:
         text, choices, gold = f"Question: {doc['question']}\nAnswer:", doc["choices"], doc.get("answer")
     elif "endings" in doc and ("ctx" in doc or "context" in doc):
@@ -275,6 +277,8 @@ def parse_flags(argv):
                (cfg.dtype not in cli.DTYPES, f"--dtype must be one of {', '.join(cli.DTYPES)}"),
                (cfg.out and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))) or os.path.isdir(cfg.out),
                 f"--out {cfg.out}: give a file in an existing folder")])
+    if cfg.out:   # appended to at the end: a folder that cannot take it is found before the (long) evaluation
+        cli.check_writable(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}: its folder")
     if kind == "mc":   # read now: a bad file is found before a model is loaded
         docs = [mc_doc(d, path) for d in read_jsonl(path, "--task mc:")]
         docs = docs[:cfg.limit] if cfg.limit else docs
@@ -336,6 +340,8 @@ def run(argv):
     cfg = parse_flags(argv)
     device = cli.pick_device(cfg.device)
     model, enc = load(cfg.ckpt, cfg.hf, cfg.tokenizer, device, cli.pick_dtype(cfg.dtype, device))
+    if cfg.task == "humaneval" or cfg.task.startswith("exact:"):   # generated: dynamic NTK has no cap but memory
+        check_cache(model, min(cfg.max_new_tokens, context_length(model)), "--max_new_tokens")
     rows = []   # (task, metrics, seconds): printed and recorded together at the end, so a failed run writes nothing
     if cfg.task:
         t = time.perf_counter()

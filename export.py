@@ -64,6 +64,16 @@ def check_out(cfg):
         raise UsageError(f"--out {cfg.out} is a file: give a folder")
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UsageError(f"--out {cfg.out} is not empty: choose another folder, or --overwrite to replace its files")
+    cli.check_writable(cfg.out, "--out")   # /proc, a read-only disk: before the checkpoint is read
+
+
+def check_not_input(out, ckpt, flag="--out"):
+    """The output is neither the checkpoint's own folder nor a folder holding it: --overwrite would replace
+    the files being read (a run folder's metrics.jsonl, a Hugging Face folder's config.json) half-way."""
+    src = os.path.realpath(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)))
+    dst = os.path.realpath(out)
+    if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep) or dst == os.path.realpath(checkpoint.ckpt_path(ckpt)):
+        raise UsageError(f"{flag} {out} is or holds the checkpoint being exported ({ckpt}): write outside it")
 
 
 def run(argv):
@@ -74,6 +84,7 @@ def run(argv):
     cli.check([(not cfg.out, "--out is required: the folder to write (or --gguf FILE)"),
                (cfg.dtype not in ("float32", "bfloat16", "float16"), "--dtype must be float32, bfloat16 or float16"),
                (cfg.single and (cfg.llama or cfg.dtype != "float32"), "--single keeps the checkpoint as trained: drop --llama and --dtype")])
+    check_not_input(cfg.out, cfg.ckpt)
     check_out(cfg)
     # everything read and checked before the first file is written: a refused export leaves nothing
     ckpt = checkpoint.load(cfg.ckpt)
@@ -251,6 +262,9 @@ def write_gguf(model, enc, pre, path, dtype, gguf):
 def export_gguf(cfg):
     """--gguf: every check (flags, model, tokenizer, package) before the file is opened."""
     check_gguf_out(cfg)
+    cli.check_writable(os.path.dirname(os.path.abspath(cfg.gguf)), f"--gguf {cfg.gguf}: its folder")
+    if os.path.isfile(cfg.gguf):   # a file to replace: never the checkpoint itself
+        check_not_input(cfg.gguf, cfg.ckpt, "--gguf")
     ckpt = checkpoint.load(cfg.ckpt)
     model = checkpoint.build_model(ckpt).float()   # folded in float32, then rounded once to --gguf_dtype
     if model.config.n_experts:   # llama.cpp's MoE architectures are not MiniCPM-MoE's routing, unchecked: refused

@@ -7,6 +7,7 @@ Nothing here parses flags or prints: the entry scripts do, each with its own err
 import torch
 
 import checkpoint
+import cli
 import data
 import hf
 import tokenizer
@@ -35,6 +36,16 @@ def context_length(model):
     """The longest sequence the model accepts: block_size, or unbounded with dynamic NTK RoPE scaling."""
     # dynamic NTK scaling (the released 128k) accepts any length: block_size is where its scaling starts
     return model.config.block_size if model.config.rope_scaling != "dynamic" else 2**62
+
+
+def check_cache(model, positions, flag):
+    """UsageError when a KV cache of `positions` positions cannot fit the model's device at all."""
+    # below block_size a cache always fits; dynamic NTK accepts any length, so a huge --max_new_tokens
+    # would ask torch for the whole cache at once (a petabyte) and die in a traceback
+    cfg, w = model.config, next(model.parameters())
+    per_position = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * w.element_size()   # keys and values, every layer
+    cli.check_memory(positions * per_position, str(w.device), f"{flag}: a KV cache of {positions:,} positions "
+                     f"({per_position:,} bytes each)", f"lower {flag}")
 
 
 def top_p_filter(probs, p, tol=1e-6):

@@ -11,6 +11,7 @@ The function computed is the same, so the exported logits equal ours up to round
 import json
 import math
 import os
+from dataclasses import fields
 
 import torch
 
@@ -61,6 +62,14 @@ def config_from_hf(hf: dict) -> MiniCPMConfig:
     if unknown:   # a key we would silently ignore may change the logits: the user must decide
         raise ValueError(f"key {unknown[0]!r} is not implemented by this project and may change the "
                          f"model's numerics (remove it from config.json if you know it does not)")
+    # sizes first: a zero head count would divide by zero below, before MiniCPMConfig could name it
+    # (the epsilon, the rope base and the flag are MiniCPMConfig's to check; 0 experts is a dense model)
+    sizes = [k for k in CONFIG_KEYS if hf.get(k) is not None and k not in ("rms_norm_eps", "rope_theta", "tie_word_embeddings")]
+    counts = {f.name for f in fields(MiniCPMConfig) if f.type in (int, "int")}   # layers, heads, widths: integers
+    bad = [k for k in sizes if isinstance(hf[k], bool) or not isinstance(hf[k], int if CONFIG_KEYS[k] in counts else (int, float))
+           or not math.isfinite(hf[k]) or hf[k] < 0 or (hf[k] == 0 and k != "num_experts")]
+    if bad:
+        raise ValueError(f"{bad[0]}={hf[bad[0]]!r} must be a positive {'integer' if CONFIG_KEYS[bad[0]] in counts else 'number'}")
     for key, neutral in NEUTRAL_VALUES.items():
         if key in hf and key != "use_mup" and hf[key] != neutral:
             raise ValueError(f"{key}={hf[key]!r} is not implemented (only {neutral!r})")
@@ -183,7 +192,10 @@ def read_config(ckpt_dir):
         raise UsageError(f"{ckpt_dir} has no config.json: not a Hugging Face checkpoint folder")
     try:
         with open(path) as f:
-            return config_from_hf(json.load(f))
+            hf = json.load(f)
+        if not isinstance(hf, dict):   # a list or a number parses as JSON too: config_from_hf would misread it
+            raise ValueError(f"a JSON {type(hf).__name__}, not an object of settings")
+        return config_from_hf(hf)
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is not a usable config.json ({type(e).__name__}: {e})") from None
 

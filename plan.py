@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import cli
 from minicpm import PRESETS, MiniCPM, get_config
 
 # Dense bf16 tensor-core peaks with fp32 accumulation, without 2:4 sparsity (datasheets print the
@@ -57,6 +58,21 @@ def train_memory(model, seq_len=4096, micro_batch=1, grad_ckpt=False, fsdp_world
         parts["bf16_copies"] = 2 * (root + 2 * layer) + 4 * (root + layer)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def check_fits(cfg, batch_size, seq_len, device, shards=1):
+    """UsageError when a model and micro-batch cannot fit the device at all: said before a run folder is written."""
+    # a lower bound: 16 bytes a parameter (fp32 weight, grad, Adam's m and v; 1/shards of them under
+    # FSDP), three fp32 [B, T, V] tensors at once in the backward (the loss's log-softmax, its gradient,
+    # the logits' gradient) and the int64 windows of the batch (data.get_batch: the index and the ids)
+    B, T, V, d, kv = batch_size, seq_len, cfg.vocab_size, cfg.n_embd, cfg.n_kv_head * cfg.head_dim
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * cfg.ffn_dim * max(1, cfg.n_experts)   # q, o, k, v; gate, up, down
+    params = cfg.n_layer * per_layer + V * d * (1 if cfg.tie_word_embeddings else 2)   # counted, not built: 10^7 layers
+    sharded = f", over {shards} FSDP shards" if shards > 1 else ""
+    cli.check_memory(16 * params // shards + 3 * B * T * V * 4 + 2 * B * (T + 1) * 8, device,
+                     f"{params:,} parameters with AdamW (16 bytes each{sharded}) and, for --batch_size {B} x --seq_len "
+                     f"{T}, the logits (3 x {B} x {T} x vocab {V} x 4 bytes)",
+                     "lower --batch_size (raise --grad_accum to keep the tokens per step) or the model's size")
 
 
 def describe(model, *, name, batch_size, seq_len, grad_accum, max_steps, world, dtype, schedule, grad_ckpt=False,

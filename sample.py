@@ -29,7 +29,7 @@ import cli
 import data
 from cli import UsageError, flag
 # the loading and the decoding loop are shared with eval.py; imported by name, so sample.generate etc. still work
-from generation import context_length, generate, load, sample_next, top_p_filter  # noqa: F401
+from generation import check_cache, context_length, generate, load, sample_next, top_p_filter  # noqa: F401
 
 BENCH_TOKENS = 512   # long enough for the cache to show: a cached step attends over T, a recomputed one T^2
 
@@ -128,6 +128,7 @@ def run(argv):
     text, ids = prompt_ids(cfg, enc, block_size)
     wanted = BENCH_TOKENS if cfg.bench else cfg.max_new_tokens
     max_new = min(wanted, block_size - len(ids))   # the model refuses sequences past block_size
+    check_cache(model, len(ids) + max_new, "--max_new_tokens")   # dynamic NTK: no cap, so the memory is the limit
     if max_new < wanted:   # capped, not refused: the user still gets a sample
         print(f"sample.py: note: {max_new} new tokens instead of {wanted}, so that the prompt ({len(ids)} tokens) "
               f"and the new tokens fit block_size {block_size}", file=sys.stderr)

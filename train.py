@@ -99,6 +99,7 @@ def check_flags(cfg):
         (min(cfg.batch_size, cfg.seq_len, cfg.max_steps, cfg.dry_run_gpus) < 1,
          "--batch_size, --seq_len, --max_steps and --dry_run_gpus must be >= 1"),
         (cfg.eval_tokens < 0, "--eval_tokens must be >= 0"),
+        (cfg.peak_tflops < 0, f"--peak_tflops must be > 0, or 0 for plan.py's table (got {cfg.peak_tflops})"),
         (cfg.attn not in ATTN_IMPLS, f"--attn must be one of {', '.join(ATTN_IMPLS)}"),
         (sum(map(bool, (cfg.resume, cfg.init_from, cfg.upcycle_from))) > 1,
          "give at most one of --resume, --init_from, --upcycle_from"),
@@ -416,6 +417,7 @@ def run(argv, results=None):
         if cfg.dry_run:   # the plan for --dry_run_gpus processes, nothing allocated (meta device)
             with torch.device("meta"): model = MiniCPM(mcfg)
             return print(describe(model, cfg, max(ddp.world, cfg.dry_run_gpus), dtype, lr_at.describe)) or 0
+        plan.check_fits(mcfg, cfg.batch_size, cfg.seq_len, ddp.device, ddp.world if cfg.fsdp else 1)   # not a dry run's
         # the run exists from here on: config, checkpoint and data were all accepted
         state = build_run(cfg, mcfg, overrides=overrides, resumed=resumed, source=source, ddp=ddp, lr_at=lr_at,
                           dtype=dtype, folder=folder, meta=meta, mixtures=mixtures)
