@@ -192,8 +192,7 @@ def test_model_loss_is_cross_entropy_the_trainer_adds_the_mean_aux_and_router_le
     assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
     assert model.moe_stats["aux_loss"].item() == pytest.approx((sum(aux) / 2).item(), rel=1e-5)
     # the trainer's micro-batch on the same tokens (its data reader handed these ids)
-    monkeypatch.setattr(train.data, "get_batch", lambda *a, **k: (idx, targets))
-    run = types.SimpleNamespace(cfg=types.SimpleNamespace(batch_size=2, seq_len=16, seed=0, grad_accum=1), folder="",
+    run = types.SimpleNamespace(batch=lambda micro: (idx, targets), mixtures=None, folder="",
                                 dist=types.SimpleNamespace(device="cpu", rank=0), data_offset=0, step=0,
                                 autocast=contextlib.nullcontext(), model=model, raw=model)
     objective, scalars, n = train.Pretrain.micro_loss(run, 0)

@@ -432,9 +432,9 @@ def test_non_finite_model_flags_too_all_at_once(capsys):
 def test_only_rank_0_prints(genuine, monkeypatch, capsys, tmp_path):
     # under torchrun every rank fails the same way: one line from rank 0, not one per process
     (tmp_path / "file").write_text("")
-    bad_disk = ["--ckpt", str(genuine / "pt_run"), "--out", str(tmp_path / "file" / "out"), "--single"]   # an OSError
-    for rank, lines in (("1", 0), ("0", 1)):   # both exit codes kept: torchrun reports the failure either way
+    bad_out = ["--ckpt", str(genuine / "pt_run"), "--out", str(tmp_path / "file" / "out"), "--single"]   # under a file
+    for rank, lines in (("1", 0), ("0", 1)):   # the exit codes kept: torchrun reports the failure either way
         monkeypatch.setenv("RANK", rank)
         assert train.main(["--lr", "inf"]) == 2
-        assert export.main(bad_disk) == 1
+        assert export.main(bad_out) == 2   # refused before loading (cli.check_writable)
         assert len(capsys.readouterr().err.splitlines()) == 2 * lines
