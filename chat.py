@@ -28,6 +28,7 @@ import torch
 
 import cli
 import data
+import instruct   # the embedded instruction set: a source of conversations (`instruct`)
 import tokenizer
 from checkpoint import atomic_write
 from cli import DataError
@@ -174,14 +175,19 @@ def read_jsonl(path) -> list[tuple[str, list]]:
 
 
 def instruct_val():
-    import instruct   # here, not at the top: instruct.py imports this module
     return instruct.conversations("val")
+
+
+def instruct_items(split: str = "val") -> list[dict]:
+    """The instruction set's items as exact-match tasks: [{"prompt": the template text a reply follows,
+    "answer", "family", "novel" (knowledge only)}] (eval.py --task instruct)."""
+    return [dict(prompt=render_prompt(i["user"]), answer=i["answer"], family=i["family"],
+                 **({"novel": i["novel"]} if "novel" in i else {})) for i in instruct.items(split)]
 
 
 def read_source(source):
     """-> [(key line, messages)] of a .jsonl file, or of the embedded instruction set ("instruct")."""
     if source == "instruct":
-        import instruct   # here, not at the top: instruct.py imports this module
         # the training conversations, then the 500 held-out ones (the items eval.py --task instruct scores)
         return [(json.dumps(c, ensure_ascii=False), c["messages"]) for split in ("train", "val")
                 for c in instruct.conversations(split)]

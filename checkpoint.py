@@ -208,11 +208,7 @@ def check_model_config(ckpt):
 
 def build_model(ckpt, device="cpu", **runtime):
     """The checkpoint's model; runtime: the caller's choices (attn_impl, grad_ckpt)."""
-    try:
-        config = MiniCPMConfig(**ckpt["model_config"])
-    except TypeError as e:
-        raise UsageError(f"{ckpt['path']}: its model_config does not fit this version of minicpm.py ({e})") from None
-    model = MiniCPM(config, **runtime)
+    model = MiniCPM(MiniCPMConfig(**ckpt["model_config"]), **runtime)   # its keys checked by load() (check_model_config)
     model.load_state_dict(ckpt["model"])   # strict: every key and shape must match the config
     return model.to(device)
 
@@ -424,8 +420,7 @@ def check_run_folder(out_dir, resumed_path=None, overwrite=False):
 
 def start_run_folder(out_dir, rank_file=None, record=None):
     """Create out_dir, clear a crashed writer's leftovers, and copy the tokenizer's rank file into it."""
-    # beside the checkpoint, as record["rank_file"]: the folder is self-contained, so sample.py works
-    # even after the data folder is deleted or re-prepared
+    # beside the checkpoint, as record["rank_file"]: the folder still samples after the data is deleted
     os.makedirs(out_dir, exist_ok=True)
     remove_stale_temps(out_dir)
     if rank_file and record and record.get("rank_file"):

@@ -41,7 +41,6 @@ import checkpoint
 import cli
 import data
 import humaneval
-import instruct
 import mixture
 from cli import UsageError, flag
 from generation import check_cache, context_length, generate, load
@@ -290,7 +289,7 @@ def parse_flags(argv):
             raise UsageError(f"{path}: every line needs a string \"prompt\" and an \"answer\"")
         cfg.items = items[:cfg.limit] if cfg.limit else items
     elif cfg.task == "instruct":   # the embedded instruction set's held-out items (instruct.py), both families
-        items = instruct.exact_items("val")
+        items = chat.instruct_items("val")
         cfg.items = items[:cfg.limit] if cfg.limit else items
     elif cfg.task == "humaneval":
         humaneval.load_problems(1)   # the package is there: said before minutes of loading and generating

@@ -36,8 +36,8 @@ import sysconfig
 
 import numpy as np
 
-import chat
 import cli
+from checkpoint import atomic_write
 
 SEED = 1234
 MIN_COUNT = 20                  # a line must occur this often in the corpus to be "knowledge"
@@ -199,12 +199,6 @@ def conversations(split: str = "train") -> list[dict]:
                  family=i["family"]) for i in items(split)]
 
 
-def exact_items(split: str = "val") -> list[dict]:
-    """[{"prompt": the chat-template text a reply follows, "answer", "family"}], for exact-match scoring."""
-    return [dict(prompt=chat.render_prompt(i["user"]), answer=i["answer"], family=i["family"],
-                 **({"novel": i["novel"]} if "novel" in i else {})) for i in items(split)]
-
-
 def grade(items_, outputs) -> dict:
     """Exact-match accuracy per family, "all", and "knowledge/novel" (held-out answers that answer no
     training item: recall from pre-training only) of model replies, stripped: {key: (correct, total)}."""
@@ -227,7 +221,7 @@ def main(argv=None):
         p.add_argument("--split", default="train", choices=["train", "val"], help="train, or val (the held-out items)")
         a = cli.parse(p, argv)
         lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations(a["split"]))
-        chat.atomic_write(a["out"], lambda f: f.write(lines.encode()))
+        atomic_write(a["out"], lambda f: f.write(lines.encode()))
         print(f"wrote {a['out']}: {lines.count(chr(10))} conversations ({a['split']})")
     return cli.main("instruct.py", run, argv)
 

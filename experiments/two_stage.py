@@ -303,7 +303,7 @@ def scoring(args, setup):
     rank = data.load_meta(text)["rank_file"]
     chat_dir = chat.prepare("instruct", args.tokenizer, args.data_dir, rank_file=rank and str(text / rank), quiet=True)
     # the held-out items built once here and sent along: building them reads the whole standard library
-    items = instruct.exact_items("val")
+    items = chat.instruct_items("val")
     return dict(device=args.device, items=items[:setup["limit"]] if setup["limit"] else items, text=str(text),
                 chat=str(chat_dir), seq=setup["seq"], eval_tokens=setup["eval_tokens"])
 

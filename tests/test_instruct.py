@@ -9,6 +9,7 @@ import sysconfig
 
 import pytest
 
+import chat
 import instruct
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_counts_and_shapes():
     # 40 x 40 calls less the 250 held out, and the 40 calls with no argument; ~950 cuts of frequent lines
     assert count(train, "skill") == 40 * 40 - 250 + 40 and 500 <= count(train, "knowledge") <= 2000 and len(train) >= 2000
     assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in train + val)
-    exact = instruct.exact_items("val")
+    exact = chat.instruct_items("val")
     assert len(exact) == len(val) and {e["family"] for e in exact} == {"knowledge", "skill"}
     for e, c in zip(exact, val):   # the prompt is MiniCPM's template around the question, written out here
         assert e["prompt"] == "<用户>" + c["messages"][0]["content"] + "<AI>" and e["answer"] == c["messages"][1]["content"]

@@ -54,7 +54,7 @@ def score(ckpt_dir, split, limit):
     ckpt = checkpoint.load(str(ckpt_dir))
     model = checkpoint.build_model(ckpt, "cpu").eval()
     enc = data.load_tokenizer(ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt))
-    items = instruct.exact_items(split)[:limit]
+    items = chat.instruct_items(split)[:limit]
     outputs, by_kind = [], {}
     for item in items:
         ids = [enc.eot_token] + enc.encode_ordinary(item["prompt"])   # chat.prompt_ids, from the prompt text
