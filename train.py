@@ -111,7 +111,6 @@ def check_flags(cfg):
         (cfg.upcycle_fresh_adam and not cfg.upcycle_from, "--upcycle_fresh_adam goes with --upcycle_from"),
         (cfg.dry_run_gpus != 1 and not cfg.dry_run, "--dry_run_gpus goes with --dry_run"),
         (cfg.bench and cfg.dry_run, "give --bench or --dry_run, not both"),
-        (cfg.peak_tflops < 0, f"--peak_tflops must be >= 0 (got {cfg.peak_tflops})"),
         (cfg.fsdp and (cfg.dtype == "float16" or cfg.upcycle_from), "--fsdp takes --dtype bfloat16 or float32, "
          "and no --upcycle_from (upcycle without it, then --resume with --fsdp)")])
     for flag, spec in (("--data", cfg.data), ("--decay_data", cfg.decay_data)):
@@ -262,9 +261,8 @@ class Pretrain(loop.Run):
         """-> val loss in nats/token and bits/byte of each validation set, split across ranks."""
         # the first set is the headline (val_loss, val_bpb); a mixture's others get their name as suffix
         row = {}
-        for i, (name, x, y, bytes_per_token) in enumerate(self.evals):
+        for (_, suffix), (_, x, y, bytes_per_token) in zip(self.eval_names(), self.evals):
             loss = self.val_loss(x, y)   # bits/byte = nats/token / ln 2 / bytes per token: any tokenizer (§4.5)
-            suffix = "" if i == 0 else f"/{name}"
             row.update({f"val_loss{suffix}": loss, f"val_bpb{suffix}": loss / math.log(2) / bytes_per_token})
         return row
 
