@@ -12,7 +12,7 @@ For a budget of S steps (the same model, data, warmup and seed in every arm):
 Each arm is trained at every peak lr of a small grid (first seed), then again at its own best lr
 with each further seed of --seeds. The paper's claim: at every S the lowest loss is T = S's.
 
-    python experiments/cosine_horizon.py                  # cpu scale, ~7 min on 2 cores (estimated)
+    python experiments/cosine_horizon.py                  # cpu scale, ~9 min on 2 cores (estimated)
     python experiments/cosine_horizon.py --quick          # a 1-layer model, under a minute (the smoke test)
     python experiments/cosine_horizon.py --scale gpu --device cuda --workers 4   # 2.75M non-embedding, 1 GPU
 
@@ -33,19 +33,20 @@ import data  # noqa: E402  (after common, which puts the repo root on the path)
 # the two figures can be read together; S = 880 steps is its longer horizon, 20.9 tokens per parameter.
 # Arms (T / S, kind): kind "loop" is CosineLoop(T), "flat" Cosine(T) held at its floor after T,
 # "cosine" Cosine(T) with T >= S. lrs: around 0.005, the best Cosine(T) peak there; a short T may want
-# another, so each arm picks its own.
+# another, so each arm picks its own. 0.00125 because a first sweep of 0.0025-0.01 found 0.0025 best for
+# CosineLoop(T = S/2) (it ends at its peak, where a lower peak is a lower final lr) and Cosine(T = 2S).
 ARMS = ((1 / 3, "loop"), (0.5, "loop"), (0.5, "flat"), (1.0, "cosine"), (2.0, "cosine"))
 REF = (1.0, "cosine")   # Cosine(T = S): the arm every other is compared with
 SCALES = {
     "cpu": dict(model=dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=160), batch=16, seq=128,
-                S=880, arms=ARMS, lrs=(0.0025, 0.005, 0.01), warmup=22, eval_interval=88,
+                S=880, arms=ARMS, lrs=(0.00125, 0.0025, 0.005, 0.01), warmup=22, eval_interval=88,
                 eval_tokens=65536, log_interval=4),
     "quick": dict(model=dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_dim=64), batch=4, seq=32,
                   S=40, arms=ARMS[1:], lrs=(0.005, 0.01), warmup=4, eval_interval=20, eval_tokens=1024,
                   log_interval=1),
     # one GPU (not measured here): wsd_vs_cosine's gpu model, 16K tokens a step, S = 20N = 3,360 steps
     "gpu": dict(model=dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, ffn_dim=640), batch=64, seq=256,
-                S=3360, arms=ARMS, lrs=(0.0025, 0.005, 0.01), warmup=84, eval_interval=336,
+                S=3360, arms=ARMS, lrs=(0.00125, 0.0025, 0.005, 0.01), warmup=84, eval_interval=336,
                 eval_tokens=131072, log_interval=8),
 }
 

@@ -317,10 +317,13 @@ def check_two_stage(out, stdout):
             assert m[0]["val_bpb"] == pytest.approx(float(rows[f"decay_pt_s{seed}"]["bpb replies"]), rel=1e-4)
     for r in rows.values():
         assert all(0 <= float(r[f"exact {f}"]) <= 1 for f in two_stage.FAMILIES)
-    assert stdout.count("decay-stage mixing beats") == 2 and stdout.count("] doubling SFT does not close") == 2
-    assert "cost to the pre-training text" in stdout and "paper (Table 1)" in stdout
-    # the verdicts never read a tie at 0% or 100% as a result
-    assert all("reproduced" in line or "cannot tell: every arm at" in line for line in stdout.splitlines() if line.startswith("[SFT lr"))
+    # two claims per SFT lr, on two measures: exact match (skill) and the replies' bits/byte
+    assert stdout.count("decay-stage mixing beats") == 4 and stdout.count("] doubling SFT does not close") == 4
+    assert stdout.count("[bpb replies, SFT lr") == 4 and "cost to the pre-training text" in stdout and "paper (Table 1)" in stdout
+    # the verdicts never read a tie at 0% or 100% as a result; bits/byte never ties at a floor, so always decides
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert all("reproduced" in line or "cannot tell: every arm at" in line for line in lines)
+    assert not any("cannot tell" in line for line in lines if line.startswith("[bpb"))
 
 
 # ----------------------------------------------------------------------------- the shared flags
@@ -347,7 +350,10 @@ def test_every_experiment_parses_the_shared_flags_alike(module, runs, n_seeds, t
     assert common.workers(default) == os.cpu_count()
     assert common.workers(module.parse_args(["--scale", "gpu"])) == 1
     assert common.workers(module.parse_args(["--scale", "gpu", "--quick"])) == os.cpu_count()
-    if module is not long_context:
+    if module is two_stage:   # its tokenizer is its scale's: bpe:4096, bytes for --quick (exact match needs tokens)
+        assert (default.source, default.tokenizer) == ("stdlib", None)
+        assert [s["tokenizer"] for s in two_stage.SCALES.values()] == ["bpe:4096", "bpe:4096", "byte"]
+    elif module is not long_context:
         assert (default.source, default.tokenizer) == ("stdlib", "byte")
 
 
