@@ -1,8 +1,10 @@
 """export.py --gguf, read back with the gguf package's own GGUFReader (ggml's): every tensor is hf.py's
 folded Llama tensor (whose logits test_hf.py checks against transformers), the metadata is what
 llama.cpp's loader reads for the llama architecture, and the file computes our logits when run with
-llama.cpp's formulas (interleaved RoPE pairs), written out here in float64. llama.cpp itself runs the
-file in tools/llama_cpp_check.py (a build of minutes: not a test)."""
+llama.cpp's formulas (interleaved RoPE pairs), written out here in float64. A released tokenizer.json
+becomes llama.cpp's SentencePiece vocabulary, whose ids a plain copy of llama.cpp's SPM algorithm,
+reading the file alone, must reproduce. llama.cpp itself runs the file in tools/llama_cpp_check.py
+(a build of minutes: not a test)."""
 import collections
 import copy
 import json
@@ -18,6 +20,7 @@ import gguf   # ggml's reader (requirements-test.txt pins it); export.py itself 
 import checkpoint
 import data
 import export
+import gguf_spm
 import hf
 import tokenizer
 from cli import UsageError
@@ -353,6 +356,19 @@ def test_released_tokenizer_is_llama_cpps_spm_vocabulary(style, tmp_path, capsys
         assert llama_spm(reader, text) == want, text
     err = capsys.readouterr().err
     assert ("begins with a space" in err) == (style == "new")
+
+
+def test_released_bos_rule_and_vocabulary_size(tmp_path, capsys):
+    save_released_ckpt(tmp_path, "old")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "r.gguf")   # no BOS added, as the folder says; still named
+    assert (value(reader, "tokenizer.ggml.add_bos_token"), value(reader, "tokenizer.ggml.bos_token_id")) == (False, 1)
+    # a model with fewer embedding rows than the tokenizer has tokens: some ids would have no row
+    with pytest.raises(UsageError, match="more than the model's 10 embedding rows") as e:
+        gguf_spm.vocabulary(str(tmp_path / "tokenizer.json"), tokenizer.FolderTokenizer(str(tmp_path)), 10)
+    assert "\n" not in str(e.value)
 
 
 def test_released_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path, capsys):
