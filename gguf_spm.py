@@ -72,8 +72,10 @@ def space_prefix(path, spec):
     scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
     if scheme == "never":
         return False, None
-    # Metaspace puts no "▁" before a text that begins with one (a space); llama.cpp always adds it
-    return True, "a text that begins with a space gets one more '▁' in llama.cpp than in this tokenizer.json"
+    # Metaspace puts no "▁" before a text that begins with one (a space), nor ("first") after a special token
+    # typed in the text; llama.cpp adds it in both places, as the older normalizer and SentencePiece do
+    return True, ("a text that begins with a space, or text after a special token typed in it, gets one more "
+                  "'▁' in llama.cpp than in this tokenizer.json (its Metaspace pre-tokenizer)")
 
 
 def merge_scores(path, spec, added):
