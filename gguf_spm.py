@@ -93,6 +93,9 @@ def merge_scores(path, spec, added):
         first.setdefault(piece, rank)
         last = piece
     check_splits(path, vocab, pairs, added)
+    # Between one piece's own merges llama.cpp takes the leftmost pair, tokenizers the lower rank. That
+    # matters only for two overlapping pairs spelling the same piece ([x][y][z], x+y == y+z), where
+    # llama.cpp decides as SentencePiece itself does; the converter's file may not (not checked here)
     return {piece: float(-rank) for piece, rank in first.items()}
 
 
