@@ -9,6 +9,7 @@ import collections
 import copy
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -315,6 +316,15 @@ def llama_spm(reader, text):
     return [i for s in symbols for i in ([ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()])]
 
 
+def llama_spm_specials(reader, text):
+    """llama_tokenize with parse_special: the texts of control, unknown and user-defined tokens cut out
+    first (tokenizer_st_partition), then each text fragment tokenized alone, "▁" in front of each."""
+    tokens, types = value(reader, "tokenizer.ggml.tokens"), value(reader, "tokenizer.ggml.token_type")
+    specials = sorted((t for t, k in zip(tokens, types) if k in (2, 3, 4)), key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+    return [i for p in parts if p for i in ([tokens.index(p)] if p in specials else llama_spm(reader, p))]
+
+
 @pytest.mark.parametrize("style", ["old", "new"])
 def test_released_tokenizer_is_llama_cpps_spm_vocabulary(style, tmp_path, capsys):
     model, n = save_released_ckpt(tmp_path, style, pad=3)
@@ -354,6 +364,11 @@ def test_released_tokenizer_is_llama_cpps_spm_vocabulary(style, tmp_path, capsys
             assert llama_spm(reader, text) == tok.encode("▁" + text, add_special_tokens=False).ids, text
             continue
         assert llama_spm(reader, text) == want, text
+    # special tokens typed in a text (sample.py's prompts, llama.cpp's by default): cut out by both; the
+    # older layout's normalizer then puts a "▁" before each fragment, as llama.cpp does
+    if style == "old":
+        for text in ["a</s>more", "<s>x <unk>y</s>", "</s>", "x </s>\n<s>"]:
+            assert llama_spm_specials(reader, text) == tok.encode(text, add_special_tokens=False).ids, text
     err = capsys.readouterr().err
     assert ("begins with a space" in err) == (style == "new")
 
