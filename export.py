@@ -17,8 +17,11 @@ are written as model.safetensors). MoE models have no Llama layout and are refus
 (pip install gguf): no conversion step, and no need for convert_hf_to_gguf.py, which accepts only
 tokenizers whose ids hash to a published vocabulary's. The tokenizer goes in whole (tokens, merges,
 the name of its pre-split: our GPT-4 split is llama.cpp's "llama-bpe"), with <|endoftext|> as BOS and
-EOS and no BOS added, as our models were trained. --gguf_dtype f16/bf16 rounds the folded weights
-(norm gains stay f32, as llama.cpp's own converter keeps them). Our bpe:N and byte tokenizers only;
+EOS and no BOS added, as our models were trained. A released tokenizer.json (train.py --init_from or
+dpo.py on a MiniCPM folder) goes in as llama.cpp's SentencePiece ("llama") vocabulary, each piece scored
+by its first merge's rank, with the folder's BOS/EOS and BOS rule (gguf_spm.py: why that reproduces the
+merges, and what is refused). --gguf_dtype f16/bf16 rounds the folded weights (norm gains stay f32, as
+llama.cpp's own converter keeps them). tiktoken's named encodings are refused;
 tools/llama_cpp_check.py runs the file in llama.cpp and compares every id with ours.
 
 --ckpt may be a sharded checkpoint (train.py --fsdp): its slices are assembled whole, in one process.
@@ -38,6 +41,7 @@ import torch
 
 import checkpoint
 import cli
+import gguf_spm
 import hf
 import tokenizer
 from cli import UsageError, flag
@@ -185,6 +189,22 @@ def gguf_vocab(enc, vocab_size):
     return tokens, types, merges or ["ĠĠ ĠĠ"]
 
 
+def write_byte_level_vocab(w, enc, pre, vocab_size):
+    """Our bpe:N or byte tokenizer as llama.cpp's "gpt2" vocabulary, with its pre-split's name."""
+    tokens, types, merges = gguf_vocab(enc, vocab_size)
+    w.add_tokenizer_model("gpt2")   # llama.cpp's name for a byte-level BPE
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    # <|endoftext|> both: it separated our training documents, and a model never saw another BOS;
+    # not added to prompts (llama-bpe's default would add one), as sample.py adds none
+    w.add_bos_token_id(enc.eot_token)
+    w.add_eos_token_id(enc.eot_token)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
 def interleave_rope_rows(w, n_heads):
     """Rows of q_proj/k_proj [n_heads * hd, d] reordered for llama.cpp's RoPE: [x0 x1 | x2 x3 ...]."""
     # we rotate the pairs (x_j, x_{j + hd/2}) ("rotate half"), llama.cpp's llama rotates (x_2j, x_2j+1):
@@ -207,8 +227,8 @@ def gguf_tensors(model, gguf):
     return out
 
 
-def write_gguf(model, enc, pre, path, dtype, gguf):
-    """The whole GGUF: llama.cpp's llama metadata, the tokenizer, the tensors; written atomically."""
+def write_gguf(model, add_vocab, path, dtype, gguf):
+    """The whole GGUF: llama.cpp's llama metadata, the tokenizer (add_vocab(writer)), the tensors; atomically."""
     cfg = model.config
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
     w = gguf.GGUFWriter(tmp, "llama")
@@ -227,18 +247,7 @@ def write_gguf(model, enc, pre, path, dtype, gguf):
         w.add_rope_scaling_factor(cfg.rope_factor)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    tokens, types, merges = gguf_vocab(enc, cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")   # llama.cpp's name for a byte-level BPE
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    # <|endoftext|> both: it separated our training documents, and a model never saw another BOS;
-    # not added to prompts (llama-bpe's default would add one), as sample.py adds none
-    w.add_bos_token_id(enc.eot_token)
-    w.add_eos_token_id(enc.eot_token)
-    w.add_add_bos_token(False)
-    w.add_add_eos_token(False)
+    add_vocab(w)
     for name, t in gguf_tensors(model, gguf).items():
         if t.dim() == 1 or dtype == "f32":   # norm gains stay f32, as llama.cpp's converter keeps them
             w.add_tensor(name, t.numpy())
@@ -273,17 +282,22 @@ def export_gguf(cfg):
     if model.config.rope_scaling == "dynamic":   # exact up to block_size, where dynamic NTK starts
         print(f"export.py: note: llama.cpp has no dynamic NTK RoPE for llama: the file computes our logits up to "
               f"context_length {model.config.block_size}, not beyond", file=sys.stderr)
-    spec = ckpt["tokenizer"]["spec"]
-    # a released tokenizer.json is sentencepiece-style: llama.cpp's "llama" vocabulary merges by piece
-    # scores, which tokenizer.json does not hold; tiktoken's named ones need their own pre-split names
-    if spec != "byte" and not spec.startswith("bpe:"):
-        raise UsageError(f"--gguf writes this project's tokenizers (bpe:N, byte), not {spec} (a released or named "
-                         "vocabulary: its scores or split are not ours): export --llama and use llama.cpp's convert_hf_to_gguf.py")
-    enc = tokenizer.load_tokenizer(spec, checkpoint.rank_file_path(ckpt))
-    pre = gguf_pre(enc._pat_str)   # tiktoken keeps the regex only in this attribute
+    spec, rank_file = ckpt["tokenizer"]["spec"], checkpoint.rank_file_path(ckpt)
+    if spec == tokenizer.RELEASED_TOKENIZER:   # SentencePiece-style: llama.cpp's "llama" vocabulary, scored (gguf_spm.py)
+        vocab = gguf_spm.vocabulary(rank_file, tokenizer.load_tokenizer(spec, rank_file), model.config.vocab_size)
+        add_vocab, pre = (lambda w: gguf_spm.write(w, vocab)), "llama, SentencePiece-style"
+        if vocab["note"]:
+            print(f"export.py: note: {vocab['note']}", file=sys.stderr)
+    elif spec == "byte" or spec.startswith("bpe:"):
+        enc = tokenizer.load_tokenizer(spec, rank_file)
+        pre = gguf_pre(enc._pat_str)   # tiktoken keeps the regex only in this attribute
+        add_vocab = lambda w: write_byte_level_vocab(w, enc, pre, model.config.vocab_size)   # noqa: E731
+    else:   # tiktoken's named encodings: their pre-splits have names of their own in llama.cpp, unchecked
+        raise UsageError(f"--gguf writes this project's tokenizers (bpe:N, byte) and released tokenizer.json files, not "
+                         f"{spec} (a named vocabulary, its split not ours): export --llama and use llama.cpp's convert_hf_to_gguf.py")
     gguf = import_gguf()
     os.makedirs(os.path.dirname(os.path.abspath(cfg.gguf)), exist_ok=True)
-    write_gguf(model, enc, pre, cfg.gguf, cfg.gguf_dtype, gguf)
+    write_gguf(model, add_vocab, cfg.gguf, cfg.gguf_dtype, gguf)
     print(f"export.py: {ckpt['path']} -> {cfg.gguf}: GGUF (llama.cpp, llama architecture), {cfg.gguf_dtype}, "
           f"{model.num_params(non_embedding=False):,} parameters, tokenizer {spec} ({pre})")
 

@@ -1,22 +1,27 @@
 """export.py --gguf, read back with the gguf package's own GGUFReader (ggml's): every tensor is hf.py's
 folded Llama tensor (whose logits test_hf.py checks against transformers), the metadata is what
 llama.cpp's loader reads for the llama architecture, and the file computes our logits when run with
-llama.cpp's formulas (interleaved RoPE pairs), written out here in float64. llama.cpp itself runs the
-file in tools/llama_cpp_check.py (a build of minutes: not a test)."""
+llama.cpp's formulas (interleaved RoPE pairs), written out here in float64. A released tokenizer.json
+becomes llama.cpp's SentencePiece vocabulary, whose ids a plain copy of llama.cpp's SPM algorithm,
+reading the file alone, must reproduce. llama.cpp itself runs the file in tools/llama_cpp_check.py
+(a build of minutes: not a test)."""
 import collections
 import copy
 import json
 import math
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
+import tokenizers
 import gguf   # ggml's reader (requirements-test.txt pins it); export.py itself refuses in one line without it
 
 import checkpoint
 import data
 import export
+import gguf_spm
 import hf
 import tokenizer
 from cli import UsageError
@@ -242,13 +247,169 @@ def test_llama_cpp_check_downloads_nothing(exported, tmp_path, capsys):
     assert "\n" not in err and "not a readable .tar.gz" in err
 
 
-def test_released_tokenizer_is_refused(tmp_path, capsys):
-    # a dpo.py run on a released folder records its tokenizer.json: not written to GGUF (see export.py)
-    save_ckpt(tmp_path, vocab_size=257, spec="byte")
-    ckpt = checkpoint.load(str(tmp_path))
-    ckpt["tokenizer"] = dict(spec="tokenizer.json", rank_file="tokenizer.json", eot_id=2, vocab_size=257)
-    torch.save({k: v for k, v in ckpt.items() if k != "path"}, tmp_path / "ckpt.pt")
-    capsys.readouterr()
-    assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "tokenizer.json" in err and not (tmp_path / "r.gguf").exists()
+# ----------------------------------------------------------------------------- released tokenizers (SentencePiece-style)
+
+# what a SentencePiece vocabulary meets: code, Chinese, characters it lacks (emoji, "ž": byte pieces),
+# whitespace runs, tabs and newlines, digits, accents precomposed and combining, other scripts
+SPM_SAMPLES = [
+    'def main():\n    xs = [1, 22, 333, 4444]  # sum\n\treturn f"{sum(xs)!r}"\r\n', "中文文本测试。我们的模型很小，但是可以读中文。",
+    "emoji 😀👍🏽 🇫🇷 and a family 👨\u200d👩\u200d👧, ž and ☃", "spaces:    four,  two\t\ttabs   \n\n\n  end  ",
+    "digits 1234567890 3.14159 2026-12-04 007", "accents: café naïve Zürich résumé e\u0301te\u0301 Straße",
+    "Привет, мир! Γειά σου κόσμε.", "self.assertEqual(config.vocab_size, 122753)", "x", "",
+    "   leading spaces", " one leading space",
+]
+
+
+def spm_folder(folder, style):
+    """A released-style folder (test_tokenizer.released_folder's layout: <unk> <s> </s>, 256 byte pieces,
+    then pieces with "▁") whose merges are written as Hugging Face's SentencePiece converter writes them."""
+    from test_tokenizer import CONTROL, released_folder
+    released_folder(folder, style)
+    # pieces learned on code and Chinese, of up to 12 characters, across spaces as SentencePiece allows
+    trainer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    trainer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    text = TEXT[:20000] + "中文文本测试。我们的模型很小，但是可以读中文。Café naïve résumé Zürich.\n" * 5
+    trainer.train_from_iterator([text[i:i + 200] for i in range(0, len(text), 200)], tokenizers.trainers.BpeTrainer(
+        vocab_size=700, special_tokens=CONTROL, max_token_length=12, show_progress=False))
+    learned = json.loads(trainer.to_str())["model"]["vocab"]
+    vocab = {p: i for i, p in enumerate(CONTROL + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece in sorted(learned, key=learned.get):
+        vocab.setdefault(piece, len(vocab))
+    # the converter (transformers' SentencePieceExtractor): every split of every piece into two pieces,
+    # pieces in score order (here: id order), a piece's splits by the ids of their halves
+    merges = []
+    for piece in sorted(vocab, key=vocab.get):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"].update(vocab=vocab, merges=[f"{a} {b}" for a, b in merges])
+    tokenizers.Tokenizer.from_str(json.dumps(spec)).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def save_released_ckpt(folder, style, pad=0):
+    """A checkpoint whose tokenizer is a released folder's tokenizer.json (train.py --init_from's record)."""
+    spm_folder(folder, style)
+    n = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(0)
+    net = perturbed(MiniCPM(small_config(vocab_size=n + pad, init_std=0.5, tie_word_embeddings=False)))
+    record = dict(spec="tokenizer.json", rank_file="tokenizer.json", eot_id=2, vocab_size=n + pad)
+    checkpoint.save(folder, "pretrain", net, step=0, tokenizer=record)
+    return net.eval(), n
+
+
+def llama_spm(reader, text):
+    """llama.cpp's SPM tokenizer (llm_tokenizer_spm_session::tokenize), naively, from the file alone: " " ->
+    "▁" (one more in front with add_space_prefix), UTF-8 characters joined pair by pair, the pair whose
+    concatenation is a token of the highest score first (leftmost on ties); leftovers as <0xXX> bytes."""
+    tokens, scores = value(reader, "tokenizer.ggml.tokens"), value(reader, "tokenizer.ggml.scores")
+    ids = {t: i for i, t in enumerate(tokens)}
+    if text and value(reader, "tokenizer.ggml.add_space_prefix"):
+        text = " " + text
+    symbols = list(text.replace(" ", "▁"))
+    while True:
+        joinable = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in ids]
+        if not joinable:
+            break
+        i = -max(joinable)[1]   # the highest score; of equal ones, the smallest i (the leftmost)
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [i for s in symbols for i in ([ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def llama_spm_specials(reader, text):
+    """llama_tokenize with parse_special: the texts of control, unknown and user-defined tokens cut out
+    first (tokenizer_st_partition), then each text fragment tokenized alone, "▁" in front of each."""
+    tokens, types = value(reader, "tokenizer.ggml.tokens"), value(reader, "tokenizer.ggml.token_type")
+    specials = sorted((t for t, k in zip(tokens, types) if k in (2, 3, 4)), key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+    return [i for p in parts if p for i in ([tokens.index(p)] if p in specials else llama_spm(reader, p))]
+
+
+@pytest.mark.parametrize("style", ["old", "new"])
+def test_released_tokenizer_is_llama_cpps_spm_vocabulary(style, tmp_path, capsys):
+    model, n = save_released_ckpt(tmp_path, style, pad=3)
+    assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "r.gguf")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = {i: p for p, i in spec["model"]["vocab"].items()}
+    tokens = value(reader, "tokenizer.ggml.tokens")
+    assert tokens == [vocab[i] for i in range(n)] + [f"[PAD{i}]" for i in range(n, n + 3)]
+    # <unk>: unknown; <s>, </s>: control; <0x00>..<0xFF>: bytes; the padded rows: unused; the rest normal
+    assert value(reader, "tokenizer.ggml.token_type") == [2, 3, 3] + [6] * 256 + [1] * (n - 259) + [5] * 3
+    expected = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.bos_token_id": 1,
+                "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+                "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+                "tokenizer.ggml.add_space_prefix": True, "llama.vocab_size": n + 3}
+    assert {k: value(reader, k) for k in expected} == expected
+    assert "tokenizer.ggml.merges" not in reader.fields   # the "llama" model merges by scores
+    # a piece's score: minus the rank of its first merge (the converter's merges of a piece are consecutive)
+    scores, first = value(reader, "tokenizer.ggml.scores"), {}
+    for rank, merge in enumerate(spec["model"]["merges"]):
+        first.setdefault("".join(merge), rank)   # tokenizers saves a merge as [left, right]
+    assert all(scores[i] == -first[t] for i, t in enumerate(tokens) if t in first)
+    assert all(scores[i] < -len(first) for i, t in enumerate(tokens) if t not in first)   # never a joined pair's
+    # the tensors: the checkpoint's folded ones, as for our own tokenizers
+    folded, names = hf.llama_state(model), llama_names(model.config.n_layer)
+    for t in reader.tensors:
+        got = tensor(t)
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            got = rotate_half_rows(got, model.config.n_head if "attn_q" in t.name else model.config.n_kv_head)
+        assert torch.equal(got, folded[names[t.name]]), t.name
+    # the ids: llama.cpp's algorithm on the file's scores against the tokenizers package on tokenizer.json
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    windows = [TEXT[i:i + 120] for i in range(0, 40000, 1000)]   # code the vocabulary partly saw, and beyond
+    for text in SPM_SAMPLES + windows:
+        want = tok.encode(text, add_special_tokens=False).ids
+        if style == "new" and text.startswith(" "):   # Metaspace adds no "▁" before a space; llama.cpp does
+            assert llama_spm(reader, text) == tok.encode("▁" + text, add_special_tokens=False).ids, text
+            continue
+        assert llama_spm(reader, text) == want, text
+    # special tokens typed in a text (sample.py's prompts, llama.cpp's by default): cut out by both; the
+    # older layout's normalizer then puts a "▁" before each fragment, as llama.cpp does
+    if style == "old":
+        for text in ["a</s>more", "<s>x <unk>y</s>", "</s>", "x </s>\n<s>"]:
+            assert llama_spm_specials(reader, text) == tok.encode(text, add_special_tokens=False).ids, text
+    err = capsys.readouterr().err
+    assert ("begins with a space" in err) == (style == "new")
+
+
+def test_released_bos_rule_and_vocabulary_size(tmp_path, capsys):
+    save_released_ckpt(tmp_path, "old")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "r.gguf")   # no BOS added, as the folder says; still named
+    assert (value(reader, "tokenizer.ggml.add_bos_token"), value(reader, "tokenizer.ggml.bos_token_id")) == (False, 1)
+    # a model with fewer embedding rows than the tokenizer has tokens: some ids would have no row
+    with pytest.raises(UsageError, match="more than the model's 10 embedding rows") as e:
+        gguf_spm.vocabulary(str(tmp_path / "tokenizer.json"), tokenizer.FolderTokenizer(str(tmp_path)), 10)
+    assert "\n" not in str(e.value)
+
+
+def test_released_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path, capsys):
+    from test_tokenizer import released_folder
+    model, _ = save_released_ckpt(tmp_path, "old")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+
+    def refused(spec, change, named):
+        changed = copy.deepcopy(spec)
+        change(changed)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(changed, ensure_ascii=False))
+        capsys.readouterr()
+        assert export.main(["--ckpt", str(tmp_path), "--gguf", str(tmp_path / "r.gguf")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and named in err and not (tmp_path / "r.gguf").exists(), err
+
+    merges = spec["model"]["merges"]
+    # one piece made by two merges with another piece's merge between: one score cannot order both
+    two = next(i for i in range(len(merges) - 1) if "".join(merges[i]) == "".join(merges[i + 1]))
+    refused(spec, lambda s: s["model"]["merges"].insert(two + 1, merges[two - 1]), "with others between them")
+    # a split of a piece that is no merge: llama.cpp would join it all the same
+    refused(spec, lambda s: s["model"]["merges"].remove(merges[-1]), "does not merge")
+    refused(spec, lambda s: s["model"].update(byte_fallback=False), "byte_fallback")
+    refused(spec, lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer")
+    # a tokenizer trained by the tokenizers package (one merge a piece), laid out as a release: refused
+    released_folder((tmp_path / "trained").mkdir() or tmp_path / "trained", "old")
+    trained = json.loads((tmp_path / "trained" / "tokenizer.json").read_text())
+    trained["model"]["vocab"].update({f"<extra_{i}>": i for i in range(len(trained["model"]["vocab"]), model.config.vocab_size)})
+    refused(trained, lambda s: None, "does not merge")

@@ -10,7 +10,7 @@ built): cmake, CPU only, the two programs needed, llama-tokenize and llama-compl
 name the file. The checkpoint is exported with `export.py --gguf` into a temporary folder, then:
 
 (a) tokens: llama-tokenize's ids for SAMPLES (code, Chinese, emoji, whitespace runs, CR/LF, NBSP,
-    digits, accents) against our tokenizer's;
+    digits, accents) against our tokenizer's (a released tokenizer.json's too: BOS as it adds it);
 (b) greedy decoding: llama-completion at temperature 0, --max_new_tokens for each of PROMPTS, against
     sample.py's greedy decoding (KV cache, float32). llama-completion prints text, not ids; its
     --prompt-cache-all session file holds every id it evaluated (prompt, then the generated ones),
@@ -138,16 +138,19 @@ def check_tokens(bin_dir, gguf_path, enc, work):
     """llama-tokenize against our tokenizer on every sample, two ways -> the number of texts that differ."""
     # with special tokens read (llama-tokenize's default and llama-completion's prompts; sample.py's
     # prompts too) and without (--no-parse-special; tiktoken's encode_ordinary, i.e. training data)
+    # A released tokenizer (a FolderTokenizer) puts <s> before a prompt, and so does llama.cpp, told by the
+    # file's add_bos_token: compared with it; training data's encode_ordinary has none, --no-bos neither
+    bos = ["--no-bos"] if not getattr(enc, "add_bos", False) else []
     bad = 0
     for i, text in enumerate(SAMPLES):
         path = os.path.join(work, f"text{i}.txt")
         with open(path, "wb") as f:   # bytes: CR and CRLF must reach llama.cpp as written
             f.write(text.encode())
         same = []
-        for flags, ours in (([], enc.encode(text, allowed_special={tokenizer.EOT})),
-                            (["--no-parse-special"], enc.encode_ordinary(text))):
-            # -f is read verbatim; --no-escape keeps a typed "\n" two characters; --no-bos: the text alone
-            out = run_binary(bin_dir, "llama-tokenize", "-m", gguf_path, "-f", path, "--ids", "--no-bos",
+        for flags, ours in ((bos, enc.encode(text, allowed_special={tokenizer.EOT})),
+                            (["--no-bos", "--no-parse-special"], enc.encode_ordinary(text))):
+            # -f is read verbatim; --no-escape keeps a typed "\n" two characters
+            out = run_binary(bin_dir, "llama-tokenize", "-m", gguf_path, "-f", path, "--ids",
                              "--no-escape", "--log-disable", *flags)
             theirs = [int(t) for t in out.strip().splitlines()[-1].strip("[]").split(",") if t.strip()]
             same.append(ours == theirs)
