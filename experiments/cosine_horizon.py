@@ -12,7 +12,7 @@ For a budget of S steps (the same model, data, warmup and seed in every arm):
 Each arm is trained at every peak lr of a small grid (first seed), then again at its own best lr
 with each further seed of --seeds. The paper's claim: at every S the lowest loss is T = S's.
 
-    python experiments/cosine_horizon.py                  # cpu scale, ~9 min on 2 cores (estimated)
+    python experiments/cosine_horizon.py                  # cpu scale, 11-13 min on 2 cores (measured)
     python experiments/cosine_horizon.py --quick          # a 1-layer model, under a minute (the smoke test)
     python experiments/cosine_horizon.py --scale gpu --device cuda --workers 4   # 2.75M non-embedding, 1 GPU
 
