@@ -326,6 +326,25 @@ def check_two_stage(out, stdout):
     assert not any("cannot tell" in line for line in lines if line.startswith("[bpb"))
 
 
+def test_two_stage_verdicts_by_hand():
+    # two seeds, one w, one lr; skill: A-2 above A-1 in both seeds, B-2 above A-2 in seed 2 only;
+    # replies' bits/byte: lower is better, A-2 below A-1 and B-2 in both seeds
+    def row(arm, w, steps, seed, skill, bpb):
+        return dict(arm=arm, stage="sft", w=w, sft_steps=steps, sft_lr="final", seed=seed, **{"exact skill": skill,
+                    "bpb replies": bpb})
+    rows = [row("A-1", 0.0, 10, 1, 0.10, 2.0), row("A-1", 0.0, 10, 2, 0.20, 2.1),
+            row("A-2", 0.5, 10, 1, 0.30, 1.5), row("A-2", 0.5, 10, 2, 0.40, 1.6),
+            row("B-2", 0.0, 20, 1, 0.25, 1.8), row("B-2", 0.0, 20, 2, 0.45, 1.9)]
+    skill = two_stage.verdicts(rows, [0.5], ["final"], 10)
+    assert skill[0].split(";")[0].endswith(": reproduced") and skill[1].split(";")[0].endswith(": not reproduced")
+    assert "A-1 0.150 (0.100..0.200)" in skill[0]
+    bpb = two_stage.verdicts(rows, [0.5], ["final"], 10, "bpb replies")
+    assert all(line.split(";")[0].endswith(": reproduced") for line in bpb)
+    # every arm at the floor (<= 2%, 5 of 250 items): no verdict is read off noise
+    floor = [dict(r, **{"exact skill": 0.004 * i}) for i, r in enumerate(rows)]
+    assert all("cannot tell: every arm at or below 2%" in line for line in two_stage.verdicts(floor, [0.5], ["final"], 10))
+
+
 # ----------------------------------------------------------------------------- the shared flags
 
 # every experiment, the folder its runs go to under --out, and its default seed count (1: the designs
