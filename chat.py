@@ -30,7 +30,7 @@ import cli
 import data
 import instruct   # the embedded instruction set: a source of conversations (`instruct`)
 import tokenizer
-from checkpoint import atomic_write
+from atomic import atomic_write
 from cli import DataError
 
 USER, AI = "<用户>", "<AI>"   # MiniCPM-2B-sft/dpo's turn markers

@@ -27,13 +27,11 @@ non-tensor items (the optimizer's param_groups) with torch.load(weights_only=Fal
 goes through DataReader and DataPlanner below, which accept only DCP's own metadata classes and
 plain data.
 """
-import errno
 import io
 import json
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -47,6 +45,9 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+import hf
+import tokenizer
+from atomic import atomic_save, atomic_write, atomic_write_text, disk_error
 from cli import UsageError, check_writable
 from minicpm import MiniCPM, MiniCPMConfig
 
@@ -54,61 +55,6 @@ from minicpm import MiniCPM, MiniCPMConfig
 KINDS = {"pretrain": "train.py", "sft": "train.py", "dpo": "dpo.py"}
 # Keys older checkpoints saved in model_config that are runtime choices, not architecture.
 RUNTIME_KEYS = ("attn_impl",)
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path, write):
-    """write(file) into a temporary file in the same folder, then rename over path."""
-    # a crash (even kill -9) at any moment leaves either the old file or the new one, never a torn one;
-    # the same folder, because a rename is atomic only within one file system
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())   # on disk before the rename, or a power cut could keep a renamed empty file
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)   # atomic on POSIX and Windows, even over an existing file
-    except (OSError, RuntimeError) as e:   # a full disk: cli.main prints "cannot use PATH: ..." and exits 1
-        error = disk_error(e, tmp, path)
-        os.unlink(tmp)
-        raise error from None
-    except BaseException:   # KeyboardInterrupt too: never leave a .tmp- file behind on purpose
-        os.unlink(tmp)
-        raise
-
-
-def disk_error(e, tmp, path):
-    """The OSError, naming path, behind a failed write (an OSError or RuntimeError); else e itself."""
-    if not isinstance(e, (OSError, RuntimeError)):
-        return e   # a bug, not the disk: it keeps its traceback
-    # torch.save on a full disk raises RuntimeError("... unexpected pos ..."), with the OSError that
-    # caused it only as its __context__; an OSError from flush or fsync names no file
-    cause = e if isinstance(e, OSError) else e.__context__
-    if isinstance(cause, OSError) and cause.errno:
-        return OSError(cause.errno, cause.strerror, path)
-    if isinstance(e, OSError):
-        return e
-    # no OSError to go by: a disk with no block left (the temporary file still holds them) is full
-    if hasattr(os, "statvfs") and os.statvfs(os.path.dirname(tmp)).f_bavail == 0:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    return e   # a RuntimeError with no disk behind it (an object that cannot be pickled): a bug, traceback kept
-
-
-def current_umask():
-    # the only way to read the umask is to set it: set it, then straight back
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def remove_stale_temps(folder):
@@ -165,7 +111,6 @@ def load_hf_folder(folder, kind=None):
     ckpt.pt: the model's state dict, model_config, step 0, the tokenizer record and path (folder/config.json,
     so that its dirname is the folder, as a ckpt.pt's is its run folder)."""
     import hashlib
-    import hf, tokenizer   # here: hf.py imports this module (atomic writes)
     if kind:   # a release has no run to continue (optimizer, step, flags)
         raise UsageError(f"{folder} is a Hugging Face folder, not a run to resume: start from it with --init_from {folder}")
     model = hf.load_hf(folder)

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import cli
-from checkpoint import atomic_write
+from atomic import atomic_write
 from cli import DataError   # one line, exit 2, like every bad input
 from sources import FORMATS, documents, file_format, pieces   # the formats, and cutting files into pieces
 # The tokenizers (byte, bpe:N learned here, tiktoken's named encodings) live in tokenizer.py; their
@@ -187,7 +187,7 @@ def default_name(source: str, tokenizer: str) -> str:
 
 
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    # whole file or none (checkpoint.atomic_write, the one writer): a reader, or a second
+    # whole file or none (atomic.atomic_write, the one writer): a reader, or a second
     # preparation, never sees a half-written meta.json
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(str(path), lambda f: f.write(data))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import atomic
 import checkpoint
 import cli
 import data
@@ -290,7 +291,7 @@ class DPO(loop.Run):
         if self.tokenizer["spec"] == tokenizer.RELEASED_TOKENIZER and os.path.isfile(tk_config):   # a release's BOS rule
             dest = os.path.join(cfg.out_dir, "tokenizer_config.json")
             if os.path.abspath(tk_config) != os.path.abspath(dest):
-                checkpoint.atomic_write(dest, lambda f: f.write(open(tk_config, "rb").read()))
+                atomic.atomic_write(dest, lambda f: f.write(open(tk_config, "rb").read()))
         # a resume into another folder starts its metrics from the old folder's, up to the resumed step
         self.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
 

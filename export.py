@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+import atomic
 import checkpoint
 import cli
 import gguf_spm
@@ -130,7 +131,7 @@ def write_single(ckpt, cfg):
     state = {k: v for k, v in ckpt.items() if k not in ("path", "sharded")}
     rank_file = checkpoint.rank_file_path(ckpt)
     os.makedirs(cfg.out, exist_ok=True)
-    checkpoint.atomic_save(state, os.path.join(cfg.out, "ckpt.pt"))
+    atomic.atomic_save(state, os.path.join(cfg.out, "ckpt.pt"))
     if rank_file:   # the tokenizer beside it, as the record says: sample.py and a resume find it
         shutil.copyfile(rank_file, os.path.join(cfg.out, ckpt["tokenizer"]["rank_file"]))
     print(f"export.py: {ckpt['path']} -> {os.path.join(cfg.out, 'ckpt.pt')} (step {ckpt['step']})")

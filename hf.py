@@ -15,7 +15,7 @@ from dataclasses import fields
 
 import torch
 
-from checkpoint import atomic_save, atomic_write_text
+from atomic import atomic_save, atomic_write_text
 from cli import UsageError
 from minicpm import MiniCPM, MiniCPMConfig
 

@@ -37,7 +37,7 @@ import sysconfig
 import numpy as np
 
 import cli
-from checkpoint import atomic_write
+from atomic import atomic_write
 
 SEED = 1234
 MIN_COUNT = 20                  # a line must occur this often in the corpus to be "knowledge"

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from checkpoint import atomic_write, atomic_write_text
+from atomic import atomic_write, atomic_write_text
 from cli import UsageError
 
 

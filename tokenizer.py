@@ -21,7 +21,7 @@ import regex
 import tiktoken.load  # also binds tiktoken
 from tqdm import tqdm
 
-from checkpoint import atomic_write
+from atomic import atomic_write
 from cli import DataError
 
 EOT = "<|endoftext|>"
@@ -377,7 +377,7 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def atomic_write_json(path, obj):
-    # written whole, then renamed (checkpoint.atomic_write): a reader never sees half a file
+    # written whole, then renamed (atomic.py): a reader never sees half a file
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
 
 

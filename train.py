@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+import atomic
 import checkpoint
 import cli
 import data
@@ -317,7 +318,7 @@ class Pretrain(loop.Run):
             print(f"continuing {resumed['path']} (step {resumed['step']}) in {cfg.out_dir}: its metrics.jsonl starts with that run's history")
         rank_file = self.meta["rank_file"] and os.path.join(self.folder, self.meta["rank_file"])
         checkpoint.start_run_folder(cfg.out_dir, rank_file, self.tokenizer)
-        checkpoint.atomic_write_text(json.dumps(self.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
+        atomic.atomic_write_text(json.dumps(self.meta, indent=2), os.path.join(cfg.out_dir, "data_meta.json"))
         # a resume into another folder keeps the old folder's history up to the resumed step
         self.log.start(resumed["step"] if resumed else None, resumed and os.path.join(os.path.dirname(resumed["path"]), "metrics.jsonl"))
 

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 from torch.distributed.tensor import DTensor
 
+import atomic
 import checkpoint
 import cli
 import dpo
@@ -378,7 +379,7 @@ def test_ckpt_pt_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(genuin
     (disk / "ckpt.pt").write_bytes(b"the previous checkpoint")
     # torch.save raises RuntimeError("unexpected pos"), not OSError: atomic_write makes it ENOSPC naming the file
     with pytest.raises(OSError) as e:
-        checkpoint.atomic_save({"w": torch.zeros(100_000)}, str(disk / "ckpt.pt"))   # 400 KB
+        atomic.atomic_save({"w": torch.zeros(100_000)}, str(disk / "ckpt.pt"))   # 400 KB
     assert e.value.errno == 28 and e.value.filename == str(disk / "ckpt.pt")
     assert os.listdir(disk) == ["ckpt.pt"] and (disk / "ckpt.pt").read_bytes() == b"the previous checkpoint"
     # through a script: export.py --single of the genuine run (about 1.2 MB) onto the small disk

@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 import train
-from checkpoint import atomic_save
+from atomic import atomic_save
 from conftest import SMALL_MODEL, metrics
 
 

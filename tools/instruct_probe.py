@@ -23,6 +23,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import atomic  # noqa: E402
 import checkpoint  # noqa: E402
 import chat  # noqa: E402
 import data  # noqa: E402
@@ -91,7 +92,7 @@ def sft(run_dir, work, steps, lr, seq_len=128, batch_size=16):
     out = work / "sft"
     out.mkdir(exist_ok=True)
     # saved as the run was (kind, config, tokenizer record), so score() and sample.py read it alike
-    checkpoint.atomic_save({**ckpt, "model": model.state_dict(), "optimizer": None}, str(out / "ckpt.pt"))
+    atomic.atomic_save({**ckpt, "model": model.state_dict(), "optimizer": None}, str(out / "ckpt.pt"))
     if rank:
         shutil.copyfile(rank, out / os.path.basename(rank))
     return out, loss.item()

@@ -13,7 +13,7 @@ import torch
 # the repo's flat scripts are not a package: the repo root on the path, so this runs from any folder
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402  (importable once the root is on the path)
-from checkpoint import atomic_write  # noqa: E402
+from atomic import atomic_write  # noqa: E402
 from kernels import HAVE_TRITON, INTERPRET, flash_attention  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- benchmark

@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from writeup_tables import ROOT, TABLES, VALUES, WriteupError  # noqa: E402
 sys.path.insert(0, str(ROOT))
-from checkpoint import atomic_write_text  # noqa: E402
+from atomic import atomic_write_text  # noqa: E402
 
 FILES = [ROOT / "experiments" / "README.md", ROOT / "README.md", ROOT / "docs" / "kernels.md"]
 # a table's block runs from its opening marker's line to the closing marker; a value sits inside a line
